@@ -1,0 +1,1 @@
+"""Reference codec and Triton kernels. Depends on torch and triton only."""

@@ -1,0 +1,162 @@
+"""Pure-torch references for the Triton kernels (CPU and GPU).
+
+Same names and signatures as the launchers in ``write.py``, ``decode.py`` and
+``extend.py``; written from docs/method.md §3 on top of ``codec.py``. All math
+is fp32; results are cast to the caller's dtype at the end. Slow by design
+(python loop over requests): use for tests, CPU serving and benchmarks' checks.
+
+Shapes (Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim):
+
+- storage rows  uint8 [N, Hkv, layout.row_bytes] (codec.py row layout)
+- window rows   bf16/fp16/fp32 [M, Hkv, D], already rotated
+- indptr        int32/int64 [B + 1]; indices int32/int64 slot ids (one per token)
+- queries       rotated by R_K; outputs are in the rotated value basis (R_V).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .codec import RowLayout, dequantize_rows, quantize_rows, rotate, sanitize
+
+__all__ = ["quantize_kv_write", "decode_attention", "extend_attention", "rotated_rows"]
+
+
+def rotated_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Sanitized, rotated fp32 rows [T, H, D]: ``sanitize(sanitize(x) @ R)``.
+
+    Sanitizing before the rotation keeps one inf element from poisoning the whole
+    row (inf * 0 = NaN inside the matmul); sanitizing after keeps the row in the
+    fp16 range. This is exactly what the write kernel stores and quantizes.
+    """
+    if rotation.dim() == 3 and rotation.shape[0] != x.shape[1]:
+        raise ValueError(f"per-head rotation has {rotation.shape[0]} heads, x has {x.shape[1]}")
+    return sanitize(rotate(sanitize(x), rotation))
+
+
+def quantize_kv_write(
+    x: torch.Tensor,
+    rotation: torch.Tensor,
+    clip_ratio: float,
+    layout: RowLayout,
+    rows_out: torch.Tensor,
+    slots: torch.Tensor,
+    window_out: torch.Tensor | None = None,
+    window_slots: torch.Tensor | None = None,
+) -> None:
+    """Rotate, quantize and scatter x [T, H, D] into rows_out[slots] (slot -1 skipped);
+    optionally scatter the rotated full-precision row into window_out[window_slots]."""
+    xr = rotated_rows(x, rotation)
+    rows = quantize_rows(xr, layout, clip_ratio)
+    keep = slots >= 0
+    rows_out[slots[keep].long()] = rows[keep]
+    if window_out is not None:
+        if window_slots is None:
+            raise ValueError("window_out given without window_slots")
+        wkeep = window_slots >= 0
+        window_out[window_slots[wkeep].long()] = xr[wkeep].to(window_out.dtype)
+
+
+def _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices, layout):
+    """fp32 rotated K, V [n, Hkv, D] of request b: INT2 segment then window segment."""
+    i0, i1 = int(int2_indptr[b]), int(int2_indptr[b + 1])
+    w0, w1 = int(win_indptr[b]), int(win_indptr[b + 1])
+    qi = int2_indices[i0:i1].long()
+    wi = win_indices[w0:w1].long()
+    k = torch.cat([dequantize_rows(k_rows[qi], layout), k_win[wi].float()], dim=0)
+    v = torch.cat([dequantize_rows(v_rows[qi], layout), v_win[wi].float()], dim=0)
+    return k, v
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, mask: torch.Tensor | None):
+    """q [Tq, Hq, D], k/v [n, Hkv, D] fp32 -> (out [Tq, Hq, D], lse [Tq, Hq]); GQA by repeat.
+    A query that sees no key gets out = 0 and lse = -inf."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    logits = torch.einsum("thd,nhd->htn", q, k) * sm_scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, -math.inf)
+    lse = torch.logsumexp(logits, dim=-1)  # [Hq, Tq]
+    p = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
+    out = torch.einsum("htn,nhd->thd", p, v)
+    return out, lse.transpose(0, 1)
+
+
+def _check_gqa(hq: int, hkv: int, d: int, layout: RowLayout) -> None:
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv}")
+    if d != layout.head_dim:
+        raise ValueError(f"head_dim {d} != layout.head_dim {layout.head_dim}")
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    int2_indptr: torch.Tensor,
+    int2_indices: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    win_indptr: torch.Tensor,
+    win_indices: torch.Tensor,
+    sm_scale: float,
+    layout: RowLayout,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query token per request over its INT2 + window segments.
+    Returns out [B, Hq, D] (q.dtype, rotated value basis) and lse [B, Hq] fp32 (natural log).
+    ``num_splits`` is accepted for signature parity and ignored."""
+    del num_splits
+    bsz, hq, d = q.shape
+    _check_gqa(hq, k_rows.shape[1], d, layout)
+    res = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty(bsz, hq, dtype=torch.float32, device=q.device)
+    for b in range(bsz):
+        k, v = _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices, layout)
+        o, l = _attend(q[b : b + 1].float(), k, v, sm_scale, None)
+        res[b] = o[0].to(res.dtype)
+        lse[b] = l[0]
+    return res, lse
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    int2_indptr: torch.Tensor,
+    int2_indices: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    win_indptr: torch.Tensor,
+    win_indices: torch.Tensor,
+    sm_scale: float,
+    layout: RowLayout,
+    out: torch.Tensor | None = None,
+    max_q_len: int | None = None,
+) -> torch.Tensor:
+    """Chunk queries q [Tq, Hq, D] over (cached prefix: INT2 + window, fully visible) then
+    their own chunk k_new/v_new [Tq, Hkv, D] causally. Returns out [Tq, Hq, D] (q.dtype).
+    ``max_q_len`` is accepted for signature parity and ignored."""
+    del max_q_len
+    _check_gqa(q.shape[1], k_new.shape[1], q.shape[2], layout)
+    res = torch.empty_like(q) if out is None else out
+    for b in range(qo_indptr.numel() - 1):
+        s, e = int(qo_indptr[b]), int(qo_indptr[b + 1])
+        if e == s:
+            continue
+        kp, vp = _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices, layout)
+        n_pre, n_new = kp.shape[0], e - s
+        k = torch.cat([kp, k_new[s:e].float()], dim=0)
+        v = torch.cat([vp, v_new[s:e].float()], dim=0)
+        causal = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()
+        mask = torch.cat([torch.ones(n_new, n_pre, dtype=torch.bool, device=q.device), causal], dim=1)
+        o, _ = _attend(q[s:e].float(), k, v, sm_scale, mask.unsqueeze(0))
+        res[s:e] = o.to(res.dtype)
+    return res
