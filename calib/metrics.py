@@ -1,0 +1,182 @@
+"""Attention-aware quantization error, measured per layer on captured q, k, v.
+
+For a candidate (R_K, R_V, clip_k, clip_v) the keys and values of one sequence are rotated,
+fake-quantized with ``oscar_sglang.kernels.codec.fake_quantize`` (the reference INT2 codec),
+un-rotated, and used in causal softmax attention against the exact queries:
+
+- attention-logit error  = Σ (q·k̂ - q·k)² / Σ (q·k)² over the (query, key) pairs whose key is
+  quantized;
+- attention-output error = Σ ‖ô - o‖² / Σ ‖o‖² over query positions, o = softmax(q·kᵀ·s) v.
+
+With ``windows`` (the method's 64/256, the default) the first ``sink`` tokens and the ``recent``
+tokens up to and including the query keep full precision, exactly as in serving, and only
+queries at positions >= sink + recent (which see quantized keys) are scored. With
+``windows=None`` every key is quantized and every query is scored.
+Queries are subsampled with ``query_stride`` to bound the cost (keys never are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from oscar_sglang.kernels.codec import RowLayout, fake_quantize, rotate
+
+from .rotations import Windows
+
+CLIP_GRID = (0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One quantization setting. ``key``/``value``: [L, D, D] or [L, H_kv, D, D] (float32);
+    ``clip_k``/``clip_v``: per-layer ratios; a ratio of None leaves that tensor unquantized."""
+
+    name: str
+    key: torch.Tensor
+    value: torch.Tensor
+    clip_k: list[float | None]
+    clip_v: list[float | None]
+
+
+def quantize_through(x: torch.Tensor, r: torch.Tensor, ratio: float | None, layout: RowLayout) -> torch.Tensor:
+    """x [H, T, D] -> fp32 [H, T, D]: rotate by R ([D, D] or [H, D, D]), fake-quantize, rotate back."""
+    if ratio is None:
+        return x.float()
+    xt = x.float().transpose(0, 1)  # [T, H, D]: codec.rotate wants the head axis second to last
+    r = r.to(x.device)
+    xq = fake_quantize(rotate(xt, r), layout, ratio)
+    return rotate(xq, r.transpose(-1, -2)).transpose(0, 1)
+
+
+@dataclass
+class _Prepared:
+    """Exact attention of one (sequence, layer) for the scored queries, shared by all candidates."""
+
+    q: torch.Tensor  # [H_q, n, D] scored queries
+    k: torch.Tensor  # [H_q, T, D] (GQA-expanded)
+    v: torch.Tensor
+    quant: torch.Tensor  # bool [n, T]: key j is quantized for query i
+    causal: torch.Tensor  # bool [n, T]
+    logits: torch.Tensor  # [H_q, n, T] scaled, -inf where not causal
+    probs: torch.Tensor
+    out: torch.Tensor  # [H_q, n, D]
+    scaling: float
+    group: int
+
+
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, windows: Windows | None,
+            query_stride: int) -> _Prepared | None:
+    """q [H_q, T, D], k/v [H_kv, T, D] of one sequence -> exact attention (None if no query scored)."""
+    t = q.shape[1]
+    g = q.shape[0] // k.shape[0]
+    start = windows.sink + windows.recent if windows else 0
+    pos = torch.arange(start, t, query_stride, device=q.device)
+    if len(pos) == 0:
+        return None
+    keys = torch.arange(t, device=q.device)
+    causal = keys[None, :] <= pos[:, None]
+    quant = causal if windows is None else causal & (keys[None, :] >= windows.sink) & (
+        keys[None, :] <= pos[:, None] - windows.recent)
+    qs = q.float()[:, pos]
+    kx, vx = k.float().repeat_interleave(g, 0), v.float().repeat_interleave(g, 0)
+    logits = (qs @ kx.transpose(1, 2) * scaling).masked_fill(~causal, float("-inf"))
+    probs = logits.softmax(-1)
+    return _Prepared(qs, kx, vx, quant, causal, logits, probs, probs @ vx, scaling, g)
+
+
+def errors(p: _Prepared, k_hat: torch.Tensor | None, v_hat: torch.Tensor | None) -> tuple[float, float, float, float]:
+    """(logit num, logit den, output num, output den) with k̂ / v̂ [H_kv, T, D] (None = exact)."""
+    quant = p.quant[None]
+    logits, probs = p.logits, p.probs
+    ln = ld = 0.0
+    if k_hat is not None:
+        raw = p.q @ k_hat.repeat_interleave(p.group, 0).transpose(1, 2) * p.scaling
+        logits = torch.where(quant, raw, p.logits)
+        diff = torch.where(quant, raw - p.logits, 0.0)
+        ln, ld = float(diff.square().sum()), float(torch.where(quant, p.logits, 0.0).square().sum())
+        probs = logits.softmax(-1)
+    out = probs @ p.v
+    if v_hat is not None:
+        dv = v_hat.repeat_interleave(p.group, 0) - p.v
+        out = out + torch.where(quant, probs, 0.0) @ dv
+    return ln, ld, float((out - p.out).square().sum()), float(p.out.square().sum())
+
+
+@dataclass
+class ErrorAccumulator:
+    """Observer: per (candidate, layer, sequence) error sums for the report.
+
+    ``sums[c][layer][seq] = [logit num, logit den, output num, output den]``.
+    """
+
+    candidates: list[Candidate]
+    layout: RowLayout
+    windows: Windows | None
+    query_stride: int = 1
+    sums: dict[str, dict[int, list[list[float]]]] = field(default_factory=dict)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
+        for b in range(q.shape[0]):
+            p = prepare(q[b], k[b], v[b], scaling, self.windows, self.query_stride)
+            if p is None:
+                continue
+            for c in self.candidates:
+                kh = quantize_through(k[b], c.key[layer], c.clip_k[layer], self.layout)
+                vh = quantize_through(v[b], c.value[layer], c.clip_v[layer], self.layout)
+                self.sums.setdefault(c.name, {}).setdefault(layer, []).append(list(errors(p, kh, vh)))
+
+    def per_layer(self, name: str, kind: str = "output") -> list[float]:
+        """Relative MSE per layer (ratio of sums over sequences); kind 'logit' or 'output'."""
+        i = 0 if kind == "logit" else 2
+        by_layer = self.sums[name]
+        return [sum(s[i] for s in by_layer[l]) / max(sum(s[i + 1] for s in by_layer[l]), 1e-30)
+                for l in sorted(by_layer)]
+
+    def per_sequence(self, name: str) -> list[float]:
+        """Attention-output relative MSE per sequence, averaged over layers (for paired statistics)."""
+        by_layer = self.sums[name]
+        n = len(next(iter(by_layer.values())))
+        return [sum(by_layer[l][s][2] / max(by_layer[l][s][3], 1e-30) for l in by_layer) / len(by_layer)
+                for s in range(n)]
+
+
+@dataclass
+class ClipSearch:
+    """Observer: per-layer clip-ratio search for fixed rotations, minimising attention-output error.
+
+    K ratios are scored with exact values and V ratios with exact keys (the two errors add to
+    first order, and this keeps the cost linear in the grid).
+    ``key``/``value``: rotations [L, D, D] or [L, H_kv, D, D].
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    layout: RowLayout
+    windows: Windows | None
+    grid: tuple[float, ...] = CLIP_GRID
+    query_stride: int = 1
+    k_err: dict[int, list[float]] = field(default_factory=dict)
+    v_err: dict[int, list[float]] = field(default_factory=dict)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
+        ke = self.k_err.setdefault(layer, [0.0] * len(self.grid))
+        ve = self.v_err.setdefault(layer, [0.0] * len(self.grid))
+        for b in range(q.shape[0]):
+            p = prepare(q[b], k[b], v[b], scaling, self.windows, self.query_stride)
+            if p is None:
+                continue
+            for i, r in enumerate(self.grid):
+                ke[i] += errors(p, quantize_through(k[b], self.key[layer], r, self.layout), None)[2]
+                ve[i] += errors(p, None, quantize_through(v[b], self.value[layer], r, self.layout))[2]
+
+    def best(self, num_layers: int) -> tuple[list[float], list[float]]:
+        """Per-layer argmin ratios (K, V); raises if some layer was never scored."""
+        if len(self.k_err) != num_layers or not any(any(e) for e in self.k_err.values()):
+            raise ValueError("clip search saw no scored queries: use longer sequences than sink + recent")
+        pick = [self.grid[min(range(len(self.grid)), key=e.__getitem__)] for e in
+                (self.k_err[l] for l in range(num_layers))]
+        pick_v = [self.grid[min(range(len(self.grid)), key=e.__getitem__)] for e in
+                  (self.v_err[l] for l in range(num_layers))]
+        return pick, pick_v

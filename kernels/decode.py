@@ -1,0 +1,323 @@
+"""Paged split-KV decode attention over INT2 storage rows + a full-precision window.
+
+Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim a power
+of two >= 64, one quantization group per row):
+
+- ``q``                 [B, Hq, D] fp16/bf16/fp32, already rotated by R_K; last dim contiguous.
+- ``k_rows``/``v_rows`` uint8 [N, Hkv, row_bytes] codec.py storage rows (last two dims contiguous).
+- ``int2_indptr``       int32/int64 [B + 1]; ``int2_indices`` [nnz] slot ids into the rows
+  (sglang triton-backend convention: one index per token, any page size).
+- ``k_win``/``v_win``   [M, Hkv, D] rotated full-precision rows (bf16/fp16/fp32);
+  ``win_indptr`` [B + 1], ``win_indices`` slot ids into them.
+- returns ``out`` [B, Hq, D] (q.dtype, rotated value basis) and ``lse`` [B, Hq] fp32 (natural log);
+  a request with no tokens gets out = 0, lse = -inf.
+
+Algorithm (FlashInfer-style split-KV): stage 1 runs one program per (KV head, split,
+request). Each request's tokens form a virtual sequence [INT2 tokens, window tokens],
+the window tokens weighted ``WIN_COST`` (~ their byte cost relative to an INT2 row) so
+that splits carry equal bytes; each split does an online softmax over its part and
+writes a partial (out, lse). Stage 2 merges the splits by LSE. All G query heads of a KV
+head share every loaded row (padded to 16 rows for ``tl.dot``).
+
+INT2 rows are never dequantized element by element: with codes c in 0..3, per-row scale
+s and minimum m (fp16), the plane layout gives four dense quarter dots and
+
+    logit = s * (q . c) + m * sum(q)
+    sum_t p_t v_t = sum_t (p_t s_t) c_t + (sum_t p_t m_t) * 1
+
+(codes are exact in fp16/bf16; p_t s_t is normalized by the block's max scale before the
+fp16 cast so that small scales do not underflow).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .codec import RowLayout
+
+__all__ = ["DecodeConfig", "plan_num_splits", "decode_attention"]
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile sizes and launch knobs (defaults reasoned for H100/H200, D = 128)."""
+
+    block_n: int = 64  # INT2 rows per loop step
+    block_w: int = 32  # window rows per loop step
+    num_warps: int = 4
+    num_stages: int = 2
+    min_split_tokens: int = 256  # never split a request finer than this (merge overhead)
+    programs_per_sm: int = 4
+
+
+def plan_num_splits(batch: int, kv_heads: int, avg_tokens: int, num_sms: int, config: DecodeConfig = DecodeConfig()) -> int:
+    """Splits per request so that B * Hkv * splits fills the GPU ``programs_per_sm`` times,
+    without splits shorter than ``min_split_tokens``. Host-side ints only (no sync):
+    call once per batch (plan), reuse for every layer (run); fix it under CUDA graphs."""
+    want = triton.cdiv(config.programs_per_sm * num_sms, max(1, batch * kv_heads))
+    by_len = triton.cdiv(max(1, avg_tokens), config.min_split_tokens)
+    return int(max(1, min(want, by_len, 256)))
+
+
+@triton.jit
+def _online_update(m_i, l_i, logit):
+    """Online softmax step in log2 units: returns (m_new, alpha, p, l_new)."""
+    m_new = tl.maximum(m_i, tl.max(logit, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(logit - m_new[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
+                acc0, acc1, acc2, acc3, macc, scale_log2, Q: tl.constexpr):
+    """One block of INT2 rows (row_off: byte offsets [BN]) folded into the running state."""
+    dt = q0.dtype
+    qc = tl.arange(0, Q)
+    kb = tl.load(krow_ptr + row_off[:, None] + qc[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+    kpar = (krow_ptr + row_off + Q).to(tl.pointer_type(tl.float16), bitcast=True)
+    ks = tl.load(kpar, mask=nmask, other=0.0).to(tl.float32)
+    km = tl.load(kpar + 1, mask=nmask, other=0.0).to(tl.float32)
+    qk = tl.dot(q0, tl.trans((kb & 3).to(dt)))
+    qk = tl.dot(q1, tl.trans(((kb >> 2) & 3).to(dt)), qk)
+    qk = tl.dot(q2, tl.trans(((kb >> 4) & 3).to(dt)), qk)
+    qk = tl.dot(q3, tl.trans(((kb >> 6) & 3).to(dt)), qk)
+    logit = (qk * ks[None, :] + qsum[:, None] * km[None, :]) * scale_log2
+    logit = tl.where(nmask[None, :], logit, float("-inf"))
+    m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
+    vb = tl.load(vrow_ptr + row_off[:, None] + qc[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+    vpar = (vrow_ptr + row_off + Q).to(tl.pointer_type(tl.float16), bitcast=True)
+    vs = tl.load(vpar, mask=nmask, other=0.0).to(tl.float32)
+    vm = tl.load(vpar + 1, mask=nmask, other=0.0).to(tl.float32)
+    smax = tl.max(vs, axis=0)
+    ps = (p * (vs / tl.where(smax > 0, smax, 1.0))[None, :]).to(dt)
+    a = alpha[:, None]
+    acc0 = acc0 * a + tl.dot(ps, (vb & 3).to(dt)) * smax
+    acc1 = acc1 * a + tl.dot(ps, ((vb >> 2) & 3).to(dt)) * smax
+    acc2 = acc2 * a + tl.dot(ps, ((vb >> 4) & 3).to(dt)) * smax
+    acc3 = acc3 * a + tl.dot(ps, ((vb >> 6) & 3).to(dt)) * smax
+    macc = macc * alpha + tl.sum(p * vm[None, :], axis=1)
+    return m_new, l_i, acc0, acc1, acc2, acc3, macc
+
+
+@triton.jit
+def _dense_block(q0, q1, q2, q3, k_off, v_off, nmask, kw_ptr, vw_ptr, m_i, l_i,
+                 acc0, acc1, acc2, acc3, macc, scale_log2, Q: tl.constexpr, extra_mask):
+    """One block of full-precision rows (element offsets [BN] of column 0) and an extra
+    [BM or 1, BN] visibility mask (causal in extend), folded into the running state."""
+    dt = q0.dtype
+    qc = tl.arange(0, Q)[None, :]
+    kp = kw_ptr + k_off[:, None] + qc
+    m2 = nmask[:, None]
+    qk = tl.dot(q0, tl.trans(tl.load(kp, mask=m2, other=0.0).to(dt)))
+    qk = tl.dot(q1, tl.trans(tl.load(kp + Q, mask=m2, other=0.0).to(dt)), qk)
+    qk = tl.dot(q2, tl.trans(tl.load(kp + 2 * Q, mask=m2, other=0.0).to(dt)), qk)
+    qk = tl.dot(q3, tl.trans(tl.load(kp + 3 * Q, mask=m2, other=0.0).to(dt)), qk)
+    logit = tl.where(nmask[None, :] & extra_mask, qk * scale_log2, float("-inf"))
+    m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
+    vp = vw_ptr + v_off[:, None] + qc
+    pd = p.to(dt)
+    a = alpha[:, None]
+    acc0 = acc0 * a + tl.dot(pd, tl.load(vp, mask=m2, other=0.0).to(dt))
+    acc1 = acc1 * a + tl.dot(pd, tl.load(vp + Q, mask=m2, other=0.0).to(dt))
+    acc2 = acc2 * a + tl.dot(pd, tl.load(vp + 2 * Q, mask=m2, other=0.0).to(dt))
+    acc3 = acc3 * a + tl.dot(pd, tl.load(vp + 3 * Q, mask=m2, other=0.0).to(dt))
+    return m_new, l_i, acc0, acc1, acc2, acc3, macc * alpha
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, krow_ptr, vrow_ptr, i_indptr, i_idx, kw_ptr, vw_ptr, w_indptr, w_idx,
+    opart_ptr, lpart_ptr, scale_log2, num_splits,
+    stride_qb, stride_qh, stride_rn, stride_rh,
+    stride_kwn, stride_kwh, stride_vwn, stride_vwh,
+    G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, WIN_COST: tl.constexpr,
+):
+    hk = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = tl.program_id(2)
+    Q: tl.constexpr = D // 4
+    i_beg = tl.load(i_indptr + b).to(tl.int64)
+    n_i = (tl.load(i_indptr + b + 1) - i_beg).to(tl.int32)
+    w_beg = tl.load(w_indptr + b).to(tl.int64)
+    n_w = (tl.load(w_indptr + b + 1) - w_beg).to(tl.int32)
+    total = n_i + WIN_COST * n_w
+    chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, total)
+    # Window token j sits at virtual position n_i + WIN_COST * j: exact partition.
+    w_lo = tl.minimum(tl.cdiv(tl.maximum(lo - n_i, 0), WIN_COST), n_w)
+    w_hi = tl.minimum(tl.cdiv(tl.maximum(hi - n_i, 0), WIN_COST), n_w)
+    i_hi = tl.minimum(hi, n_i)
+
+    hrow = tl.arange(0, BLOCK_H)
+    hmask = hrow < G
+    qh = q_ptr + b * stride_qb + (hk * G + hrow)[:, None] * stride_qh + tl.arange(0, Q)[None, :]
+    q0 = tl.load(qh, mask=hmask[:, None], other=0.0)
+    q1 = tl.load(qh + Q, mask=hmask[:, None], other=0.0)
+    q2 = tl.load(qh + 2 * Q, mask=hmask[:, None], other=0.0)
+    q3 = tl.load(qh + 3 * Q, mask=hmask[:, None], other=0.0)
+    qsum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    macc = tl.zeros([BLOCK_H], tl.float32)
+    acc0 = tl.zeros([BLOCK_H, Q], tl.float32)
+    acc1 = tl.zeros([BLOCK_H, Q], tl.float32)
+    acc2 = tl.zeros([BLOCK_H, Q], tl.float32)
+    acc3 = tl.zeros([BLOCK_H, Q], tl.float32)
+    for start in range(lo, i_hi, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        nmask = offs < i_hi
+        slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
+        m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
+            q0, q1, q2, q3, qsum, slot * stride_rn + hk * stride_rh, nmask, krow_ptr, vrow_ptr,
+            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q)
+    for start in range(w_lo, w_hi, BLOCK_W):
+        offs = start + tl.arange(0, BLOCK_W)
+        nmask = offs < w_hi
+        slot = tl.load(w_idx + w_beg + offs, mask=nmask, other=0).to(tl.int64)
+        m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
+            q0, q1, q2, q3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
+            nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q, nmask[None, :])
+
+    # Partial result of this split (lse = -inf and out = 0 when it saw no token).
+    nonempty = l_i > 0
+    inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)[:, None]
+    mterm = macc[:, None]
+    hq = hk * G + hrow
+    obase = opart_ptr + ((b * (G * tl.num_programs(0)) + hq) * num_splits + sp).to(tl.int64)[:, None] * D
+    oc = tl.arange(0, Q)[None, :]
+    om = hmask[:, None]
+    tl.store(obase + oc, (acc0 + mterm) * inv, mask=om)
+    tl.store(obase + Q + oc, (acc1 + mterm) * inv, mask=om)
+    tl.store(obase + 2 * Q + oc, (acc2 + mterm) * inv, mask=om)
+    tl.store(obase + 3 * Q + oc, (acc3 + mterm) * inv, mask=om)
+    lse2 = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    lbase = (b * (G * tl.num_programs(0)) + hq) * num_splits + sp
+    tl.store(lpart_ptr + lbase, lse2, mask=hmask)
+
+
+@triton.jit
+def _merge_splits_kernel(opart_ptr, lpart_ptr, out_ptr, lse_ptr, num_splits, stride_ob, stride_oh, H,
+                         D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program per (request, query head): LSE-weighted merge of the split partials."""
+    hq = tl.program_id(0)
+    b = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < num_splits
+    base = (b * H + hq).to(tl.int64) * num_splits
+    lse2 = tl.load(lpart_ptr + base + s, mask=smask, other=float("-inf"))
+    mx = tl.max(lse2, axis=0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lse2 - mx_safe)
+    wsum = tl.sum(w, axis=0)
+    cols = tl.arange(0, D)
+    part = tl.load(opart_ptr + (base + s)[:, None] * D + cols[None, :], mask=smask[:, None], other=0.0)
+    o = tl.sum(part * w[:, None], axis=0) / tl.where(wsum > 0, wsum, 1.0)
+    tl.store(out_ptr + b * stride_ob + hq * stride_oh + cols, o.to(out_ptr.dtype.element_ty))
+    lse = tl.where(wsum > 0, (mx_safe + tl.log2(tl.where(wsum > 0, wsum, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(lse_ptr + b * H + hq, lse)
+
+
+def check_head_dim(d: int, layout: RowLayout) -> None:
+    if layout.n_groups != 1:
+        raise ValueError("Triton attention kernels support group_size == head_dim only; use the reference")
+    if d != layout.head_dim or d < 64 or d & (d - 1):
+        raise ValueError(f"head_dim {d} must equal layout.head_dim {layout.head_dim} and be a power of two >= 64")
+
+
+def check_rows(name: str, rows: torch.Tensor, hkv: int, layout: RowLayout) -> None:
+    if rows.dtype != torch.uint8 or rows.dim() != 3 or rows.shape[1:] != (hkv, layout.row_bytes):
+        raise ValueError(f"{name} must be uint8 [N, {hkv}, {layout.row_bytes}], got {rows.dtype} {tuple(rows.shape)}")
+    if rows.stride(2) != 1 or rows.stride(1) != layout.row_bytes or rows.stride(0) % 2:
+        raise ValueError(f"{name} must be contiguous in its last two dims")
+
+
+def check_index(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.int32, torch.int64) or t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous 1-D int32/int64 tensor, got {t.dtype} {tuple(t.shape)}")
+
+
+def check_window(name: str, w: torch.Tensor, hkv: int, d: int) -> None:
+    if w.dim() != 3 or w.shape[1:] != (hkv, d) or w.stride(-1) != 1:
+        raise ValueError(f"{name} must be [M, {hkv}, {d}] contiguous in its last dim, got {tuple(w.shape)}")
+
+
+def win_cost(layout: RowLayout, win: torch.Tensor) -> int:
+    """Bytes of one window row relative to one INT2 row (split balancing weight)."""
+    return max(1, round(layout.head_dim * win.element_size() / layout.row_bytes))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    int2_indptr: torch.Tensor,
+    int2_indices: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    win_indptr: torch.Tensor,
+    win_indices: torch.Tensor,
+    sm_scale: float,
+    layout: RowLayout,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    config: DecodeConfig = DecodeConfig(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV decode. ``num_splits`` None = ``plan_num_splits`` from the average length
+    (host-known tensor sizes, no sync); pass a fixed value under CUDA graphs."""
+    bsz, hq, d = q.shape
+    hkv = k_rows.shape[1]
+    check_head_dim(d, layout)
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv}")
+    if q.stride(-1) != 1:
+        raise ValueError("q must be contiguous in its last dim")
+    for name, rows in (("k_rows", k_rows), ("v_rows", v_rows)):
+        check_rows(name, rows, hkv, layout)
+    if v_rows.stride() != k_rows.stride():
+        raise ValueError("k_rows and v_rows must have the same strides")
+    for name, w in (("k_win", k_win), ("v_win", v_win)):
+        check_window(name, w, hkv, d)
+    for name, t in (("int2_indptr", int2_indptr), ("int2_indices", int2_indices),
+                    ("win_indptr", win_indptr), ("win_indices", win_indices)):
+        check_index(name, t)
+    if int2_indptr.numel() != bsz + 1 or win_indptr.numel() != bsz + 1:
+        raise ValueError(f"indptr tensors must have B + 1 = {bsz + 1} entries")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError("out must have q's shape and a contiguous last dim")
+    lse = torch.empty(bsz, hq, dtype=torch.float32, device=q.device)
+    if bsz == 0:
+        return out, lse
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        avg = (int2_indices.numel() + win_indices.numel()) // bsz
+        num_splits = plan_num_splits(bsz, hkv, avg, sms, config)
+    group = hq // hkv
+    opart = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)
+    lpart = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(hkv, num_splits, bsz)](
+        q, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices,
+        opart, lpart, sm_scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1),
+        k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
+        G=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
+        BLOCK_N=config.block_n, BLOCK_W=config.block_w, WIN_COST=win_cost(layout, k_win),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    _merge_splits_kernel[(hq, bsz)](
+        opart, lpart, out, lse, num_splits, out.stride(0), out.stride(1), hq,
+        D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+    )
+    return out, lse

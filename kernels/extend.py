@@ -1,0 +1,182 @@
+"""Extend (chunked prefill) attention over a quantized prefix plus the chunk's exact k/v.
+
+Shapes (Tq chunk tokens over B requests, Hq query heads, Hkv KV heads, D head_dim a
+power of two >= 64, one quantization group per row):
+
+- ``q``               [Tq, Hq, D] fp16/bf16/fp32, rotated by R_K; last dim contiguous.
+- ``k_new``/``v_new`` [Tq, Hkv, D] rotated exact k/v of the same chunk tokens.
+- ``qo_indptr``       int32/int64 [B + 1], ragged chunk boundaries into q/k_new/v_new.
+- prefix of request b: its INT2 rows (``int2_indptr``/``int2_indices`` into uint8
+  ``k_rows``/``v_rows`` [N, Hkv, row_bytes]) and its window rows (``win_indptr``/
+  ``win_indices`` into ``k_win``/``v_win`` [M, Hkv, D]), fully visible to every chunk query;
+  then query i of the chunk sees chunk tokens j <= i.
+- returns ``out`` [Tq, Hq, D] (q.dtype, rotated value basis).
+
+One program per (BLOCK_M chunk queries, query head, request), flash-attention style, with
+the same folded INT2 math as decode (``_int2_block``): no prefix is ever dequantized to
+memory. Chunked prefill and prefix-cache hits both go through here; a plain prefill is the
+case with empty prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .codec import RowLayout
+from .decode import LOG2E, _dense_block, _int2_block, check_head_dim, check_index, check_rows, check_window
+
+__all__ = ["ExtendConfig", "extend_attention"]
+
+
+@dataclass(frozen=True)
+class ExtendConfig:
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, kn_ptr, vn_ptr, qo_indptr, krow_ptr, vrow_ptr, i_indptr, i_idx,
+    kw_ptr, vw_ptr, w_indptr, w_idx, o_ptr, scale_log2,
+    stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
+    stride_rn, stride_rh, stride_kwn, stride_kwh, stride_vwn, stride_vwh, stride_ot, stride_oh,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    mb = tl.program_id(0)
+    hq = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = hq // G
+    Q: tl.constexpr = D // 4
+    q_beg = tl.load(qo_indptr + b).to(tl.int64)
+    q_len = (tl.load(qo_indptr + b + 1) - q_beg).to(tl.int32)
+    m0 = mb * BLOCK_M
+    if m0 >= q_len:
+        return
+    rows = m0 + tl.arange(0, BLOCK_M)
+    rmask = rows < q_len
+    qp = q_ptr + (q_beg + rows)[:, None] * stride_qt + hq * stride_qh + tl.arange(0, Q)[None, :]
+    q0 = tl.load(qp, mask=rmask[:, None], other=0.0)
+    q1 = tl.load(qp + Q, mask=rmask[:, None], other=0.0)
+    q2 = tl.load(qp + 2 * Q, mask=rmask[:, None], other=0.0)
+    q3 = tl.load(qp + 3 * Q, mask=rmask[:, None], other=0.0)
+    qsum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    macc = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, Q], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, Q], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, Q], tl.float32)
+    acc3 = tl.zeros([BLOCK_M, Q], tl.float32)
+
+    i_beg = tl.load(i_indptr + b).to(tl.int64)
+    n_i = (tl.load(i_indptr + b + 1) - i_beg).to(tl.int32)
+    for start in range(0, n_i, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        nmask = offs < n_i
+        slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
+        m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
+            q0, q1, q2, q3, qsum, slot * stride_rn + hk * stride_rh, nmask, krow_ptr, vrow_ptr,
+            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q)
+
+    w_beg = tl.load(w_indptr + b).to(tl.int64)
+    n_w = (tl.load(w_indptr + b + 1) - w_beg).to(tl.int32)
+    for start in range(0, n_w, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        nmask = offs < n_w
+        slot = tl.load(w_idx + w_beg + offs, mask=nmask, other=0).to(tl.int64)
+        m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
+            q0, q1, q2, q3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
+            nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q, nmask[None, :])
+
+    # The chunk itself, causal: only key blocks up to this query block's last row.
+    for start in range(0, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        nmask = offs < q_len
+        tok = (q_beg + offs).to(tl.int64)
+        m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
+            q0, q1, q2, q3, tok * stride_knt + hk * stride_knh, tok * stride_vnt + hk * stride_vnh,
+            nmask, kn_ptr, vn_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q,
+            offs[None, :] <= rows[:, None])
+
+    inv = (1.0 / tl.where(l_i > 0, l_i, 1.0))[:, None]
+    mterm = macc[:, None]
+    op = o_ptr + (q_beg + rows)[:, None] * stride_ot + hq * stride_oh + tl.arange(0, Q)[None, :]
+    dt = o_ptr.dtype.element_ty
+    om = rmask[:, None]
+    tl.store(op, ((acc0 + mterm) * inv).to(dt), mask=om)
+    tl.store(op + Q, ((acc1 + mterm) * inv).to(dt), mask=om)
+    tl.store(op + 2 * Q, ((acc2 + mterm) * inv).to(dt), mask=om)
+    tl.store(op + 3 * Q, ((acc3 + mterm) * inv).to(dt), mask=om)
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    int2_indptr: torch.Tensor,
+    int2_indices: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    win_indptr: torch.Tensor,
+    win_indices: torch.Tensor,
+    sm_scale: float,
+    layout: RowLayout,
+    out: torch.Tensor | None = None,
+    max_q_len: int | None = None,
+    config: ExtendConfig = ExtendConfig(),
+) -> torch.Tensor:
+    """Extend attention. ``max_q_len`` (longest chunk, host int) avoids a device sync;
+    None reads it from ``qo_indptr``."""
+    tq, hq, d = q.shape
+    hkv = k_new.shape[1]
+    check_head_dim(d, layout)
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv}")
+    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+        if t.stride(-1) != 1 or t.shape[0] != tq or t.shape[2] != d:
+            raise ValueError(f"{name} must be [{tq}, H, {d}] contiguous in its last dim")
+    if v_new.shape[1] != hkv:
+        raise ValueError("k_new and v_new must have the same number of heads")
+    for name, rows in (("k_rows", k_rows), ("v_rows", v_rows)):
+        check_rows(name, rows, hkv, layout)
+    if v_rows.stride() != k_rows.stride():
+        raise ValueError("k_rows and v_rows must have the same strides")
+    for name, w in (("k_win", k_win), ("v_win", v_win)):
+        check_window(name, w, hkv, d)
+    for name, t in (("qo_indptr", qo_indptr), ("int2_indptr", int2_indptr), ("int2_indices", int2_indices),
+                    ("win_indptr", win_indptr), ("win_indices", win_indices)):
+        check_index(name, t)
+    bsz = qo_indptr.numel() - 1
+    if int2_indptr.numel() != bsz + 1 or win_indptr.numel() != bsz + 1:
+        raise ValueError(f"indptr tensors must have B + 1 = {bsz + 1} entries")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError("out must have q's shape and a contiguous last dim")
+    if bsz == 0 or tq == 0:
+        return out
+    if max_q_len is None:
+        max_q_len = int((qo_indptr[1:] - qo_indptr[:-1]).max())
+    if max_q_len <= 0:
+        return out
+    grid = (triton.cdiv(max_q_len, config.block_m), hq, bsz)
+    _extend_kernel[grid](
+        q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices,
+        k_win, v_win, win_indptr, win_indices, out, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        k_rows.stride(0), k_rows.stride(1), k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
+        out.stride(0), out.stride(1),
+        G=hq // hkv, D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out

@@ -1,0 +1,87 @@
+"""The one kernel interface the integration calls.
+
+Each op has the signature of its launcher (``write.py``, ``decode.py``, ``extend.py``)
+and of its reference (``reference.py``). Dispatch is by device and layout only:
+CUDA tensors with a layout the Triton kernels support (one group per row; head_dim a
+power of two, >= 16 for the write, >= 64 for attention) go to Triton, everything else
+(CPU tensors, sub-row groups) to the pure-torch reference. No env vars, no global state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import decode as _decode
+from . import extend as _extend
+from . import reference as _reference
+from . import write as _write
+from .codec import RowLayout
+
+__all__ = ["quantize_kv_write", "decode_attention", "extend_attention", "triton_supports"]
+
+
+def triton_supports(layout: RowLayout, attention: bool = True) -> bool:
+    """Whether the Triton kernels handle this layout (else the reference runs, also on GPU)."""
+    d = layout.head_dim
+    return layout.n_groups == 1 and d & (d - 1) == 0 and d >= (64 if attention else 16)
+
+
+def quantize_kv_write(
+    x: torch.Tensor,
+    rotation: torch.Tensor,
+    clip_ratio: float,
+    layout: RowLayout,
+    rows_out: torch.Tensor,
+    slots: torch.Tensor,
+    window_out: torch.Tensor | None = None,
+    window_slots: torch.Tensor | None = None,
+) -> None:
+    impl = _write if x.is_cuda and triton_supports(layout, attention=False) else _reference
+    impl.quantize_kv_write(x, rotation, clip_ratio, layout, rows_out, slots, window_out, window_slots)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    int2_indptr: torch.Tensor,
+    int2_indices: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    win_indptr: torch.Tensor,
+    win_indices: torch.Tensor,
+    sm_scale: float,
+    layout: RowLayout,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _decode if q.is_cuda and triton_supports(layout) else _reference
+    return impl.decode_attention(
+        q, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices,
+        sm_scale, layout, out=out, num_splits=num_splits,
+    )
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    int2_indptr: torch.Tensor,
+    int2_indices: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    win_indptr: torch.Tensor,
+    win_indices: torch.Tensor,
+    sm_scale: float,
+    layout: RowLayout,
+    out: torch.Tensor | None = None,
+    max_q_len: int | None = None,
+) -> torch.Tensor:
+    impl = _extend if q.is_cuda and triton_supports(layout) else _reference
+    return impl.extend_attention(
+        q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win,
+        win_indptr, win_indices, sm_scale, layout, out=out, max_q_len=max_q_len,
+    )

@@ -1,0 +1,103 @@
+"""OSCAR serving settings: one frozen struct, validated once per process, passed explicitly.
+
+How the user's choice travels: ``--oscar ROT`` (or ``Engine(attention_backend="oscar",
+quantization_param_path=ROT)``) sets two existing sglang fields, ``attention_backend``
+and ``quantization_param_path`` (documented upstream as "the KV-cache quantization
+parameter file"). ServerArgs is shipped to every scheduler subprocess, so each process
+rebuilds the same settings from the same file; nothing is read from the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from oscar_sglang.calib.rotations import Rotations, RotationsError, fingerprint_from_hf_config, load_rotations
+from oscar_sglang.kernels.codec import RowLayout
+
+BACKEND_NAME = "oscar"
+
+
+class OscarError(ValueError):
+    """A configuration OSCAR cannot serve; the message says what to change."""
+
+
+class OscarSettings(msgspec.Struct, frozen=True, kw_only=True):
+    rotations_path: str
+    head_dim: int
+    group_size: int | None
+    sink: int
+    recent: int
+    clip_k: tuple[float, ...]
+    clip_v: tuple[float, ...]
+    granularity: str
+
+    @property
+    def layout(self) -> RowLayout:
+        return RowLayout(self.head_dim, self.group_size)
+
+
+def is_enabled(server_args: Any) -> bool:
+    backends = {
+        getattr(server_args, "attention_backend", None),
+        getattr(server_args, "prefill_attention_backend", None),
+        getattr(server_args, "decode_attention_backend", None),
+    } - {None}
+    if BACKEND_NAME in backends and backends != {BACKEND_NAME}:
+        raise OscarError(
+            f"--oscar must serve both prefill and decode; got attention backends {sorted(backends)}. "
+            "Drop --prefill-attention-backend/--decode-attention-backend."
+        )
+    return BACKEND_NAME in backends
+
+
+def _unsupported_model_reason(config: Any) -> str | None:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "kv_lora_rank", None) or getattr(config, "q_lora_rank", None):
+        return "it uses multi-head latent attention (MLA), which has no per-head K/V to rotate"
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    if layer_types - {"full_attention", "attention"}:
+        return f"it mixes layer types {sorted(layer_types)}; OSCAR serves full-attention models only"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        return f"it uses sliding-window attention (window {window}); OSCAR serves full-attention models only"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "it uses attention logit soft-capping, which the OSCAR kernels do not implement"
+    return None
+
+
+def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rotations]:
+    """Validate the server arguments and the rotations file against the model; raise OscarError."""
+    path = getattr(server_args, "quantization_param_path", None)
+    if not path:
+        raise OscarError("--attention-backend oscar needs a rotations file: pass --oscar ROT.safetensors")
+    reason = _unsupported_model_reason(hf_config)
+    if reason:
+        raise OscarError(f"--oscar cannot serve this model: {reason}.")
+    if getattr(server_args, "speculative_algorithm", None):
+        raise OscarError("--oscar does not support speculative decoding: drop --speculative-algorithm.")
+    kv_dtype = getattr(server_args, "kv_cache_dtype", "auto")
+    if kv_dtype not in ("auto", "bf16", "bfloat16"):
+        raise OscarError(f"--oscar stores its own 2-bit KV cache: drop --kv-cache-dtype {kv_dtype}.")
+    if getattr(server_args, "enable_page_major_kv_layout", False) or getattr(server_args, "enable_unified_memory", False):
+        raise OscarError("--oscar uses sglang's per-layer MHA pool: drop --enable-page-major-kv-layout/--enable-unified-memory.")
+    try:
+        rot = load_rotations(path, expect=fingerprint_from_hf_config(hf_config))
+        layout = RowLayout(rot.meta.model.head_dim, rot.meta.group_size)
+    except (RotationsError, ValueError) as e:
+        raise OscarError(str(e)) from None
+    meta = rot.meta
+    return (
+        OscarSettings(
+            rotations_path=str(path),
+            head_dim=layout.head_dim,
+            group_size=meta.group_size,
+            sink=meta.windows.sink,
+            recent=meta.windows.recent,
+            clip_k=tuple(meta.clip_k),
+            clip_v=tuple(meta.clip_v),
+            granularity=meta.granularity,
+        ),
+        rot,
+    )

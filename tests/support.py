@@ -1,0 +1,52 @@
+"""Shared test helpers: a tiny random Llama checkpoint config and rotations files for it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+    "vocab_size": 512, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "torch_dtype": "float16", "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+
+
+def write_tiny_model(directory: Path, **overrides) -> Path:
+    """A config-only checkpoint: sglang serves it with load_format='dummy' (random weights)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({**TINY_CONFIG, **overrides}))
+    return directory
+
+
+def random_orthogonal(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=g, dtype=torch.float64))
+    return q.float()
+
+
+def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, recent: int = 256, seed: int = 0,
+                    granularity: str = "layer") -> Path:
+    """A valid rotations file for the model in ``model_dir`` with random orthogonal R_K, R_V."""
+    from transformers import AutoConfig
+
+    from oscar_sglang.calib.rotations import (FORMAT_VERSION, Provenance, Recipe, RotationsMeta, Windows,
+                                              fingerprint_from_hf_config, save_rotations)
+
+    fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
+    heads = (fp.num_kv_heads,) if granularity == "kv-head" else ()
+    n = fp.num_layers * (heads[0] if heads else 1)
+    key = random_orthogonal(n, fp.head_dim, seed).reshape(fp.num_layers, *heads, fp.head_dim, fp.head_dim)
+    value = random_orthogonal(n, fp.head_dim, seed + 1).reshape(key.shape)
+    meta = RotationsMeta(
+        format_version=FORMAT_VERSION, model=fp, granularity=granularity,
+        clip_k=[0.96] * fp.num_layers, clip_v=[0.92] * fp.num_layers,
+        recipe=Recipe(name="identity"), windows=Windows(sink=sink, recent=recent),
+        provenance=Provenance(data="random orthogonal (tests)", token_sha256="0" * 64, num_tokens=0, seq_len=0,
+                              tool_version="test"),
+    )
+    return save_rotations(path, key, value, meta)

@@ -1,0 +1,149 @@
+"""Split-KV INT2 decode kernel vs the reference: odd lengths, pages of 1/8/16 tokens with
+splits crossing pages, GQA 1/3/4/8, head_dim 64/128, empty INT2 or window segments,
+empty requests, ragged batches. CPU runs a small subset under TRITON_INTERPRET=1;
+the full matrix (and bf16) is marked gpu."""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from oscar_sglang.kernels import decode, ops, reference
+from oscar_sglang.kernels.codec import RowLayout, quantize_rows
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+DEV = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+
+def require_gpu():
+    if DEV != "cuda":
+        pytest.skip("needs CUDA with TRITON_INTERPRET=0 (benchmarks/gpu_check.sh)")
+
+
+def paged_indices(lens, page, gen, spare_pages=3):
+    """One slot id per token (sglang convention), tokens laid in shuffled pages of `page`."""
+    n_pages = sum(-(-n // page) for n in lens) + spare_pages
+    perm = torch.randperm(n_pages, generator=gen)
+    out, p = [], 0
+    for n in lens:
+        k = -(-n // page)
+        out.append((perm[p : p + k, None] * page + torch.arange(page)).flatten()[:n])
+        p += k
+    indptr = torch.tensor([0] + list(lens)).cumsum(0)
+    return indptr, torch.cat(out) if out else torch.zeros(0, dtype=torch.long), n_pages * page
+
+
+def make_cache(lens_i, lens_w, hkv, d, page, win_dtype, seed, idx_dtype=torch.int32, dev=DEV):
+    """Random rotated K/V quantized into storage rows (K clip 0.96, V 0.92) and windows."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = RowLayout(d)
+    i_ptr, i_idx, n = paged_indices(lens_i, page, gen)
+    w_ptr, w_idx, m = paged_indices(lens_w, 1, gen)
+    chan = 1 + 2 * torch.rand(d, generator=gen)
+    k_rows = quantize_rows(torch.randn(n, hkv, d, generator=gen) * chan, layout, 0.96)
+    v_rows = quantize_rows(torch.randn(n, hkv, d, generator=gen) + 0.5, layout, 0.92)
+    k_win = (torch.randn(m, hkv, d, generator=gen) * chan).to(win_dtype)
+    v_win = (torch.randn(m, hkv, d, generator=gen) + 0.5).to(win_dtype)
+    cache = dict(k_rows=k_rows, v_rows=v_rows, int2_indptr=i_ptr.to(idx_dtype), int2_indices=i_idx.to(idx_dtype),
+                 k_win=k_win, v_win=v_win, win_indptr=w_ptr.to(idx_dtype), win_indices=w_idx.long())
+    return {k: v.to(dev) for k, v in cache.items()}, layout, gen
+
+
+def run_decode(impl, q, cache, layout, **kw):
+    c = cache
+    return impl.decode_attention(q, c["k_rows"], c["v_rows"], c["int2_indptr"], c["int2_indices"], c["k_win"],
+                                 c["v_win"], c["win_indptr"], c["win_indices"], q.shape[-1] ** -0.5, layout, **kw)
+
+
+def tolerance(dtype):
+    return {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
+
+
+def check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits, seed=0):
+    cache, layout, gen = make_cache(lens_i, lens_w, hkv, d, page, dtype, seed)
+    q = (torch.randn(len(lens_i), hkv * group, d, generator=gen) * 0.7).to(dtype).to(DEV)
+    out, lse = run_decode(decode, q, cache, layout, num_splits=splits)
+    ref, ref_lse = run_decode(reference, q, cache, layout)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    tol = tolerance(dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=1e-3)
+
+
+CPU_CASES = [  # d, hkv, group, lens_i, lens_w, page, dtype, num_splits
+    (64, 2, 1, [1, 7], [0, 3], 1, torch.float16, 2),
+    (64, 1, 3, [97, 0, 20], [7, 5, 0], 16, torch.float16, 3),  # empty INT2 / empty window
+    (128, 2, 4, [130, 33], [5, 64], 16, torch.float32, 4),
+    (64, 1, 8, [200], [20], 8, torch.float16, None),  # planner picks splits
+]
+
+
+@pytest.mark.parametrize("d,hkv,group,lens_i,lens_w,page,dtype,splits", CPU_CASES)
+def test_decode_matches_reference(d, hkv, group, lens_i, lens_w, page, dtype, splits):
+    check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits)
+
+
+def test_decode_empty_request_and_out_buffer():
+    cache, layout, gen = make_cache([0, 9], [0, 2], 1, 64, 1, torch.float16, seed=1, idx_dtype=torch.int64)
+    q = torch.randn(2, 2, 64, generator=gen).half().to(DEV)
+    buf = torch.full_like(q, 7.0)
+    out, lse = run_decode(decode, q, cache, layout, out=buf, num_splits=2)
+    assert out.data_ptr() == buf.data_ptr()
+    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()
+    ref, ref_lse = run_decode(reference, q, cache, layout)
+    torch.testing.assert_close(out[1].float(), ref[1].float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(lse[1], ref_lse[1], atol=1e-3, rtol=1e-3)
+
+
+def test_decode_split_merge_is_split_invariant():
+    """More splits than blocks (empty splits) must not change the result."""
+    cache, layout, gen = make_cache([70], [9], 1, 64, 16, torch.float16, seed=2)
+    q = torch.randn(1, 1, 64, generator=gen).half().to(DEV)
+    a, la = run_decode(decode, q, cache, layout, num_splits=1)
+    b, lb = run_decode(decode, q, cache, layout, num_splits=5)
+    torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+
+
+def test_plan_num_splits():
+    assert decode.plan_num_splits(1, 8, 65536, 132) == 66  # fill 4 x 132 SMs
+    assert decode.plan_num_splits(64, 8, 65536, 132) == 2
+    assert decode.plan_num_splits(1, 8, 100, 132) == 1  # short: never below min_split_tokens
+    assert decode.plan_num_splits(0, 8, 0, 132) == 1
+
+
+def test_decode_rejects_unsupported():
+    cache, layout, gen = make_cache([3], [1], 1, 64, 1, torch.float16, seed=3)
+    q = torch.randn(1, 3, 64).half().to(DEV)
+    with pytest.raises(ValueError, match="group_size"):
+        run_decode(decode, q[:, :1], cache, RowLayout(64, 16))
+    q2 = torch.randn(1, 2, 64).half().to(DEV)
+    cache2 = dict(cache, k_rows=cache["k_rows"][:, :, :-2])
+    with pytest.raises(ValueError, match="k_rows"):
+        run_decode(decode, q2, cache2, layout)
+
+
+def test_ops_decode_cpu_is_reference():
+    cache, layout, gen = make_cache([5, 2], [3, 0], 2, 64, 1, torch.float32, seed=4, dev="cpu")
+    q = torch.randn(2, 4, 64, generator=gen)
+    a, la = run_decode(ops, q, cache, layout)
+    b, lb = run_decode(reference, q, cache, layout)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+GPU_LENS = ([1, 4097, 0, 97, 33000], [64 + 256, 0, 7, 320, 320])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,group,dtype,page,splits", list(itertools.product(
+    [64, 128], [1, 3, 4, 8], [torch.float16, torch.bfloat16], [1, 16], [None, 7])))
+def test_decode_gpu_matrix(d, group, dtype, page, splits):
+    require_gpu()
+    check_decode(d, 2, group, *GPU_LENS, page, dtype, splits, seed=d + group)
+
+
+@pytest.mark.gpu
+def test_decode_gpu_large_batch():
+    require_gpu()
+    check_decode(128, 8, 4, [4096 + i for i in range(64)], [320] * 64, 16, torch.bfloat16, None)

@@ -1,0 +1,86 @@
+"""Extend attention kernel vs the reference: ragged chunks (including empty and longer than
+a query block), INT2 + window prefixes (either empty), plain prefill (no prefix), GQA,
+head_dim 64/128, paged prefixes. CPU subset under TRITON_INTERPRET=1; full matrix gpu."""
+
+import itertools
+
+import pytest
+import torch
+from test_kernels_decode import DEV, make_cache, require_gpu, tolerance
+
+from oscar_sglang.kernels import extend, ops, reference
+
+
+def run_extend(impl, q, k_new, v_new, qo_indptr, cache, layout, **kw):
+    c = cache
+    return impl.extend_attention(q, k_new, v_new, qo_indptr, c["k_rows"], c["v_rows"], c["int2_indptr"],
+                                 c["int2_indices"], c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"],
+                                 q.shape[-1] ** -0.5, layout, **kw)
+
+
+def make_chunk(lens_q, hkv, group, d, dtype, gen, dev=DEV):
+    tq = sum(lens_q)
+    q = torch.randn(tq, hkv * group, d, generator=gen) * 0.7
+    k_new = torch.randn(tq, hkv, d, generator=gen)
+    v_new = torch.randn(tq, hkv, d, generator=gen) + 0.5
+    qo = torch.tensor([0] + list(lens_q)).cumsum(0).to(torch.int32)
+    return q.to(dtype).to(dev), k_new.to(dtype).to(dev), v_new.to(dtype).to(dev), qo.to(dev)
+
+
+def check_extend(d, hkv, group, lens_i, lens_w, lens_q, page, dtype, seed=0, max_q_len=None):
+    cache, layout, gen = make_cache(lens_i, lens_w, hkv, d, page, dtype, seed)
+    q, k_new, v_new, qo = make_chunk(lens_q, hkv, group, d, dtype, gen)
+    out = run_extend(extend, q, k_new, v_new, qo, cache, layout, max_q_len=max_q_len)
+    ref = run_extend(reference, q, k_new, v_new, qo, cache, layout)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = tolerance(dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+CPU_CASES = [  # d, hkv, group, lens_i, lens_w, lens_q, page, dtype
+    (64, 2, 1, [0, 7], [3, 0], [1, 7], 1, torch.float16),
+    (64, 1, 3, [97], [7], [70], 16, torch.float16),  # two query blocks, chunk crosses key blocks
+    (128, 1, 4, [33, 0, 5], [0, 0, 2], [5, 9, 0], 16, torch.float32),  # plain prefill, empty chunk
+]
+
+
+@pytest.mark.parametrize("d,hkv,group,lens_i,lens_w,lens_q,page,dtype", CPU_CASES)
+def test_extend_matches_reference(d, hkv, group, lens_i, lens_w, lens_q, page, dtype):
+    check_extend(d, hkv, group, lens_i, lens_w, lens_q, page, dtype)
+
+
+def test_extend_out_buffer_and_max_q_len():
+    cache, layout, gen = make_cache([4], [2], 1, 64, 1, torch.float16, seed=5)
+    q, k_new, v_new, qo = make_chunk([6], 1, 2, 64, torch.float16, gen)
+    buf = torch.empty_like(q)
+    out = run_extend(extend, q, k_new, v_new, qo, cache, layout, out=buf, max_q_len=6)
+    assert out.data_ptr() == buf.data_ptr()
+    ref = run_extend(reference, q, k_new, v_new, qo, cache, layout)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_extend_first_query_sees_prefix_plus_itself():
+    """A chunk of one token equals decode over prefix + that token (causal edge)."""
+    cache, layout, gen = make_cache([3], [0], 1, 64, 1, torch.float32, seed=6, dev="cpu")
+    q, k_new, v_new, qo = make_chunk([1], 1, 1, 64, torch.float32, gen, dev="cpu")
+    out = run_extend(reference, q, k_new, v_new, qo, cache, layout)
+    win = dict(cache, k_win=k_new, v_win=v_new, win_indptr=torch.tensor([0, 1]), win_indices=torch.tensor([0]))
+    dec, _ = reference.decode_attention(q, win["k_rows"], win["v_rows"], win["int2_indptr"], win["int2_indices"],
+                                        k_new, v_new, win["win_indptr"], win["win_indices"], 64 ** -0.5, layout)
+    torch.testing.assert_close(out, dec)
+
+
+def test_ops_extend_cpu_is_reference():
+    cache, layout, gen = make_cache([5], [3], 1, 64, 1, torch.float32, seed=7, dev="cpu")
+    q, k_new, v_new, qo = make_chunk([4], 1, 2, 64, torch.float32, gen, dev="cpu")
+    a = run_extend(ops, q, k_new, v_new, qo, cache, layout)
+    b = run_extend(reference, q, k_new, v_new, qo, cache, layout)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,group,dtype,page", list(itertools.product(
+    [64, 128], [1, 3, 4, 8], [torch.float16, torch.bfloat16], [1, 16])))
+def test_extend_gpu_matrix(d, group, dtype, page):
+    require_gpu()
+    check_extend(d, 2, group, [0, 1000, 97, 4000], [0, 320, 7, 320], [300, 1, 129, 700], page, dtype, seed=d + group)

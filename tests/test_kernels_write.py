@@ -1,0 +1,158 @@
+"""Fused quantize-on-write kernel vs the reference: bit-exact codes/scales given the same
+rotated rows (identity and signed-permutation rotations are exact in any precision),
+dequantized values within tolerance under a real rotation, padding slots, windows,
+non-finite inputs. CPU runs under TRITON_INTERPRET=1 (tests/conftest.py)."""
+
+import os
+
+import pytest
+import torch
+
+from oscar_sglang.kernels import ops, reference, write
+from oscar_sglang.kernels.codec import RowLayout, dequantize_rows, split_rows
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+DEV = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+
+def require_gpu():
+    if DEV != "cuda":
+        pytest.skip("needs CUDA with TRITON_INTERPRET=0 (benchmarks/gpu_check.sh)")
+
+
+def signed_permutation(d, heads, gen):
+    """Exactly representable rotations: x @ R is exact in any precision, so codes must match."""
+    mats = []
+    for _ in range(max(heads, 1)):
+        r = torch.zeros(d, d)
+        r[torch.arange(d), torch.randperm(d, generator=gen)] = 1.0
+        mats.append(r * torch.where(torch.rand(d, 1, generator=gen) < 0.5, -1.0, 1.0))
+    return torch.stack(mats) if heads else mats[0]
+
+
+def random_orthogonal(d, gen):
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def make_inputs(t, h, d, dtype, seed, n_rows=None, n_win=None):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, d, generator=gen) * (1 + 4 * torch.rand(d, generator=gen))  # uneven channels
+    n_rows = n_rows or t + 5
+    slots = torch.randperm(n_rows, generator=gen)[:t]
+    slots[torch.rand(t, generator=gen) < 0.15] = -1  # CUDA-graph style padding
+    n_win = n_win or t + 3
+    wslots = torch.randperm(n_win, generator=gen)[:t]
+    wslots[torch.rand(t, generator=gen) < 0.5] = -1
+    return x.to(dtype), slots, wslots, gen
+
+
+def run_both(x, rot, ratio, layout, slots, wslots, n_rows, n_win, win_dtype, dev):
+    h = x.shape[1]
+    outs = []
+    for impl in (write, reference):
+        rows = torch.full((n_rows, h, layout.row_bytes), 0xAB, dtype=torch.uint8, device=dev)
+        win = torch.full((n_win, h, layout.head_dim), -7.0, dtype=win_dtype, device=dev)
+        impl.quantize_kv_write(x.to(dev), rot.to(dev), ratio, layout, rows, slots.to(dev), win, wslots.to(dev))
+        outs.append((rows.cpu(), win.cpu()))
+    return outs
+
+
+CPU_CASES = [  # t, h, d, dtype, clip ratio, per-head rotation, slot dtype
+    (1, 1, 64, torch.float16, 0.96, False, torch.int64),
+    (7, 2, 64, torch.float32, 0.92, True, torch.int32),
+    (97, 2, 128, torch.float16, 0.96, True, torch.int64),
+    (33, 1, 128, torch.float16, 1.0, False, torch.int64),
+]
+
+
+@pytest.mark.parametrize("t,h,d,dtype,ratio,per_head,idx_dtype", CPU_CASES)
+def test_write_bit_exact(t, h, d, dtype, ratio, per_head, idx_dtype):
+    x, slots, wslots, gen = make_inputs(t, h, d, dtype, seed=t * 31 + d)
+    rot = signed_permutation(d, h if per_head else 0, gen)
+    layout = RowLayout(d)
+    (rk, wk), (rr, wr) = run_both(x, rot, ratio, layout, slots.to(idx_dtype), wslots.to(idx_dtype),
+                                  t + 5, t + 3, torch.float16, DEV)
+    assert torch.equal(rk, rr), f"{(rk != rr).sum()} bytes differ"
+    assert torch.equal(wk, wr)
+    untouched = torch.ones(t + 5, dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    assert (rk[untouched] == 0xAB).all(), "padding slot or unused row was written"
+
+
+def test_write_nonfinite_rows_match_reference():
+    t, h, d = 9, 2, 64
+    x, slots, wslots, gen = make_inputs(t, h, d, torch.float16, seed=3)
+    x[1, 0, 5] = float("inf")
+    x[2, 1, :] = float("nan")
+    x[3, 0, 7] = -float("inf")
+    slots = torch.arange(t)
+    (rk, wk), (rr, wr) = run_both(x, torch.eye(d), 0.96, RowLayout(d), slots, wslots, t, t + 3, torch.float16, DEV)
+    assert torch.equal(rk, rr)
+    assert torch.equal(wk, wr)
+    assert torch.isfinite(dequantize_rows(rk, RowLayout(d))).all()
+
+
+def check_rotated_close(rk, rr, wk, wr, layout, win_dtype):
+    """Real rotation: the kernel's fp32 rotation may differ from torch's in the last bit,
+    so a code can flip at a rounding boundary; values must agree to one quantization step."""
+    ck, sk, mk = split_rows(rk, layout)
+    cr, sr, mr = split_rows(rr, layout)
+    torch.testing.assert_close(sk.float(), sr.float(), rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(mk.float(), mr.float(), rtol=2e-3, atol=1e-4)
+    assert (ck != cr).float().mean() < 0.01
+    diff = (dequantize_rows(rk, layout) - dequantize_rows(rr, layout)).abs()
+    assert (diff <= sr.float() * 1.01 + 1e-3).all()
+    tol = 2e-2 if win_dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(wk.float(), wr.float(), rtol=tol, atol=tol)
+
+
+def test_write_real_rotation_close():
+    t, h, d = 40, 2, 64
+    x, _, wslots, gen = make_inputs(t, h, d, torch.float16, seed=11)
+    rot = torch.stack([random_orthogonal(d, gen) for _ in range(h)])
+    layout = RowLayout(d)
+    (rk, wk), (rr, wr) = run_both(x, rot, 0.92, layout, torch.arange(t), wslots, t, t + 3, torch.float16, DEV)
+    check_rotated_close(rk, rr, wk, wr, layout, torch.float16)
+
+
+def test_write_rejects_unsupported_layouts():
+    x = torch.zeros(2, 1, 64, dtype=torch.float16)
+    rows = torch.zeros(2, 1, RowLayout(64, 32).row_bytes, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="group_size"):
+        write.quantize_kv_write(x, torch.eye(64), 0.96, RowLayout(64, 32), rows, torch.arange(2))
+    with pytest.raises(ValueError, match="rotation"):
+        write.quantize_kv_write(x, torch.eye(64).double(), 0.96, RowLayout(64), torch.zeros(2, 1, 20, dtype=torch.uint8),
+                                torch.arange(2))
+
+
+def test_ops_dispatch_cpu_uses_reference_and_sub_row_groups():
+    t, h, d = 5, 1, 64
+    x, slots, _, _ = make_inputs(t, h, d, torch.float32, seed=5)
+    layout = RowLayout(d, 16)
+    a = torch.zeros(t + 5, h, layout.row_bytes, dtype=torch.uint8)
+    b = a.clone()
+    ops.quantize_kv_write(x, torch.eye(d), 0.96, layout, a, slots)
+    reference.quantize_kv_write(x, torch.eye(d), 0.96, layout, b, slots)
+    assert torch.equal(a, b)
+    assert ops.triton_supports(RowLayout(128)) and not ops.triton_supports(layout)
+    assert not ops.triton_supports(RowLayout(32)) and ops.triton_supports(RowLayout(32), attention=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 97, 4099])
+def test_write_gpu_matrix(d, dtype, t):
+    require_gpu()
+    h = 8
+    x, slots, wslots, gen = make_inputs(t, h, d, dtype, seed=d + t)
+    layout = RowLayout(d)
+    for ratio in (0.96, 0.92):
+        rot = signed_permutation(d, h, gen)
+        (rk, wk), (rr, wr) = run_both(x, rot, ratio, layout, slots, wslots, t + 5, t + 3, dtype, DEV)
+        assert torch.equal(rk, rr) and torch.equal(wk, wr)
+        rot = random_orthogonal(d, gen)
+        dense = torch.randperm(t + 5, generator=gen)[:t]
+        (rk, wk), (rr, wr) = run_both(x, rot, ratio, layout, dense, wslots, t + 5, t + 3, dtype, DEV)
+        check_rotated_close(rk, rr, wk, wr, layout, dtype)
