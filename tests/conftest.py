@@ -1,7 +1,18 @@
-"""Test-wide setup. The Triton interpreter must be selected before any kernel
-module is imported, so it is set here (tests may read/set the environment;
-library code never does)."""
+"""Test-wide setup (tests may read/set the environment; library code never does).
+
+- The Triton interpreter must be selected before any kernel module is imported.
+- sglang runs on the CPU engine; the compiled `sgl_kernel` wheel needs libcuda, so
+  the test double in tests/cpu_standin/ (functions that raise if called) is put
+  first on the path of this process and of every subprocess sglang spawns.
+"""
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+_STANDIN = str(Path(__file__).parent / "cpu_standin")
+if _STANDIN not in sys.path:
+    sys.path.insert(0, _STANDIN)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_STANDIN, os.environ.get("PYTHONPATH")) if p)
