@@ -26,7 +26,7 @@ def write_tiny_model(directory: Path, **overrides) -> Path:
 def random_orthogonal(n: int, d: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=g, dtype=torch.float64))
-    return q.float()
+    return q.float().contiguous()
 
 
 def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, recent: int = 256, seed: int = 0,
@@ -40,8 +40,8 @@ def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, recent: int 
     fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
     heads = (fp.num_kv_heads,) if granularity == "kv-head" else ()
     n = fp.num_layers * (heads[0] if heads else 1)
-    key = random_orthogonal(n, fp.head_dim, seed).reshape(fp.num_layers, *heads, fp.head_dim, fp.head_dim)
-    value = random_orthogonal(n, fp.head_dim, seed + 1).reshape(key.shape)
+    key = random_orthogonal(n, fp.head_dim, seed).reshape(fp.num_layers, *heads, fp.head_dim, fp.head_dim).contiguous()
+    value = random_orthogonal(n, fp.head_dim, seed + 1).reshape(key.shape).contiguous()
     meta = RotationsMeta(
         format_version=FORMAT_VERSION, model=fp, granularity=granularity,
         clip_k=[0.96] * fp.num_layers, clip_v=[0.92] * fp.num_layers,
