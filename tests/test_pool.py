@@ -1,0 +1,97 @@
+"""OscarKVPool with sglang's real allocators on CPU: storage rows, window lifetime, no leaks."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from oscar_sglang.kernels.codec import RowLayout, dequantize_rows
+from oscar_sglang.plugin import HOOKED_TARGETS, oscar_cell_size
+
+H, D, LAYERS = 2, 32, 2
+
+
+def test_every_hooked_sglang_target_exists():
+    for target in HOOKED_TARGETS:
+        module, cls, attr = target.rsplit(".", 2)
+        assert hasattr(getattr(importlib.import_module(module), cls), attr), target
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    assert "oscar" in ATTENTION_BACKENDS
+
+
+def _pool(page_size=1, size=64, sink=4, recent=8, req_slots=2, sink_rows=8):
+    from oscar_sglang.pool import OscarKVPool
+
+    return OscarKVPool(size, page_size, torch.float16, H, D, LAYERS, "cpu", layout=RowLayout(D), sink=sink,
+                       recent=recent, req_slots=req_slots, sink_rows=sink_rows)
+
+
+def _allocator(pool, page_size):
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()  # applies the slot-lifetime hooks
+    if page_size == 1:
+        from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+        return TokenToKVPoolAllocator(pool.size, torch.int64, "cpu", pool, need_sort=False)
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+
+    return PagedTokenToKVPoolAllocator(pool.size, page_size, torch.int64, "cpu", pool, need_sort=False)
+
+
+def test_pool_reports_packed_rows_to_sglang():
+    pool = _pool()
+    k, v = pool.get_kv_buffer(0)
+    assert k.dtype == torch.uint8 and k.shape == (64 + 1, H, RowLayout(D).row_bytes)
+    assert pool.head_dim == pool.v_head_dim == RowLayout(D).row_bytes == 12
+    assert oscar_cell_size(36, kv_heads=8, num_layers=36) * 7 < 2 * 36 * 8 * 128 * 2  # ~7x BF16
+
+
+def test_write_quantizes_rows_and_windows():
+    pool = _pool()
+    torch.manual_seed(0)
+    x = torch.randn(3, H, D, dtype=torch.float16)
+    eye = torch.eye(D)
+    slots = torch.tensor([5, 6, 7])
+    rows = pool.assign_windows(slots, torch.tensor([0, 1, 20]), torch.tensor([0, 0, 0]), torch.tensor([30, 30, 30]))
+    assert rows[:2].tolist() == [0, 1] and rows[2] == -1  # two sinks; position 20 < 30 - 8: INT2 only
+    pool.write_rows(0, slots, x, x, rows, eye, eye, 1.0, 1.0)
+    k_rows, _ = pool.get_kv_buffer(0)
+    k_win, _ = pool.get_window_buffers(0)
+    assert torch.equal(k_win[:2], x[:2])  # rotated (identity) full precision copies
+    err = (dequantize_rows(k_rows[slots], RowLayout(D)) - x.float()).abs().max()
+    assert 0 < err < 1.5
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_window_rows_follow_slot_lifetime_and_nothing_leaks(page_size):
+    pool = _pool(page_size=page_size)
+    alloc = _allocator(pool, page_size)
+    free0 = alloc.available_size()
+    # request row 1 writes 16 tokens: positions 0-3 are sinks, 8-15 the recent ring
+    slots = alloc.alloc(16)
+    rows = pool.assign_windows(slots, torch.arange(16), torch.ones(16, dtype=torch.int64), torch.full((16,), 16))
+    assert (rows[:4] >= 0).all() and (rows[4:8] == -1).all() and (rows[8:] >= 8).all()
+    assert pool.free_window_rows() == 8 - 4
+    # decoding position 16 evicts position 8 from the ring (its INT2 row stays final)
+    new = alloc.alloc(page_size)[:1]
+    pool.assign_windows(new, torch.tensor([16]), torch.tensor([1]), torch.tensor([17]))
+    assert pool.win_of_slot[slots[8]] == -1 and pool.win_of_slot[new[0]] >= 0
+    # freeing the request's slots returns its sink rows (hooked allocator free)
+    alloc.free(slots)
+    alloc.free(new)
+    assert pool.free_window_rows() == 8
+    assert (pool.win_of_slot[slots] == -1).all()
+    assert alloc.available_size() == free0
+    # sink rows run out gracefully: extra sinks stay INT2 only, counted
+    many = alloc.alloc(12)
+    pool.assign_windows(many, torch.tensor([0, 1, 2, 3] * 3), torch.zeros(12, dtype=torch.int64), torch.full((12,), 4))
+    assert pool.sink_overflow == 4 and pool.free_window_rows() == 0
+    alloc.clear()  # flush: every slot and every window row is free again
+    assert pool.free_window_rows() == 8 and (pool.win_of_slot == -1).all() and (pool.slot_of_win == -1).all()
+    assert alloc.available_size() == free0
