@@ -36,10 +36,17 @@ HOOKED_TARGETS = (
     f"{_TOKEN}.clear",
 )
 
-# Requests' ring rows are charged up front at this many request-pool rows when the
-# user did not set --max-running-requests (the pool itself sizes the ring exactly).
-_DEFAULT_RING_REQS = 64
-_SINK_ROWS_PER_REQ = 4  # sink rows = sink * this * request rows (shared prefixes need fewer)
+# BF16 window capacity: recent-window rings for this many concurrently running
+# requests (more share rings, degrading their window tokens to INT2), and sink rows
+# for this many distinct cached sequence starts per ring.
+_MAX_RING_BLOCKS = 64
+_SINK_SETS_PER_RING = 4
+
+
+def window_shape(settings, req_slots: int) -> tuple[int, int]:
+    """(ring_blocks, sink_rows) of the window buffers for a request pool of req_slots rows."""
+    blocks = max(1, min(req_slots, _MAX_RING_BLOCKS))
+    return blocks, settings.sink * _SINK_SETS_PER_RING * blocks
 
 
 # ------------------------------------------------------------------- CLI flag
@@ -91,7 +98,7 @@ def _build_token_to_kv_pool(original, kvc, *, sizes, is_dsa_model, is_dsv4_model
         raise OscarError("--oscar serves full-attention models only (this one is hybrid SWA/linear/mamba).")
     settings, _ = load_settings(kvc.server_args, kvc.model_config.hf_config)
     parallel = get_parallel()
-    req_slots = req_to_token_pool.req_to_token.shape[0]
+    ring_blocks, sink_rows = window_shape(settings, req_to_token_pool.req_to_token.shape[0])
     pool = OscarKVPool(
         sizes.max_total_num_tokens,
         kvc.pool_page_size,
@@ -103,8 +110,8 @@ def _build_token_to_kv_pool(original, kvc, *, sizes, is_dsa_model, is_dsv4_model
         layout=settings.layout,
         sink=settings.sink,
         recent=settings.recent,
-        req_slots=req_slots,
-        sink_rows=settings.sink * _SINK_ROWS_PER_REQ * req_slots,
+        ring_blocks=ring_blocks,
+        sink_rows=sink_rows,
         enable_memory_saver=get_exec().features.enable_memory_saver,
         start_layer=kvc.layer_info.start_layer,
         end_layer=kvc.layer_info.end_layer,
@@ -123,7 +130,8 @@ def oscar_cell_size(row_bytes: int, kv_heads: int, num_layers: int) -> int:
 
 
 def window_reservation_bytes(settings, kv_heads: int, num_layers: int, req_slots: int, itemsize: int) -> int:
-    rows = settings.sink * _SINK_ROWS_PER_REQ * req_slots + req_slots * settings.recent
+    ring_blocks, sink_rows = window_shape(settings, req_slots)
+    rows = sink_rows + ring_blocks * settings.recent
     return 2 * num_layers * rows * kv_heads * settings.head_dim * itemsize + rows * 8
 
 
@@ -138,7 +146,7 @@ def _size_pool(result, poolcfg, kvc):
     kv_heads = kvc.model_config.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size)
     layers = kvc.layer_info.num_effective_layers
     poolcfg._cell_size = oscar_cell_size(settings.layout.row_bytes, kv_heads, layers)
-    req_slots = kvc.server_args.max_running_requests or _DEFAULT_RING_REQS
+    req_slots = kvc.server_args.max_running_requests or _MAX_RING_BLOCKS
     itemsize = kvc.model_config.dtype.itemsize
     poolcfg._fixed_overhead_bytes += window_reservation_bytes(settings, kv_heads, layers, req_slots, itemsize)
 

@@ -12,7 +12,7 @@ complete quantized vectors. Slot ids, pages and the radix cache are untouched.
 
 Full-precision windows live beside the rows, keyed by slot::
 
-    k_win[l], v_win[l]  model dtype [sink_rows + req_slots * recent, H_kv, D]  (rotated)
+    k_win[l], v_win[l]  model dtype [sink_rows + ring_blocks * recent, H_kv, D]  (rotated)
     win_of_slot         int64 [size + page_size]   window row of a slot, -1 = none
     slot_of_win         int64 [window rows]        owner slot of a window row, -1 = free
 
@@ -20,10 +20,13 @@ Full-precision windows live beside the rows, keyed by slot::
   slot until sglang frees the slot: they follow the slot into the radix cache,
   so every request that hits a cached prefix reads the same BF16 sinks.
 * Recent rows form a ring per request-pool row: position ``p`` of request row
-  ``r`` lands in row ``sink_rows + r * recent + p % recent``. Writing position
-  ``p`` evicts position ``p - recent`` from the ring, which is exactly the
-  token leaving the window; because tokens are quantized independently, the
-  evicted token's INT2 row (written at the same time) is already final.
+  ``r`` lands in row ``sink_rows + (r % ring_blocks) * recent + p % recent``.
+  Writing a ring row evicts whichever token owned it: normally position
+  ``p - recent`` of the same request, i.e. exactly the token leaving the window;
+  because tokens are quantized independently, the evicted token's INT2 row
+  (written at the same time) is already final. With more running requests than
+  ring blocks, two requests can share a block: they then evict each other's
+  window tokens to INT2 (less accurate, never wrong).
 
 A token is attended in BF16 iff its slot has a window row, else from its INT2 row.
 """
@@ -57,7 +60,7 @@ class OscarKVPool(MHATokenToKVPool):
         layout: RowLayout,
         sink: int,
         recent: int,
-        req_slots: int,
+        ring_blocks: int,
         sink_rows: int,
         enable_memory_saver: bool = False,
         start_layer: int | None = None,
@@ -67,8 +70,8 @@ class OscarKVPool(MHATokenToKVPool):
         self.window_dtype = dtype
         self.sink, self.recent = sink, recent
         self.sink_rows = sink_rows
-        self.req_slots = req_slots
-        rows = sink_rows + req_slots * recent
+        self.ring_blocks = ring_blocks
+        rows = sink_rows + ring_blocks * recent
         self.k_win = [torch.zeros(rows, head_num, head_dim, dtype=dtype, device=device) for _ in range(layer_num)]
         self.v_win = [torch.zeros(rows, head_num, head_dim, dtype=dtype, device=device) for _ in range(layer_num)]
         self.win_of_slot = torch.full((size + page_size,), -1, dtype=torch.int64, device=device)
@@ -146,7 +149,8 @@ class OscarKVPool(MHATokenToKVPool):
         rows = torch.full_like(slots, -1)
         is_sink = positions < self.sink
         recent = ~is_sink & (positions >= seq_ends - self.recent)
-        rows[recent] = self.sink_rows + req_rows[recent] * self.recent + positions[recent] % self.recent
+        block = req_rows[recent] % self.ring_blocks
+        rows[recent] = self.sink_rows + block * self.recent + positions[recent] % self.recent
         n_sink = int(is_sink.sum())
         if n_sink:
             take = min(n_sink, len(self.sink_free))

@@ -24,11 +24,11 @@ def test_every_hooked_sglang_target_exists():
     assert "oscar" in ATTENTION_BACKENDS
 
 
-def _pool(page_size=1, size=64, sink=4, recent=8, req_slots=2, sink_rows=8):
+def _pool(page_size=1, size=64, sink=4, recent=8, ring_blocks=2, sink_rows=8):
     from oscar_sglang.pool import OscarKVPool
 
     return OscarKVPool(size, page_size, torch.float16, H, D, LAYERS, "cpu", layout=RowLayout(D), sink=sink,
-                       recent=recent, req_slots=req_slots, sink_rows=sink_rows)
+                       recent=recent, ring_blocks=ring_blocks, sink_rows=sink_rows)
 
 
 def _allocator(pool, page_size):
