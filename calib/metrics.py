@@ -55,13 +55,15 @@ class _Prepared:
     """Exact attention of one (sequence, layer) for the scored queries, shared by all candidates."""
 
     q: torch.Tensor  # [H_q, n, D] scored queries
-    k: torch.Tensor  # [H_q, T, D] (GQA-expanded)
-    v: torch.Tensor
-    quant: torch.Tensor  # bool [n, T]: key j is quantized for query i
-    causal: torch.Tensor  # bool [n, T]
+    v: torch.Tensor  # [H_q, T, D] (GQA-expanded)
+    quant: torch.Tensor  # float [n, T]: 1 where key j is quantized for query i
     logits: torch.Tensor  # [H_q, n, T] scaled, -inf where not causal
+    raw: torch.Tensor  # [H_q, n, T] scaled, 0 where not causal
     probs: torch.Tensor
+    probs_quant: torch.Tensor  # probs * quant
     out: torch.Tensor  # [H_q, n, D]
+    logit_den: float
+    out_den: float
     scaling: float
     group: int
 
@@ -80,28 +82,27 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, w
     quant = causal if windows is None else causal & (keys[None, :] >= windows.sink) & (
         keys[None, :] <= pos[:, None] - windows.recent)
     qs = q.float()[:, pos]
-    kx, vx = k.float().repeat_interleave(g, 0), v.float().repeat_interleave(g, 0)
-    logits = (qs @ kx.transpose(1, 2) * scaling).masked_fill(~causal, float("-inf"))
+    vx = v.float().repeat_interleave(g, 0)
+    raw = (qs @ k.float().repeat_interleave(g, 0).transpose(1, 2) * scaling) * causal
+    logits = raw.masked_fill(~causal, float("-inf"))
     probs = logits.softmax(-1)
-    return _Prepared(qs, kx, vx, quant, causal, logits, probs, probs @ vx, scaling, g)
+    out, quant = probs @ vx, quant.float()
+    return _Prepared(qs, vx, quant, logits, raw, probs, probs * quant, out, float((raw * quant).square().sum()),
+                     float(out.square().sum()), scaling, g)
 
 
 def errors(p: _Prepared, k_hat: torch.Tensor | None, v_hat: torch.Tensor | None) -> tuple[float, float, float, float]:
     """(logit num, logit den, output num, output den) with k̂ / v̂ [H_kv, T, D] (None = exact)."""
-    quant = p.quant[None]
-    logits, probs = p.logits, p.probs
     ln = ld = 0.0
+    out, probs_quant = p.out, p.probs_quant
     if k_hat is not None:
-        raw = p.q @ k_hat.repeat_interleave(p.group, 0).transpose(1, 2) * p.scaling
-        logits = torch.where(quant, raw, p.logits)
-        diff = torch.where(quant, raw - p.logits, 0.0)
-        ln, ld = float(diff.square().sum()), float(torch.where(quant, p.logits, 0.0).square().sum())
-        probs = logits.softmax(-1)
-    out = probs @ p.v
+        diff = (p.q @ k_hat.repeat_interleave(p.group, 0).transpose(1, 2) * p.scaling - p.raw) * p.quant
+        ln, ld = float(diff.square().sum()), p.logit_den
+        probs = (p.logits + diff).softmax(-1)  # -inf stays -inf where not causal (diff is 0 there)
+        out, probs_quant = probs @ p.v, probs * p.quant
     if v_hat is not None:
-        dv = v_hat.repeat_interleave(p.group, 0) - p.v
-        out = out + torch.where(quant, probs, 0.0) @ dv
-    return ln, ld, float((out - p.out).square().sum()), float(p.out.square().sum())
+        out = out + probs_quant @ (v_hat.repeat_interleave(p.group, 0) - p.v)
+    return ln, ld, float((out - p.out).square().sum()), p.out_den
 
 
 @dataclass

@@ -233,7 +233,7 @@ def save_rotations(path: str | Path, key: torch.Tensor, value: torch.Tensor, met
     from safetensors.torch import save_file
 
     tensors = {"key": key, "value": value, "key_eigenvalues": key_eigenvalues, "value_eigenvalues": value_eigenvalues}
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items() if v is not None}
+    tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items() if v is not None}
     path = Path(path)
     _check_tensors(tensors, meta, f"rotations for {path}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,6 @@ fp16 cast so that small scales do not underflow).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -47,14 +46,15 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Tile sizes and launch knobs (defaults reasoned for H100/H200, D = 128)."""
+    """Tile sizes and launch knobs (defaults reasoned, not yet measured, for H100/H200, D = 128:
+    ptxas sm_90a gives 161 registers, no spill -> 3 programs of 4 warps per SM)."""
 
     block_n: int = 64  # INT2 rows per loop step
     block_w: int = 32  # window rows per loop step
     num_warps: int = 4
     num_stages: int = 2
     min_split_tokens: int = 256  # never split a request finer than this (merge overhead)
-    programs_per_sm: int = 4
+    programs_per_sm: int = 8  # enough loads in flight to cover HBM latency (Little's law)
 
 
 def plan_num_splits(batch: int, kv_heads: int, avg_tokens: int, num_sms: int, config: DecodeConfig = DecodeConfig()) -> int:
@@ -76,15 +76,24 @@ def _online_update(m_i, l_i, logit):
 
 
 @triton.jit
+def _row_params(row_ptr, row_off, nmask, Q: tl.constexpr):
+    """fp32 (scale, minimum) of each row from one 32-bit load at byte Q (fp16 LE pair)."""
+    word = tl.load((row_ptr + row_off + Q).to(tl.pointer_type(tl.int32), bitcast=True), mask=nmask, other=0)
+    scale = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    minimum = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return scale.to(tl.float32), minimum.to(tl.float32)
+
+
+@triton.jit
 def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
                 acc0, acc1, acc2, acc3, macc, scale_log2, Q: tl.constexpr):
     """One block of INT2 rows (row_off: byte offsets [BN]) folded into the running state."""
     dt = q0.dtype
     qc = tl.arange(0, Q)
+    # Rows are 4-byte multiples (codec.RowLayout): lets the compiler use 32-bit loads.
+    row_off = tl.multiple_of(row_off, 4)
     kb = tl.load(krow_ptr + row_off[:, None] + qc[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-    kpar = (krow_ptr + row_off + Q).to(tl.pointer_type(tl.float16), bitcast=True)
-    ks = tl.load(kpar, mask=nmask, other=0.0).to(tl.float32)
-    km = tl.load(kpar + 1, mask=nmask, other=0.0).to(tl.float32)
+    ks, km = _row_params(krow_ptr, row_off, nmask, Q)
     qk = tl.dot(q0, tl.trans((kb & 3).to(dt)))
     qk = tl.dot(q1, tl.trans(((kb >> 2) & 3).to(dt)), qk)
     qk = tl.dot(q2, tl.trans(((kb >> 4) & 3).to(dt)), qk)
@@ -93,9 +102,7 @@ def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l
     logit = tl.where(nmask[None, :], logit, float("-inf"))
     m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
     vb = tl.load(vrow_ptr + row_off[:, None] + qc[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-    vpar = (vrow_ptr + row_off + Q).to(tl.pointer_type(tl.float16), bitcast=True)
-    vs = tl.load(vpar, mask=nmask, other=0.0).to(tl.float32)
-    vm = tl.load(vpar + 1, mask=nmask, other=0.0).to(tl.float32)
+    vs, vm = _row_params(vrow_ptr, row_off, nmask, Q)
     smax = tl.max(vs, axis=0)
     ps = (p * (vs / tl.where(smax > 0, smax, 1.0))[None, :]).to(dt)
     a = alpha[:, None]
@@ -238,7 +245,7 @@ def check_head_dim(d: int, layout: RowLayout) -> None:
 def check_rows(name: str, rows: torch.Tensor, hkv: int, layout: RowLayout) -> None:
     if rows.dtype != torch.uint8 or rows.dim() != 3 or rows.shape[1:] != (hkv, layout.row_bytes):
         raise ValueError(f"{name} must be uint8 [N, {hkv}, {layout.row_bytes}], got {rows.dtype} {tuple(rows.shape)}")
-    if rows.stride(2) != 1 or rows.stride(1) != layout.row_bytes or rows.stride(0) % 2:
+    if rows.stride(2) != 1 or rows.stride(1) != layout.row_bytes or rows.stride(0) % 4 or rows.data_ptr() % 4:
         raise ValueError(f"{name} must be contiguous in its last two dims")
 
 

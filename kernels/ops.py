@@ -3,7 +3,7 @@
 Each op has the signature of its launcher (``write.py``, ``decode.py``, ``extend.py``)
 and of its reference (``reference.py``). Dispatch is by device and layout only:
 CUDA tensors with a layout the Triton kernels support (one group per row; head_dim a
-power of two, >= 16 for the write, >= 64 for attention) go to Triton, everything else
+power of two, 16..128 for the write, >= 64 for attention) go to Triton, everything else
 (CPU tensors, sub-row groups) to the pure-torch reference. No env vars, no global state.
 """
 
@@ -23,7 +23,9 @@ __all__ = ["quantize_kv_write", "decode_attention", "extend_attention", "triton_
 def triton_supports(layout: RowLayout, attention: bool = True) -> bool:
     """Whether the Triton kernels handle this layout (else the reference runs, also on GPU)."""
     d = layout.head_dim
-    return layout.n_groups == 1 and d & (d - 1) == 0 and d >= (64 if attention else 16)
+    if layout.n_groups != 1 or d & (d - 1):
+        return False
+    return d >= 64 if attention else 16 <= d <= 128
 
 
 def quantize_kv_write(

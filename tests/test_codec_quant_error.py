@@ -5,7 +5,7 @@ bugs (tests/test_kernels_*.py) and quantization error are never mixed.
 Bounds are ~1.5x the values measured on these seeds (Gaussian rows, D = 128, Hadamard
 rotation, clip 0.96/0.92, 4 sink + 32 recent full-precision tokens out of 1000):
 diffuse attention: output rel. error ~0.07-0.15, |lse error| ~0.02;
-needle-peaked attention: output rel. error ~0.37 (one INT2 value row dominates), |lse| < 0.9."""
+needle-peaked attention: output rel. error ~0.37 (one INT2 value row dominates), |lse| < 1.45."""
 
 import math
 
@@ -72,7 +72,7 @@ def test_diffuse_attention_error_bounded(seed):
 def test_needle_attention_error_bounded_and_needle_kept(seed):
     rel, lse_err, pmax = attention_errors(seed, peak=1.0)
     assert pmax > 0.8  # the exact attention really is peaked on the needle
-    assert rel < 0.55 and lse_err < 1.4
+    assert rel < 0.55 and lse_err < 2.2  # needle logit ~11: ~13% logit error
 
 
 def test_full_precision_window_is_exact_through_rotations():

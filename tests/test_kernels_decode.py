@@ -60,10 +60,10 @@ def tolerance(dtype):
     return {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
 
 
-def check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits, seed=0):
+def check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits, seed=0, config=decode.DecodeConfig()):
     cache, layout, gen = make_cache(lens_i, lens_w, hkv, d, page, dtype, seed)
     q = (torch.randn(len(lens_i), hkv * group, d, generator=gen) * 0.7).to(dtype).to(DEV)
-    out, lse = run_decode(decode, q, cache, layout, num_splits=splits)
+    out, lse = run_decode(decode, q, cache, layout, num_splits=splits, config=config)
     ref, ref_lse = run_decode(reference, q, cache, layout)
     assert out.dtype == dtype and lse.dtype == torch.float32
     tol = tolerance(dtype)
@@ -76,12 +76,19 @@ CPU_CASES = [  # d, hkv, group, lens_i, lens_w, page, dtype, num_splits
     (64, 1, 3, [97, 0, 20], [7, 5, 0], 16, torch.float16, 3),  # empty INT2 / empty window
     (128, 2, 4, [130, 33], [5, 64], 16, torch.float32, 4),
     (64, 1, 8, [200], [20], 8, torch.float16, None),  # planner picks splits
+    (128, 1, 4, [1, 97], [7, 0], 16, torch.float16, 2),
 ]
 
 
 @pytest.mark.parametrize("d,hkv,group,lens_i,lens_w,page,dtype,splits", CPU_CASES)
 def test_decode_matches_reference(d, hkv, group, lens_i, lens_w, page, dtype, splits):
     check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits)
+
+
+def test_decode_small_blocks_many_steps():
+    """16-row blocks: many loop steps per split, split edges inside pages and blocks."""
+    small = decode.DecodeConfig(block_n=16, block_w=16)
+    check_decode(64, 1, 3, [150, 33], [40, 17], 8, torch.float16, 3, seed=9, config=small)
 
 
 def test_decode_empty_request_and_out_buffer():
@@ -107,8 +114,8 @@ def test_decode_split_merge_is_split_invariant():
 
 
 def test_plan_num_splits():
-    assert decode.plan_num_splits(1, 8, 65536, 132) == 66  # fill 4 x 132 SMs
-    assert decode.plan_num_splits(64, 8, 65536, 132) == 2
+    assert decode.plan_num_splits(1, 8, 65536, 132) == 132  # fill 8 x 132 SMs
+    assert decode.plan_num_splits(64, 8, 65536, 132) == 3
     assert decode.plan_num_splits(1, 8, 100, 132) == 1  # short: never below min_split_tokens
     assert decode.plan_num_splits(0, 8, 0, 132) == 1
 

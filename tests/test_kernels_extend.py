@@ -27,10 +27,11 @@ def make_chunk(lens_q, hkv, group, d, dtype, gen, dev=DEV):
     return q.to(dtype).to(dev), k_new.to(dtype).to(dev), v_new.to(dtype).to(dev), qo.to(dev)
 
 
-def check_extend(d, hkv, group, lens_i, lens_w, lens_q, page, dtype, seed=0, max_q_len=None):
+def check_extend(d, hkv, group, lens_i, lens_w, lens_q, page, dtype, seed=0, max_q_len=None,
+                 config=extend.ExtendConfig()):
     cache, layout, gen = make_cache(lens_i, lens_w, hkv, d, page, dtype, seed)
     q, k_new, v_new, qo = make_chunk(lens_q, hkv, group, d, dtype, gen)
-    out = run_extend(extend, q, k_new, v_new, qo, cache, layout, max_q_len=max_q_len)
+    out = run_extend(extend, q, k_new, v_new, qo, cache, layout, max_q_len=max_q_len, config=config)
     ref = run_extend(reference, q, k_new, v_new, qo, cache, layout)
     assert out.dtype == dtype and out.shape == q.shape
     tol = tolerance(dtype)
@@ -47,6 +48,12 @@ CPU_CASES = [  # d, hkv, group, lens_i, lens_w, lens_q, page, dtype
 @pytest.mark.parametrize("d,hkv,group,lens_i,lens_w,lens_q,page,dtype", CPU_CASES)
 def test_extend_matches_reference(d, hkv, group, lens_i, lens_w, lens_q, page, dtype):
     check_extend(d, hkv, group, lens_i, lens_w, lens_q, page, dtype)
+
+
+def test_extend_small_blocks_many_steps():
+    """16-row tiles: several query blocks, causal diagonal inside and across key blocks."""
+    small = extend.ExtendConfig(block_m=16, block_n=16)
+    check_extend(64, 1, 2, [40, 3], [17, 0], [37, 20], 8, torch.float16, seed=8, config=small)
 
 
 def test_extend_out_buffer_and_max_q_len():

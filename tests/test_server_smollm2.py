@@ -1,0 +1,110 @@
+"""`python -m sglang.launch_server --oscar` with real SmolLM2-135M weights (CPU, reference ops).
+
+One BF16 server (torch_native) and one OSCAR server on the same held-out text:
+- /generate and /v1/completions answer;
+- input-token logprobs of OSCAR stay close to BF16 (paired per-token NLL difference).
+  Prefill runs in 128-token chunks, so every chunk attends to the earlier chunks
+  through the cache (2-bit rows outside the 64 + 256 BF16 windows) - a single-chunk
+  prefill would attend to its own exact k/v and show no quantization at all;
+- the frontend-language example (fork over questions about one document) runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def _wait_ready(proc, url: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with {proc.returncode}")
+        try:
+            if requests.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    raise TimeoutError("server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def rotations(smollm2_dir, tmp_path_factory):
+    from oscar_sglang.calib.__main__ import main
+
+    out = tmp_path_factory.mktemp("rot") / "smollm2.safetensors"
+    assert main(["--model", str(smollm2_dir), "--tokens", "2048", "--seq-len", "1024", "--out", str(out)]) == 0
+    return out
+
+
+def _serve(model: Path, port: int, *extra: str):
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--device", "cpu",
+           "--port", str(port), "--max-total-tokens", "8192", "--chunked-prefill-size", "128", "--disable-overlap-schedule", "--random-seed", "0",
+           *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(proc.stderr.read()[-4000:]) from None
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def held_out_text():
+    from oscar_sglang.calib.assets import essay_files
+
+    return " ".join(p.read_text() for p in essay_files()[:3])[:4500]  # ~1K tokens, not calibration text
+
+
+def _input_logprobs(url: str, text: str) -> list[float]:
+    r = requests.post(f"{url}/generate", json={"text": text, "return_logprob": True, "logprob_start_len": 0,
+                                               "sampling_params": {"max_new_tokens": 1, "temperature": 0}}, timeout=600)
+    r.raise_for_status()
+    return [lp for lp, _, _ in r.json()["meta_info"]["input_token_logprobs"] if lp is not None]
+
+
+def test_oscar_server_matches_bf16_and_serves_frontend_programs(smollm2_dir, rotations, held_out_text):
+    import shared_document_qa
+
+    bf16, url = _serve(smollm2_dir, 39301, "--attention-backend", "torch_native")
+    try:
+        ref = _input_logprobs(url, held_out_text)
+    finally:
+        bf16.kill()
+        bf16.wait()
+    oscar, url = _serve(smollm2_dir, 39302, "--oscar", str(rotations))
+    try:
+        got = _input_logprobs(url, held_out_text)
+        # Same input tokens; beyond the first 64 + last 256 positions keys/values are 2-bit.
+        assert len(got) == len(ref) > 600
+        diffs = [b - a for a, b in zip(got, ref)]  # per-token NLL(oscar) - NLL(bf16)
+        mean = sum(diffs) / len(diffs)
+        nll_bf16 = -sum(ref) / len(ref)
+        print(f"\nSmolLM2 held-out NLL: BF16 {nll_bf16:.4f}, OSCAR - BF16 = {mean:+.4f} nats/token over {len(diffs)} tokens")
+        assert abs(mean) < 0.05 * nll_bf16
+
+        comp = requests.post(f"{url}/v1/completions", json={"model": "default", "prompt": "The capital of France is",
+                                                             "max_tokens": 8, "temperature": 0}, timeout=300)
+        comp.raise_for_status()
+        assert comp.json()["choices"][0]["text"].strip()
+
+        answers = shared_document_qa.run(url, held_out_text[:2000], max_tokens=12)
+        assert len(answers) == len(shared_document_qa.QUESTIONS) and all(isinstance(a, str) for a in answers)
+        # the document was prefilled once and then read back from the (2-bit) radix cache
+        again = requests.post(f"{url}/generate", json={"text": held_out_text, "sampling_params": {"max_new_tokens": 1}},
+                              timeout=300).json()
+        assert again["meta_info"]["cached_tokens"] >= len(ref) - 1
+    finally:
+        oscar.kill()
+        oscar.wait()
