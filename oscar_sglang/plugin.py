@@ -28,6 +28,7 @@ HOOKED_TARGETS = (
     f"{_SA}.add_cli_args",
     f"{_SA}.from_cli_args",
     f"{_SA}.resolve_once",
+    "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility",
     f"{_KVC}._build_token_to_kv_pool",
     f"{_POOLCFG}.__init__",
     f"{_PAGED}._release_page_ids",
@@ -81,6 +82,19 @@ def _check_before_launch(result, server_args):
     """Refuse bad configurations in the launching process, before anything starts."""
     if is_enabled(server_args):
         load_settings(server_args, _hf_config(server_args))
+
+
+def _disable_cuda_graphs(result, server_args):
+    """The oscar decode metadata has data-dependent shapes: run it eagerly (like torch_native)."""
+    from sglang.srt.arg_groups import attention_hook as ah
+
+    if ah.resolved_view(server_args).attention_backend != BACKEND_NAME:
+        return
+    logger.warning("CUDA graphs are disabled with --oscar (its decode is not graph-capturable yet)")
+    cfg = ah.resolving_view(server_args).cuda_graph_config
+    for phase in (ah.Phase.DECODE, ah.Phase.PREFILL):
+        cfg = ah.with_phase(cfg, phase, backend=ah.Backend.DISABLED)
+    ah.declare_resolution(server_args, "oscar_disable_cuda_graphs", cuda_graph_config=cfg)
 
 
 # ----------------------------------------------------------------- the pool
@@ -202,6 +216,7 @@ def register() -> None:
         (f"{_SA}.add_cli_args", _add_cli_args, after),
         (f"{_SA}.from_cli_args", _from_cli_args, after),
         (f"{_SA}.resolve_once", _check_before_launch, after),
+        ("sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility", _disable_cuda_graphs, after),
         (f"{_KVC}._build_token_to_kv_pool", _build_token_to_kv_pool, around),
         (f"{_POOLCFG}.__init__", _size_pool, after),
         (f"{_PAGED}._release_page_ids", _on_release_pages, after),
