@@ -103,3 +103,14 @@ def test_window_rows_follow_slot_lifetime_and_nothing_leaks(page_size):
     alloc.clear()  # flush: every slot and every window row is free again
     assert pool.free_window_rows() == 8 and (pool.win_of_slot == -1).all() and (pool.slot_of_win == -1).all()
     assert alloc.available_size() == free0
+
+
+def test_requests_sharing_a_ring_block_degrade_to_int2_never_to_wrong_rows():
+    pool = _pool(ring_blocks=1)  # request rows 0 and 1 share one ring
+    a, b = torch.arange(10, 20), torch.arange(30, 40)
+    ra = pool.assign_windows(a, torch.arange(4, 14), torch.zeros(10, dtype=torch.int64), torch.full((10,), 14))
+    rb = pool.assign_windows(b, torch.arange(4, 14), torch.ones(10, dtype=torch.int64), torch.full((10,), 14))
+    assert torch.equal(ra[ra >= 0], rb[rb >= 0])  # same ring rows, taken over by request b
+    assert (pool.win_of_slot[a] == -1).all()  # a's window tokens now read their INT2 rows
+    owned = pool.win_of_slot[b][rb >= 0]
+    assert torch.equal(pool.slot_of_win[owned], b[rb >= 0])  # every live row maps back to its slot
