@@ -25,7 +25,7 @@ from oscar_sglang.kernels.codec import RowLayout, fake_quantize, rotate
 
 from .rotations import Windows
 
-CLIP_GRID = (0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0)
+CLIP_GRID = (0.70, 0.75, 0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0)
 
 
 @dataclass(frozen=True)

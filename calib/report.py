@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -101,8 +102,8 @@ def plot(acc: ErrorAccumulator, names: list[str], rots: list[Rotations], path: P
             a.plot((e / e[0]).numpy(), color=cmap(layer / max(ev.shape[0] - 1, 1)), lw=1)
         a.set(yscale="log", xlabel="eigen-direction (descending)", ylabel="λ / λ_max",
               title=f"C_{which[0].upper()} eigen-spectra per layer (dark = first layer)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(textwrap.fill(title, 160), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -134,7 +135,7 @@ def run_report(args: argparse.Namespace) -> int:
         return 2
     names = [c.name for c in cands]
     win = f"windows sink={windows.sink} recent={windows.recent}" if windows else "no windows (every token quantized)"
-    header = (f"held-out: {len(seqs)} x {seqs.shape[1]} tokens from {len(paths)} files ({paths[0].parent}); "
+    header = (f"held-out: {len(seqs)} x {seqs.shape[1]} tokens from {len(paths)} files ({paths[0].parent.name}/); "
               f"{win}; group {layout.group}; query stride {args.query_stride}; model {args.model}")
     text = format_tables(acc, names, header)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -160,7 +160,8 @@ def fingerprint_mismatch(have: ModelFingerprint, expect: ModelFingerprint) -> li
         a, b = getattr(have, f), getattr(expect, f)
         if a != b and not (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-9)):
             w = _FIELD_WORDS[f]
-            out.append(f"rotations are for {a} {w}, model has {b}" if isinstance(a, int)
+            counted = f in ("num_layers", "num_attention_heads", "num_kv_heads")
+            out.append(f"rotations are for {a} {w}, model has {b}" if counted
                        else f"rotations are for {w} {a!r}, model has {b!r}")
     return out
 

