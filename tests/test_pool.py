@@ -114,3 +114,26 @@ def test_requests_sharing_a_ring_block_degrade_to_int2_never_to_wrong_rows():
     assert (pool.win_of_slot[a] == -1).all()  # a's window tokens now read their INT2 rows
     owned = pool.win_of_slot[b][rb >= 0]
     assert torch.equal(pool.slot_of_win[owned], b[rb >= 0])  # every live row maps back to its slot
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_backend_rotations_preserve_logits_and_invert_values(per_head):
+    """q·k is invariant when q and k use their KV head's R_K; un-rotating by R_V^T inverts v·R_V."""
+    from oscar_sglang.backend import OscarAttnBackend
+    from oscar_sglang.kernels.codec import rotate
+
+    torch.manual_seed(0)
+    hq, hkv = 6, 2
+    r = torch.linalg.qr(torch.randn(LAYERS, hkv if per_head else 1, D, D, dtype=torch.float64))[0].float()
+    r = r if per_head else r[:, 0]
+    backend = object.__new__(OscarAttnBackend)  # only the rotation helpers are exercised
+    backend.rot_k, backend.rot_v = r, r
+    q, k = torch.randn(3, hq, D), torch.randn(3, hkv, D)
+    qr, kr = backend._rotate_q(q, 1), rotate(k, r[1])
+    group = hq // hkv
+    logits = torch.einsum("thd,thd->th", q, k.repeat_interleave(group, 1))
+    logits_rot = torch.einsum("thd,thd->th", qr, kr.repeat_interleave(group, 1))
+    assert torch.allclose(logits, logits_rot, atol=1e-4)
+    v = torch.randn(3, hkv, D)
+    out_rot = rotate(v, r[1]).repeat_interleave(group, 1)  # attention output in the rotated basis
+    assert torch.allclose(backend._unrotate_out(out_rot, 1), v.repeat_interleave(group, 1), atol=1e-4)
