@@ -197,8 +197,6 @@ def create_backend(model_runner):
     from oscar_sglang.backend import OscarAttnBackend
 
     settings, rot = load_settings(model_runner.server_args, model_runner.model_config.hf_config)
-    if settings.granularity == "kv-head" and model_runner.tp_size > 1:
-        raise OscarError("per-KV-head rotations with --tp > 1 are not supported yet: calibrate with --granularity layer.")
     return OscarAttnBackend(model_runner, settings, rot.key, rot.value)
 
 
