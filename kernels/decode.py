@@ -85,6 +85,17 @@ def _row_params(row_ptr, row_off, nmask, Q: tl.constexpr):
 
 
 @triton.jit
+def _load_q_planes(qp, mask, Q: tl.constexpr):
+    """The four D/4 quarter-planes of a block of query rows (plane layout) and their row sums."""
+    q0 = tl.load(qp, mask=mask, other=0.0)
+    q1 = tl.load(qp + Q, mask=mask, other=0.0)
+    q2 = tl.load(qp + 2 * Q, mask=mask, other=0.0)
+    q3 = tl.load(qp + 3 * Q, mask=mask, other=0.0)
+    qsum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
+    return q0, q1, q2, q3, qsum
+
+
+@triton.jit
 def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
                 acc0, acc1, acc2, acc3, macc, scale_log2, Q: tl.constexpr):
     """One block of INT2 rows (row_off: byte offsets [BN]) folded into the running state."""
@@ -168,11 +179,7 @@ def _decode_split_kernel(
     hrow = tl.arange(0, BLOCK_H)
     hmask = hrow < G
     qh = q_ptr + b * stride_qb + (hk * G + hrow)[:, None] * stride_qh + tl.arange(0, Q)[None, :]
-    q0 = tl.load(qh, mask=hmask[:, None], other=0.0)
-    q1 = tl.load(qh + Q, mask=hmask[:, None], other=0.0)
-    q2 = tl.load(qh + 2 * Q, mask=hmask[:, None], other=0.0)
-    q3 = tl.load(qh + 3 * Q, mask=hmask[:, None], other=0.0)
-    qsum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
+    q0, q1, q2, q3, qsum = _load_q_planes(qh, hmask[:, None], Q)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)

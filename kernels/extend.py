@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .codec import RowLayout
-from .decode import LOG2E, _dense_block, _int2_block, check_head_dim, check_index, check_rows, check_window
+from .decode import LOG2E, _dense_block, _int2_block, _load_q_planes, check_head_dim, check_index, check_rows, check_window
 
 __all__ = ["ExtendConfig", "extend_attention"]
 
@@ -63,11 +63,7 @@ def _extend_kernel(
     rows = m0 + tl.arange(0, BLOCK_M)
     rmask = rows < q_len
     qp = q_ptr + (q_beg + rows)[:, None] * stride_qt + hq * stride_qh + tl.arange(0, Q)[None, :]
-    q0 = tl.load(qp, mask=rmask[:, None], other=0.0)
-    q1 = tl.load(qp + Q, mask=rmask[:, None], other=0.0)
-    q2 = tl.load(qp + 2 * Q, mask=rmask[:, None], other=0.0)
-    q3 = tl.load(qp + 3 * Q, mask=rmask[:, None], other=0.0)
-    qsum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
+    q0, q1, q2, q3, qsum = _load_q_planes(qp, rmask[:, None], Q)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
