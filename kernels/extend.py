@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .codec import RowLayout
-from .decode import LOG2E, _dense_block, _int2_block, _load_q_planes, check_head_dim, check_index, check_rows, check_window
+from .decode import (LOG2E, _dense_block, _int2_block, _load_q_planes, check_head_dim, check_index, check_rows,
+                     check_window)
 
 __all__ = ["ExtendConfig", "extend_attention"]
 
