@@ -1,0 +1,88 @@
+"""Start `python -m sglang.launch_server` in a subprocess and wait until it answers.
+
+Used by the evaluation, the benchmarks and the tests that talk to a real server. The
+environment of the child is the caller's (``env=None``) or exactly ``env``: on a CPU-only
+machine the caller provides ``SGLANG_USE_CPU_ENGINE=1`` (and the `sgl_kernel` stand-in on
+``PYTHONPATH`` where the compiled CPU ops are missing), as for launch_server itself.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class LaunchError(RuntimeError):
+    """The server exited or did not become ready; carries the tail of its log."""
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ready(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{url}/v1/models", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _tail(log: Path, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else ""
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def serve(model: str | Path, args: Sequence[str] = (), *, port: int | None = None, device: str | None = None,
+          env: Mapping[str, str] | None = None, timeout: float = 600, log: Path | None = None) -> Iterator[Server]:
+    """Run ``launch_server --model-path MODEL [--device DEVICE] --port PORT ARGS...`` until the block exits.
+
+    Raises LaunchError (with the log tail) if it exits early or is not ready within ``timeout`` s.
+    On exit the server gets SIGTERM, then SIGKILL after 30 s.
+    """
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(port), *args]
+    if device:
+        cmd += ["--device", device]
+    log = log or Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=None if env is None else dict(env))
+    try:
+        deadline = time.monotonic() + timeout
+        while not _ready(url):
+            if proc.poll() is not None:
+                raise LaunchError(f"server exited with {proc.returncode}:\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"server not ready after {timeout:.0f} s:\n{_tail(log)}")
+            time.sleep(1)
+        yield Server(url=url, process=proc, log=log)
+    finally:
+        _stop(proc, grace=30)
