@@ -22,14 +22,13 @@ CASES = {
     "speculative decoding": (["--speculative-algorithm", "NGRAM"], {}, None, "speculative decoding"),
     "fp8 kv cache": (["--kv-cache-dtype", "fp8_e4m3"], {}, None, "drop --kv-cache-dtype"),
     "split backends": (["--decode-attention-backend", "torch_native"], {}, None, "serve both prefill and decode"),
-    "per-KV-head rotations with tp": (["--tp", "2"], {}, "kv-head", "--granularity layer"),
 }
 
 
 def _command(tmp_path, name):
     extra, overrides, spoil, _ = CASES[name]
     base = write_tiny_model(tmp_path / "calibrated")
-    rot = write_rotations(tmp_path / "rot.safetensors", base, granularity="kv-head" if spoil == "kv-head" else "layer")
+    rot = write_rotations(tmp_path / "rot.safetensors", base)
     if spoil == "missing":
         rot = tmp_path / "nope.safetensors"
     elif spoil == "truncated":
