@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from oscar_sglang import health
 from oscar_sglang.settings import BACKEND_NAME, OscarError, is_enabled, load_settings
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ HOOKED_TARGETS = (
     f"{_PAGED}.clear",
     f"{_TOKEN}.free",
     f"{_TOKEN}.clear",
+    *health.HOOKED_TARGETS,
 )
 
 # BF16 window capacity: recent-window rings for this many concurrently running
@@ -84,17 +86,15 @@ def _check_before_launch(result, server_args):
         load_settings(server_args, _hf_config(server_args))
 
 
-def _disable_cuda_graphs(result, server_args):
-    """The oscar decode metadata has data-dependent shapes: run it eagerly (like torch_native)."""
+def _decode_only_cuda_graphs(result, server_args):
+    """Decode is graph-capturable (fixed-size metadata buffers); extend is not (its
+    chunk metadata has data-dependent shapes): prefill runs eagerly."""
     from sglang.srt.arg_groups import attention_hook as ah
 
     if ah.resolved_view(server_args).attention_backend != BACKEND_NAME:
         return
-    logger.warning("CUDA graphs are disabled with --oscar (its decode is not graph-capturable yet)")
-    cfg = ah.resolving_view(server_args).cuda_graph_config
-    for phase in (ah.Phase.DECODE, ah.Phase.PREFILL):
-        cfg = ah.with_phase(cfg, phase, backend=ah.Backend.DISABLED)
-    ah.declare_resolution(server_args, "oscar_disable_cuda_graphs", cuda_graph_config=cfg)
+    cfg = ah.with_phase(ah.resolving_view(server_args).cuda_graph_config, ah.Phase.PREFILL, backend=ah.Backend.DISABLED)
+    ah.declare_resolution(server_args, "oscar_decode_only_cuda_graphs", cuda_graph_config=cfg)
 
 
 # ----------------------------------------------------------------- the pool
@@ -214,7 +214,7 @@ def register() -> None:
         (f"{_SA}.add_cli_args", _add_cli_args, after),
         (f"{_SA}.from_cli_args", _from_cli_args, after),
         (f"{_SA}.resolve_once", _check_before_launch, after),
-        ("sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility", _disable_cuda_graphs, after),
+        ("sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility", _decode_only_cuda_graphs, after),
         (f"{_KVC}._build_token_to_kv_pool", _build_token_to_kv_pool, around),
         (f"{_POOLCFG}.__init__", _size_pool, after),
         (f"{_PAGED}._release_page_ids", _on_release_pages, after),
@@ -223,3 +223,4 @@ def register() -> None:
         (f"{_TOKEN}.clear", _on_clear, after),
     ):
         HookRegistry.register(target, fn, kind)
+    health.register(HookRegistry, after)

@@ -88,9 +88,6 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
     except (RotationsError, ValueError) as e:
         raise OscarError(str(e)) from None
     meta = rot.meta
-    if meta.granularity == "kv-head" and getattr(server_args, "tp_size", 1) > 1:
-        raise OscarError("per-KV-head rotations with --tp > 1 are not supported yet: "
-                         "calibrate with --granularity layer.")
     return (
         OscarSettings(
             rotations_path=str(path),

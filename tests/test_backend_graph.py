@@ -1,0 +1,109 @@
+"""The CUDA-graph decode path of the oscar backend, exercised on CPU (no capture possible).
+
+sglang's decode graph runner calls ``init_cuda_graph_state`` once, then
+``init_forward_metadata_out_graph(batch, in_capture=True)`` before capturing each batch
+size and ``init_forward_metadata_out_graph(view)`` (a padded replay view, as
+``build_replay_fb_view`` builds it) before every replay; the captured layers only read
+the static buffers. Here the same calls run eagerly on CPU: the replayed decode must
+equal the eager decode (same outputs, same pool state) and must read the captured buffers.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from oscar_sglang.kernels.codec import RowLayout
+
+HQ, HKV, D = 4, 2, 32
+LENS = [9, 2, 13]  # after the decode step; request 1 decodes position 1 (< sink: gets a sink row)
+
+
+def _backend():
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    from oscar_sglang.backend import OscarAttnBackend
+    from oscar_sglang.pool import OscarKVPool
+    from oscar_sglang.settings import OscarSettings
+
+    torch.manual_seed(0)
+    pool = OscarKVPool(128, 1, torch.float16, HKV, D, 1, "cpu", layout=RowLayout(D), sink=2, recent=4,
+                       ring_blocks=4, sink_rows=16)
+    req_to_token = torch.zeros(4, 64, dtype=torch.int32)
+    # The four ModelRunner attributes the backend reads (a real runner needs a loaded model).
+    runner = SimpleNamespace(token_to_kv_pool=pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+                             device="cpu", model=torch.nn.Module(), server_args=SimpleNamespace(tp_size=1))
+    settings = OscarSettings(rotations_path="-", head_dim=D, group_size=None, sink=2, recent=4, clip_k=(0.96,),
+                             clip_v=(0.92,), granularity="kv-head")
+    rot = torch.linalg.qr(torch.randn(2, 1, HKV, D, D, dtype=torch.float64))[0].float()
+    layer = RadixAttention(HQ, D, D**-0.5, HKV, layer_id=0)
+    return OscarAttnBackend(runner, settings, rot[0], rot[1]), layer
+
+
+def _prefill(backend, layer):
+    """Every request's tokens but the last, written through forward_extend."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    slots = torch.randperm(100, generator=torch.Generator().manual_seed(1))[: sum(LENS)] + 1
+    starts = torch.tensor([0, *LENS]).cumsum(0)
+    for b, n in enumerate(LENS):
+        backend.req_to_token[b, :n] = slots[starts[b]: starts[b] + n].int()
+    prompt = [n - 1 for n in LENS]
+    fb = SimpleNamespace(forward_mode=ForwardMode.EXTEND, seq_lens=torch.tensor(prompt),
+                         extend_seq_lens=torch.tensor(prompt), req_pool_indices=torch.arange(3),
+                         out_cache_loc=torch.cat([backend.req_to_token[b, : n - 1] for b, n in enumerate(LENS)]).long())
+    t = sum(prompt)
+    g = torch.Generator().manual_seed(2)
+    backend.init_forward_metadata(fb)
+    backend.forward_extend(torch.randn(t, HQ * D, generator=g).half(), torch.randn(t, HKV * D, generator=g).half(),
+                           torch.randn(t, HKV * D, generator=g).half(), layer, fb)
+    return torch.stack([backend.req_to_token[b, n - 1] for b, n in enumerate(LENS)]).long()
+
+
+def _decode_inputs(bs: int):
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(bs, HQ * D, generator=g).half(), torch.randn(bs, HKV * D, generator=g).half(),
+            torch.randn(bs, HKV * D, generator=g).half())
+
+
+def test_replayed_graph_metadata_equals_eager_decode():
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    decode = ForwardMode.DECODE
+    eager, layer = _backend()
+    new_slots = _prefill(eager, layer)
+    fb = SimpleNamespace(forward_mode=decode, batch_size=3, seq_lens=torch.tensor(LENS),
+                         req_pool_indices=torch.arange(3), out_cache_loc=new_slots)
+    eager.init_forward_metadata(fb)
+    q, k, v = _decode_inputs(4)
+    want = eager.forward_decode(q[:3], k[:3], v[:3], layer, fb)
+
+    graph, layer = _backend()
+    _prefill(graph, layer)
+    graph.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+    pool_before = graph.pool.win_of_slot.clone()
+    capture = SimpleNamespace(forward_mode=decode, batch_size=4, seq_lens=torch.ones(4, dtype=torch.int64),
+                              req_pool_indices=torch.zeros(4, dtype=torch.int64),
+                              out_cache_loc=torch.zeros(4, dtype=torch.int64))
+    graph.init_forward_metadata_out_graph(capture, in_capture=True)
+    captured = graph.forward_metadata
+    graph.forward_decode(*_decode_inputs(4), layer, capture)  # the warm-up/capture forward
+    assert torch.equal(graph.pool.win_of_slot, pool_before)  # capture assigned no window rows
+    assert captured.num_splits is not None
+
+    # replay: 3 real requests padded to the captured 4 (seq_len fill value 1, out_cache_loc unpadded)
+    view = SimpleNamespace(forward_mode=decode, batch_size=4, num_padding=1,
+                           seq_lens=torch.tensor([*LENS, graph.get_cuda_graph_seq_len_fill_value()]),
+                           req_pool_indices=torch.tensor([0, 1, 2, 0]), out_cache_loc=new_slots)
+    graph.init_forward_metadata_out_graph(view)
+    md = graph.forward_metadata
+    for name in ("out_loc", "win_rows", "int2_indptr", "int2_indices", "win_indptr", "win_indices"):
+        assert getattr(md, name).data_ptr() == getattr(captured, name).data_ptr(), name  # graph reads these
+    assert md.int2_indptr[-1] == md.int2_indptr[-2] and md.win_indptr[-1] == md.win_indptr[-2]  # padding: empty
+    got = graph.forward_decode(q, k, v, layer, view)
+    assert torch.allclose(got[:3].float(), want.float(), atol=1e-3)
+    assert torch.equal(graph.pool.win_of_slot[1:], eager.pool.win_of_slot[1:])
+    assert torch.equal(graph.pool.k_buffer[0][1:], eager.pool.k_buffer[0][1:])
+    for got_win, want_win in ((graph.pool.k_win[0], eager.pool.k_win[0]), (graph.pool.v_win[0], eager.pool.v_win[0])):
+        assert torch.allclose(got_win.float(), want_win.float(), atol=2e-3)  # rotation of 4 vs 3 rows: last-bit noise
