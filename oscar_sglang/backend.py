@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from oscar_sglang.fold import attention_blocks, fold_values, local_kv_heads
+from oscar_sglang.fold import attention_blocks, fold_values, forbid_weight_reloads, local_kv_heads
 from oscar_sglang.kernels import ops
 from oscar_sglang.kernels.decode import plan_num_splits
 from oscar_sglang.kernels.codec import rotate
@@ -114,6 +114,8 @@ class OscarAttnBackend(AttentionBackend):
         self.rot_k = rot_k.to(dev, torch.float32).contiguous()
         layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
         self.values_folded = fold_values(blocks, rot_v, layers)
+        if self.values_folded:
+            forbid_weight_reloads(model_runner.model)
         logger.info("OSCAR: R_V %s", "folded into the V/output projections" if self.values_folded
                     else "applied at runtime (model layout not foldable)")
         eye = torch.eye(self.layout.head_dim, device=dev)

@@ -111,3 +111,16 @@ def fold_values(blocks: dict[int, Any], rot_v: torch.Tensor, layers: range) -> b
                            per_head(rot_v[lid], attn.tp_k_head_num), attn.tp_q_head_num)
         block.oscar_values_folded = True
     return True
+
+
+def forbid_weight_reloads(model: torch.nn.Module) -> None:
+    """After folding, a weight update (``update_weights_from_*`` all end in
+    ``model.load_weights``) would load unrotated V/output weights under a backend that
+    expects folded ones. Refuse it before anything is loaded instead of serving garbage."""
+    from oscar_sglang.settings import OscarError
+
+    def refuse(*args, **kwargs):
+        raise OscarError("--oscar folded R_V into the V/output projection weights at load time: "
+                         "updating weights in place is not supported; restart the server with the new weights.")
+
+    model.load_weights = refuse

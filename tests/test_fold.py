@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oscar_sglang.fold import fold_value_weights, kv_head_block
+from oscar_sglang.fold import fold_value_weights, forbid_weight_reloads, kv_head_block
 
 E, D, T = 48, 16, 7  # hidden, head_dim, tokens
 
@@ -85,3 +85,15 @@ def test_sharded_folding_with_per_head_rotations_equals_unsharded(tp):
         fold_value_weights(w_shard, b_shard, o_shard, r[list(heads)], q_per)
         total += _attention_out(w_shard, b_shard, o_shard, probs[list(qs)], x, q_per, len(heads))
     assert torch.allclose(total, y)
+
+
+def test_weight_updates_after_folding_are_refused_before_loading():
+    from oscar_sglang.settings import OscarError
+
+    model = torch.nn.Linear(2, 2)
+    before = model.weight.detach().clone()
+    model.load_weights = lambda weights: [model.weight.data.copy_(w) for _, w in weights]
+    forbid_weight_reloads(model)
+    with pytest.raises(OscarError, match="restart the server"):
+        model.load_weights(iter([("weight", torch.zeros(2, 2))]))
+    assert torch.equal(model.weight, before)
