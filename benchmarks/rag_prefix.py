@@ -47,7 +47,7 @@ MODELS = {  # config overrides on tests/support.TINY_CONFIG (dummy weights unles
 }
 DEFAULTS = {  # per device: model, docs sweep, L, Q, concurrency, budget (MB), max running requests, mem fraction
     "cpu": dict(model="tiny", docs="2,4,8,12", doc_tokens=1024, questions=12, concurrency=2, kv_budget_mb=7.5,
-                max_running=2, mem_fraction=0.05, max_new_tokens=2, baselines="torch_native"),
+                max_running=2, mem_fraction=0.2, max_new_tokens=2, baselines="torch_native"),
     "cuda": dict(model="qwen3-8b", docs="4,8,16,24", doc_tokens=16384, questions=8, concurrency=16,
                  kv_budget_mb=10240.0, max_running=16, mem_fraction=0.6, max_new_tokens=64, baselines="flashinfer"),
 }
@@ -240,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zipf", type=float, default=0.5, help="popularity exponent s (0 = uniform)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--dry-run", action="store_true", help="print the budget split, server args and workload sizes")
     args = p.parse_args(argv)
     for k, v in DEFAULTS[args.device].items():
         if getattr(args, k) is None:
@@ -291,6 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     model, extra = prepare_model(args.model, work)
     rot = args.rotations or make_rotations(model, "--load-format" not in extra, work / "rot.safetensors")
     workloads = build_workloads(args)
+    if args.dry_run:
+        for cfg in build_configs(args, model, rot, extra):
+            print(cfg)
+        print({d: (len(w.prompts), w.prefix_tokens, max(map(len, w.prompts))) for d, w in workloads.items()})
+        return
     rows = []
     for cfg in build_configs(args, model, rot, extra):  # one server at a time: they share the machine
         with start_server(cfg, args, model, work) as srv:

@@ -6,8 +6,9 @@ document is sent once and ``fork`` asks its questions in parallel, all on its ca
 counts follow the Zipf-like popularity of benchmarks/rag_prefix.py (``rag_workload.zipf_order``:
 D * Q questions, seeded), so popular documents get more questions. Prints the answers and
 the prefix-cache hit rate of the answers (sum of ``cached_tokens`` / sum of ``prompt_tokens``
-from each answer's meta_info; each document's first prefill happens in fork's prefix commit).
-Works against any sglang server:
+from each answer's meta_info). Observed on sglang 0.5.23: fork's prefix commit
+(``max_new_tokens=0``) does not leave the document in the cache, so the first question
+about a document computes it and the others reuse it. Works against any sglang server:
 
     python examples/rag_questions.py --url http://127.0.0.1:30000 --docs 4 --questions 4
 """
@@ -41,19 +42,23 @@ def shakespeare_documents(num_docs: int, chars: int) -> list[str]:
 
 
 def run(url: str, documents: list[str], *, questions_per_doc: int = 4, zipf_s: float = 0.5, seed: int = 0,
-        concurrency: int = 4, max_tokens: int = 16) -> tuple[list[list[str]], float]:
-    """(answers per document, hit rate of the answers' prompts). Documents no arrival picked get none."""
+        concurrency: int = 4, max_tokens: int = 16) -> tuple[list[list[str]], list[list[dict]]]:
+    """(answers, meta_info of each answer) per document; a document no arrival picked gets none."""
     counts = Counter(zipf_order(len(documents), len(documents) * questions_per_doc, zipf_s, seed))
     batch = [{"document": doc, "max_tokens": max_tokens,
               "questions": [f"({j + 1}) {QUESTIONS[j % len(QUESTIONS)]}" for j in range(counts[d])]}
              for d, doc in enumerate(documents)]
     asked = [b for b in batch if b["questions"]]
-    states = ask_about_document.run_batch(asked, backend=sgl.RuntimeEndpoint(url), num_threads=concurrency,
-                                          progress_bar=True)
-    metas = [m for st in states for m in st["meta"]]
-    hit = sum(m["cached_tokens"] for m in metas) / max(1, sum(m["prompt_tokens"] for m in metas))
-    answers = iter(st["answers"] for st in states)
-    return [next(answers) if b["questions"] else [] for b in batch], hit
+    states = iter(ask_about_document.run_batch(asked, backend=sgl.RuntimeEndpoint(url), num_threads=concurrency,
+                                               progress_bar=True))
+    done = [next(states) if b["questions"] else None for b in batch]
+    return [st["answers"] if st else [] for st in done], [st["meta"] if st else [] for st in done]
+
+
+def hit_rate(metas: list[list[dict]]) -> float:
+    """Sum of cached_tokens / sum of prompt_tokens over every answer."""
+    flat = [m for ms in metas for m in ms]
+    return sum(m["cached_tokens"] for m in flat) / max(1, sum(m["prompt_tokens"] for m in flat))
 
 
 def main() -> None:
@@ -70,13 +75,13 @@ def main() -> None:
     args = p.parse_args()
     docs = ([f.read_text()[: args.chars] for f in args.documents] if args.documents
             else shakespeare_documents(args.docs, args.chars))
-    answers, hit = run(args.url, docs, questions_per_doc=args.questions, zipf_s=args.zipf, seed=args.seed,
-                       concurrency=args.concurrency, max_tokens=args.max_tokens)
+    answers, metas = run(args.url, docs, questions_per_doc=args.questions, zipf_s=args.zipf, seed=args.seed,
+                         concurrency=args.concurrency, max_tokens=args.max_tokens)
     for d, ans in enumerate(answers):
         print(f"--- document {d} ({len(ans)} questions)")
         for a in ans:
             print(f"  A: {a.strip()}")
-    print(f"prefix-cache hit rate of the answers: {hit:.3f}")
+    print(f"prefix-cache hit rate of the answers: {hit_rate(metas):.3f}")
 
 
 if __name__ == "__main__":
