@@ -11,7 +11,7 @@ What it does, against one server started with a small ``--max-total-tokens`` (or
    prompts, exact duplicates) from ``--concurrency`` clients at once, shuffled; the KV
    budget is far below what the running requests need, so sglang evicts radix-cached
    prefixes and retracts running requests;
-4. checks: every request completes with ``max_new_tokens`` greedy tokens; each output
+4. checks: every request completes (length or EOS, not aborted); each output
    equals the prompt's reference (``mismatches``); between forwards and at idle no window
    row is leaked (``kv_health`` leak fields); after ``/flush_cache`` the allocator's free
    size and the free sink rows are exactly back at their initial values.
@@ -51,9 +51,11 @@ LEAK_FIELDS = ("window_rows_of_free_slots", "window_map_mismatches", "sink_rows_
 
 # ------------------------------------------------------------------ server calls
 def generate(url: str, input_ids: list[int], max_new_tokens: int, timeout: float = 600, **extra) -> dict:
-    """Greedy /generate on token ids; returns sglang's JSON (output_ids, meta_info)."""
-    body = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0,
-                                                        "ignore_eos": True}, **extra}
+    """Greedy /generate on token ids; returns sglang's JSON (output_ids, meta_info).
+
+    No ignore_eos: sglang reserves the full max_new_tokens of ignore_eos requests at admission
+    (schedule_policy), so they never overcommit the KV pool and are never retracted."""
+    body = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}, **extra}
     r = requests.post(f"{url}/generate", json=body, timeout=timeout)
     r.raise_for_status()
     return r.json()
@@ -71,6 +73,11 @@ def flush(url: str, retries: int = 30) -> None:
             return
         time.sleep(1)
     raise RuntimeError(f"/flush_cache kept failing: {r.status_code} {r.text[:200]}")
+
+
+def completed(r: dict) -> bool:
+    """Finished normally: max_new_tokens reached or EOS (not aborted)."""
+    return (r["meta_info"].get("finish_reason") or {}).get("type") in ("length", "stop")
 
 
 def leaks(health: dict[str, int]) -> dict[str, int]:
@@ -138,7 +145,7 @@ def run(url: str, prompts: list[list[int]], *, n_requests: int, concurrency: int
     idle = kv_health(url)
     flush(url)
     after = kv_health(url)
-    done = [(i, r) for i, r in results if isinstance(r, dict) and len(r["output_ids"]) == max_new]
+    done = [(i, r) for i, r in results if isinstance(r, dict) and completed(r)]
     mismatched = [i for i, r in done if r["output_ids"] != ref[i]]
     return {
         "device": info["device"],

@@ -1,0 +1,229 @@
+"""One real `launch_server --oscar` under abuse: non-finite inputs, eviction stress, lifecycle.
+
+The model is a tiny random Llama with REAL weights (written here) whose embedding row
+for token 511 is +inf: any request containing it produces NaN hidden states and NaN K/V
+end to end (RMSNorm of inf is NaN) - a real way to inject non-finite values through the
+HTTP API. The rotations file keeps every position in a BF16 window (sink 512 >= any
+sequence here), so a prefix read from the cache holds the same values the writing request
+attended to and greedy outputs must be identical cached or not, alone or batched;
+the windows' lifetime bookkeeping (sink rows follow their slot) is what is under test.
+KV health (slots, evictions, window rows) is read through ``oscar_sglang/health.py``.
+
+Tests share one server (start ~1-2 min on 2 cores) and run in file order; the last one
+sends SIGTERM to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from oscar_sglang.launch import serve
+from support import write_rotations, write_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import stress  # noqa: E402
+
+POISON = 511  # its embedding row is +inf
+ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "256", "--max-running-requests", "8",
+        "--disable-overlap-schedule", "--random-seed", "0", "--schedule-conservativeness", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    model = write_tiny_model(tmp_path_factory.mktemp("tiny_real"), torch_dtype="float32")
+    torch.manual_seed(0)
+    net = LlamaForCausalLM(AutoConfig.from_pretrained(model))
+    with torch.no_grad():
+        net.model.embed_tokens.weight[POISON] = float("inf")
+    net.save_pretrained(model, safe_serialization=True)
+    rot = write_rotations(model / "rot.safetensors", model, sink=512, recent=256)
+    with serve(model, ["--oscar", str(rot), *ARGS], device="cpu", timeout=900) as s:
+        yield s
+
+
+def test_kv_health_detects_window_row_leaks():
+    """The leak fields read by every test below can fail (pool + allocator, no server)."""
+    import torch
+
+    from oscar_sglang.health import LEAK_FIELDS, free_slots, window_health
+    from test_pool import _allocator, _pool
+
+    pool = _pool()  # sink 4, recent 8, 2 ring blocks, 8 sink rows
+    alloc = _allocator(pool, 1)
+    slots = alloc.alloc(16)
+    pool.assign_windows(slots, torch.arange(16), torch.ones(16, dtype=torch.int64), torch.full((16,), 16))
+    h = window_health(pool, free_slots(alloc))
+    assert (h["sink_owned"], h["ring_owned"], h["sink_free"]) == (4, 8, 4) and not any(h[k] for k in LEAK_FIELDS)
+    alloc.free_pages = torch.cat([alloc.free_pages, slots[:2]])  # freed behind the pool's back (no hook)
+    pool.sink_free.pop()  # a sink row lost
+    pool.win_of_slot[slots[9]] = int(pool.win_of_slot[slots[10]])  # two slots claim one row
+    h = window_health(pool, free_slots(alloc))
+    assert h["window_rows_of_free_slots"] == 2 and h["sink_rows_lost"] == 1 and h["window_map_mismatches"] >= 1
+    pool.sink_free.append(pool.sink_free[0])
+    assert window_health(pool, free_slots(alloc))["sink_free_duplicates"] == 1
+
+
+def _gen(url, ids, n=12, **kw):
+    return stress.generate(url, ids, n, return_logprob=True, **kw)
+
+
+def _logprobs(r) -> list[float | None]:
+    return [lp for lp, _, _ in r["meta_info"]["output_token_logprobs"]]
+
+
+def _healthy(url) -> dict:
+    h = stress.kv_health(url)
+    assert not stress.leaks(h), h
+    return h
+
+
+def _assert_all_free(url) -> None:
+    stress.flush(url)
+    h = _healthy(url)
+    assert h["available_size"] == h["max_total_num_tokens"] and h.get("sink_free") == h.get("sink_rows"), h
+
+
+def _ids(seed: int, n: int) -> list[int]:
+    return stress.make_prompts(POISON, groups=0, unrelated=1, prefix_len=2 * n, suffix_len=0, seed=seed)[0]
+
+
+def test_non_finite_request_fails_alone(server):
+    """A request whose input yields NaN K/V gets an answer; everything stored is finite, so
+    its own decode, a request extending its cached sequence, and unrelated requests batched
+    with it are unaffected; nothing leaks."""
+    url = server.url
+    clean, poisoned = _ids(2, 30), _ids(1, 30) + [POISON] + _ids(4, 8)
+    stress.flush(url)
+    ref = _gen(url, clean)
+    stress.flush(url)
+    bad = _gen(url, poisoned)
+    assert stress.completed(bad)
+    assert all(lp is not None for lp in _logprobs(bad)[1:]), _logprobs(bad)  # decode reads finite stored rows
+    follow = _gen(url, poisoned + _ids(5, 6))  # reads the poisoned sequence from the cache
+    assert follow["meta_info"]["cached_tokens"] >= len(poisoned)
+    assert all(lp is not None and math.isfinite(lp) for lp in _logprobs(follow)), _logprobs(follow)
+    stress.flush(url)
+    with ThreadPoolExecutor(3) as ex:  # the same mix in one batch, on an empty cache
+        outs = list(ex.map(lambda ids: _gen(url, ids), [poisoned, clean, poisoned + _ids(5, 6)]))
+    assert outs[1]["output_ids"] == ref["output_ids"]
+    _healthy(url)
+    _assert_all_free(url)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (backend.forward_extend): the chunk's own k/v reach the attention "
+                   "unsanitized; with masked weights 0, 0*NaN makes every EARLIER position of the chunk NaN, so the "
+                   "shared prefix this request writes is stored as garbage (finite, sanitized). Fix: sanitize kr/vr.")
+def test_non_finite_request_does_not_poison_its_shared_prefix(server):
+    url = server.url
+    prefix = _ids(1, 40)
+    clean, other = prefix + _ids(2, 8), prefix + _ids(3, 8)
+    poisoned = prefix + [POISON] + _ids(4, 8)
+    stress.flush(url)
+    _gen(url, clean)
+    ref = _gen(url, other)  # reads the prefix written by a clean request
+    assert ref["meta_info"]["cached_tokens"] >= len(prefix)
+    stress.flush(url)
+    _gen(url, poisoned)  # writes the same prefix in the chunk that holds the non-finite token
+    again = _gen(url, other)
+    assert again["meta_info"]["cached_tokens"] >= len(prefix)
+    assert again["output_ids"] == ref["output_ids"]
+
+
+def test_stress_eviction_and_retraction(server):
+    prompts = stress.make_prompts(POISON, groups=2, per_group=2, prefix_len=40, suffix_len=6, unrelated=1)
+    res = stress.run(server.url, prompts, n_requests=16, concurrency=8, max_new=40, time_limit=600)
+    print("\nstress:", json.dumps(res))
+    assert res["served"] == res["requests"] == 16 and res["failed"] == 0
+    assert res["mismatches"] == 0, res["mismatched_prompts"]
+    assert res["evicted_tokens"] > 0 and res["cached_tokens"] > 0
+    assert res["retractions"] > 0
+    assert res["leaked_slots"] == 0 and res["leaked_window_rows"] == 0 and res["idle_accounting_gap"] == 0
+
+
+def _wait_idle(url, timeout=120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = stress.kv_health(url)
+        if h["available_size"] + h["evictable_size"] == h["max_total_num_tokens"] and h["protected_size"] == 0:
+            return h
+        time.sleep(0.5)
+    raise AssertionError(f"server not idle after {timeout} s: {h}")
+
+
+def test_flush_under_load_and_client_disconnect(server):
+    url = server.url
+    probe = _ids(6, 20)
+    stress.flush(url)
+    before = _gen(url, probe)["output_ids"]
+
+    # /flush_cache while requests run: refused (400), requests unaffected.
+    long = [_ids(10 + i, 30) for i in range(4)]
+    with ThreadPoolExecutor(4) as ex:
+        futures = [ex.submit(_gen, url, ids, 48) for ids in long]
+        time.sleep(2)
+        refused = requests.post(f"{url}/flush_cache", timeout=60)
+        results = [f.result() for f in futures]
+    assert refused.status_code == 400, refused.text
+    assert all(stress.completed(r) for r in results)
+
+    # A streaming client that hangs up after a few chunks: its request is aborted and freed.
+    body = {"input_ids": _ids(20, 30), "stream": True,
+            "sampling_params": {"max_new_tokens": 200, "temperature": 0, "ignore_eos": True}}  # stays running
+    with requests.post(f"{url}/generate", json=body, stream=True, timeout=120) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            chunks += line.startswith(b"data:")
+            if chunks >= 3:
+                break
+    h = _wait_idle(url)
+    assert not stress.leaks(h), h
+    _assert_all_free(url)
+    assert _gen(url, probe)["output_ids"] == before  # still serving, same answer
+    assert "memory leak detected" not in server.log.read_text(errors="replace")
+
+
+def test_sigterm_with_requests_in_flight(server):
+    """Last: graceful shutdown. sglang drains on SIGTERM: in-flight requests are completed,
+    then the server and all its child processes exit."""
+    import psutil
+
+    proc = psutil.Process(server.process.pid)
+    children = proc.children(recursive=True)
+    outcomes: list[str] = []
+
+    def client(i):
+        try:
+            r = _gen(server.url, _ids(30 + i, 30), 40, timeout=300)
+            assert stress.completed(r)
+            outcomes.append("done")
+        except requests.RequestException as e:
+            outcomes.append(type(e).__name__)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    log_before = server.log.read_text(errors="replace")
+    t0 = time.monotonic()
+    server.process.terminate()
+    code = server.process.wait(240)
+    for t in threads:
+        t.join(60)
+    print(f"\nSIGTERM: exit {code} after {time.monotonic() - t0:.1f} s; clients: {outcomes}")
+    assert outcomes == ["done"] * 3 and not any(t.is_alive() for t in threads)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.pid for p in alive]
+    assert "Traceback" not in log_before
+    print(server.log.read_text(errors="replace")[len(log_before):][-1500:])
