@@ -115,11 +115,14 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
                     recall_probes(tok, stream, args.recall_lengths, args.recall_depths))
     model = load_model(args.model, args.device)
     ms = build_methods(methods, setup, fp.num_layers, fp.head_dim)
+    raw = args.out_dir / "raw.json"  # written as soon as each path is done, so a long run is never lost
     results = {"sim": run_simulation(model, ms, inputs, args.chunk)}
+    raw.write_text(json.dumps(results))
     del model
     served_names = [m for m in SERVED_METHODS if m in methods]
     if args.served:
         results["served"] = run_served(setup, served_names, inputs, args.device if args.device != "cuda" else None, env)
+        raw.write_text(json.dumps(results))
 
     needle_len = [len(p.answer) for p in inputs.needles]
     recall_len = [len(p.answer) for p in inputs.recalls]
