@@ -160,7 +160,9 @@ def _size_pool(result, poolcfg, kvc):
     kv_heads = kvc.model_config.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size)
     layers = kvc.layer_info.num_effective_layers
     poolcfg._cell_size = oscar_cell_size(settings.layout.row_bytes, kv_heads, layers)
-    req_slots = kvc.server_args.max_running_requests or _MAX_RING_BLOCKS
+    # the request table (and so the pool's rings) has max_running_requests + 1 rows (one padding row)
+    running = kvc.server_args.max_running_requests
+    req_slots = running + 1 if running else _MAX_RING_BLOCKS
     itemsize = kvc.model_config.dtype.itemsize
     poolcfg._fixed_overhead_bytes += window_reservation_bytes(settings, kv_heads, layers, req_slots, itemsize)
 

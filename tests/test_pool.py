@@ -127,7 +127,7 @@ def test_backend_rotations_preserve_logits_and_invert_values(per_head):
     r = torch.linalg.qr(torch.randn(LAYERS, hkv if per_head else 1, D, D, dtype=torch.float64))[0].float()
     r = r if per_head else r[:, 0]
     backend = object.__new__(OscarAttnBackend)  # only the rotation helpers are exercised
-    backend.rot_k, backend.rot_v = r, r
+    backend.rot_k, backend.rot_v, backend.values_folded = r, r, False  # the runtime (unfolded) path
     q, k = torch.randn(3, hq, D), torch.randn(3, hkv, D)
     qr, kr = backend._rotate_q(q, 1), rotate(k, r[1])
     group = hq // hkv
