@@ -64,14 +64,21 @@ def _generate(url: str, ids: list[int], max_new: int) -> dict:
     return r.json()
 
 
-def probe(url: str, trials: list[dict], max_new: int = 12) -> list[dict]:
-    """Per (trial, record): hit, depth, cached_tokens, answer text."""
+def probe(url: str, trials: list[dict], max_new: int = 12, uncached: bool = False) -> list[dict]:
+    """Per (trial, record): hit, depth, cached_tokens, answer text. ``uncached``: control run,
+    each question alone on an empty cache (no writer, no concurrency)."""
     rows = []
     for t, trial in enumerate(trials):
         requests.post(f"{url}/flush_cache", timeout=60)
-        _generate(url, trial["writer"], 1)  # caches the document
-        with ThreadPoolExecutor(len(trial["questions"])) as ex:
-            outs = list(ex.map(lambda ids: _generate(url, ids, max_new), trial["questions"]))
+        if uncached:
+            outs = []
+            for ids in trial["questions"]:
+                requests.post(f"{url}/flush_cache", timeout=60)
+                outs.append(_generate(url, ids, max_new))
+        else:
+            _generate(url, trial["writer"], 1)  # caches the document
+            with ThreadPoolExecutor(len(trial["questions"])) as ex:
+                outs = list(ex.map(lambda ids: _generate(url, ids, max_new), trial["questions"]))
         for out, code, depth in zip(outs, trial["codes"], trial["depths"]):
             rows.append({"trial": t, "depth": depth, "code": code, "answer": out["text"].strip(),
                          "hit": code in out["text"], "cached_tokens": out["meta_info"]["cached_tokens"]})
@@ -97,14 +104,15 @@ def build_trials(model: str, n: int, doc_tokens: int, depths: list[float]) -> li
     return [make_trial(tok, filler, doc_tokens, depths, seed) for seed in range(n)]
 
 
-def run_backends(model: str, backends: dict[str, list[str]], trials: list[dict], device: str) -> dict[str, dict]:
+def run_backends(model: str, backends: dict[str, list[str]], trials: list[dict], device: str,
+                 uncached: bool = False) -> dict[str, dict]:
     from oscar_sglang.launch import serve
 
     out = {}
     for name, args in backends.items():
         extra = ["--disable-overlap-schedule"] if device == "cpu" else []
         with serve(model, [*SERVER_ARGS, *extra, *args], device=device, env=os.environ, timeout=900) as s:
-            rows = probe(s.url, trials)
+            rows = probe(s.url, trials, uncached=uncached)
         out[name] = {"summary": summarize(rows), "rows": rows}
     return out
 
@@ -117,21 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--doc-tokens", type=int, default=1200)
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--backends", nargs="+", default=["bf16", "oscar"], choices=["bf16", "oscar"])
+    p.add_argument("--uncached", action="store_true", help="control: each question alone on an empty cache")
     args = p.parse_args(argv)
     trials = build_trials(args.model, args.trials, args.doc_tokens, args.depths)
-    res = run_backends(args.model, {"bf16": ["--attention-backend", "torch_native"], "oscar": ["--oscar", args.oscar]},
-                       trials, args.device)
+    flags = {"bf16": ["--attention-backend", "torch_native"], "oscar": ["--oscar", args.oscar]}
+    res = run_backends(args.model, {b: flags[b] for b in args.backends}, trials, args.device, args.uncached)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import git_commit
     from stress import append_csv
 
     for name, r in res.items():
         row = {"commit": git_commit(), "device": args.device, "backend": name, "trials": args.trials,
-               "doc_tokens": args.doc_tokens, **r["summary"], "by_depth": json.dumps(r["summary"]["by_depth"])}
+               "mode": "alone-uncached" if args.uncached else "cached-by-writer, concurrent", "doc_tokens": args.doc_tokens, **r["summary"], "by_depth": json.dumps(r["summary"]["by_depth"])}
         print(json.dumps(row))
         append_csv(ROOT / "benchmarks" / "results" / "recall.csv", row)
-    both = sum(a["hit"] and b["hit"] for a, b in zip(res["bf16"]["rows"], res["oscar"]["rows"]))
-    print(f"hit by both: {both} / {len(res['bf16']['rows'])}")
+    if len(res) == 2:
+        both = sum(a["hit"] and b["hit"] for a, b in zip(res["bf16"]["rows"], res["oscar"]["rows"]))
+        print(f"hit by both: {both} / {len(res['bf16']['rows'])}")
     return 0
 
 
