@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, r in res.items():
         row = {"commit": git_commit(), "device": args.device, "backend": name, "trials": args.trials,
-               "mode": "alone-uncached" if args.uncached else "cached-by-writer, concurrent", "doc_tokens": args.doc_tokens, **r["summary"], "by_depth": json.dumps(r["summary"]["by_depth"])}
+               "mode": "alone-uncached" if args.uncached else "cached-by-writer, concurrent",
+               "doc_tokens": args.doc_tokens, **r["summary"], "by_depth": json.dumps(r["summary"]["by_depth"])}
         print(json.dumps(row))
         append_csv(ROOT / "benchmarks" / "results" / "recall.csv", row)
     if len(res) == 2:
