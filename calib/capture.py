@@ -36,33 +36,42 @@ class CaptureError(ValueError):
     """The model cannot be observed through the attention interface."""
 
 
+def attention_scaling(module: Any, query: torch.Tensor, kwargs: dict) -> float:
+    """The softmax scale an HF attention function was called with."""
+    return float(kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
+
+
 def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, oscar_observer: Observer | None = None, **kwargs: Any):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if oscar_observer is not None:
-        scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-        oscar_observer(module.layer_idx, query, key, value, float(scaling))
+        oscar_observer(module.layer_idx, query, key, value, attention_scaling(module, query, kwargs))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 @contextmanager
-def attention_capture(model: Any) -> Iterator[None]:
-    """Switch ``model`` to the capturing attention function for the duration of the block."""
+def custom_attention(model: Any, name: str, fn: Any) -> Iterator[None]:
+    """Route ``model``'s attention through ``fn`` (registered as ``name``, sdpa masks) for the block."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if not getattr(model, "_supports_attention_backend", False):
         raise CaptureError(f"{type(model).__name__} does not route attention through transformers' "
-                           "AttentionInterface; only standard HF attention models can be calibrated")
-    AttentionInterface.register(CAPTURE_IMPL, _capture_attention)  # idempotent
-    AttentionMaskInterface.register(CAPTURE_IMPL, sdpa_mask)
+                           "AttentionInterface; only standard HF attention models are supported")
+    AttentionInterface.register(name, fn)  # idempotent
+    AttentionMaskInterface.register(name, sdpa_mask)
     previous = model.config._attn_implementation
-    model.set_attn_implementation(CAPTURE_IMPL)
+    model.set_attn_implementation(name)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def attention_capture(model: Any):
+    """Switch ``model`` to the capturing attention function for the duration of the block."""
+    return custom_attention(model, CAPTURE_IMPL, _capture_attention)
 
 
 def observe_attention(model: Any, sequences: torch.Tensor, observer: Observer, desc: str = "prefill") -> None:

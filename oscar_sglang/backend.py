@@ -33,7 +33,8 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from oscar_sglang.fold import attention_blocks, fold_values, forbid_weight_reloads, local_kv_heads
 from oscar_sglang.kernels import ops
 from oscar_sglang.kernels.decode import plan_num_splits
-from oscar_sglang.kernels.codec import rotate
+from oscar_sglang.kernels.codec import sanitize
+from oscar_sglang.kernels.reference import rotated_rows
 from oscar_sglang.pool import OscarKVPool
 from oscar_sglang.settings import OscarError, OscarSettings
 
@@ -262,8 +263,10 @@ class OscarAttnBackend(AttentionBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         md, lid, qr, k3, v3, k_rows, v_rows, k_win, v_win = self._prepare(q, k, v, layer, save_kv_cache)
-        kr = rotate(k3, self.rot_k[lid]).to(qr.dtype)
-        vr = v3.to(qr.dtype) if self.values_folded else rotate(v3, self.rot_v[lid]).to(qr.dtype)
+        # The chunk attends to its own k/v exactly as stored (sanitized, rotated): one non-finite
+        # value must not turn the whole chunk NaN through 0 * NaN in the masked attention.
+        kr = rotated_rows(k3, self.rot_k[lid]).to(qr.dtype)
+        vr = (sanitize(v3) if self.values_folded else rotated_rows(v3, self.rot_v[lid])).to(qr.dtype)
         out = ops.extend_attention(
             qr, kr, vr, md.qo_indptr, k_rows, v_rows, md.int2_indptr, md.int2_indices, k_win, v_win,
             md.win_indptr, md.win_indices, layer.scaling, self.layout,

@@ -122,9 +122,6 @@ def test_non_finite_request_fails_alone(server):
     _assert_all_free(url)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (backend.forward_extend): the chunk's own k/v reach the attention "
-                   "unsanitized; with masked weights 0, 0*NaN makes every EARLIER position of the chunk NaN, so the "
-                   "shared prefix this request writes is stored as garbage (finite, sanitized). Fix: sanitize kr/vr.")
 def test_non_finite_request_does_not_poison_its_shared_prefix(server):
     url = server.url
     prefix = _ids(1, 40)

@@ -26,13 +26,13 @@ block appears both quantized and exact) and a boolean mask, and calls torch's SD
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from oscar_sglang.calib.capture import attention_scaling, custom_attention
 from oscar_sglang.calib.metrics import Candidate, quantize_through
 from oscar_sglang.kernels.codec import RowLayout, fake_quantize
 
@@ -131,23 +131,12 @@ def _sim_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
 
     if oscar_sim is None or oscar_sim.method.kind == "exact":
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-    outs = [attend(oscar_sim.method, module.layer_idx, query[b], key[b], value[b], float(scaling), oscar_sim.starts)
+    scaling = attention_scaling(module, query, kwargs)
+    outs = [attend(oscar_sim.method, module.layer_idx, query[b], key[b], value[b], scaling, oscar_sim.starts)
             for b in range(query.shape[0])]
     return torch.stack(outs).to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-@contextmanager
-def simulate(model: Any) -> Iterator[None]:
+def simulate(model: Any):
     """Switch ``model`` to the simulating attention function (pass ``oscar_sim=SimSpec`` to forward)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(SIM_IMPL, _sim_attention)  # idempotent
-    AttentionMaskInterface.register(SIM_IMPL, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(SIM_IMPL)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
+    return custom_attention(model, SIM_IMPL, _sim_attention)
