@@ -5,6 +5,8 @@ One engine per configuration (each start costs ~1 minute on 2 cores).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from support import write_rotations, write_tiny_model
@@ -13,6 +15,14 @@ ENGINE_ARGS = dict(load_format="dummy", skip_tokenizer_init=True, device="cpu", 
                    max_total_tokens=2048, dtype="float16", log_level="error", random_seed=0)
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
 PROMPTS = [list(range(5, 41)), list(range(100, 123)), [7] * 9 + list(range(300, 331))]
+
+
+def _flush(engine, timeout: float = 120) -> None:
+    """flush_cache is refused while the scheduler still holds a just-finished request: retry until idle."""
+    deadline = time.monotonic() + timeout
+    while not engine.flush_cache().success:
+        assert time.monotonic() < deadline, f"flush_cache refused for {timeout:.0f} s: scheduler never idle"
+        time.sleep(0.5)
 
 
 def _generate(engine, prompts, params=GREEDY):
@@ -77,6 +87,6 @@ def test_int2_prefix_cache_hits_and_determinism(model_dir, tmp_path, bf16_tokens
         assert hit[0] >= len(PROMPTS[0])
         batched, _ = _generate(engine, [longer, PROMPTS[1]])
         assert batched[0] == alone[0]
-        assert engine.flush_cache().success
+        _flush(engine)
     finally:
         engine.shutdown()

@@ -6,7 +6,11 @@ One BF16 server (torch_native) and one OSCAR server on the same held-out text:
   Prefill runs in 128-token chunks, so every chunk attends to the earlier chunks
   through the cache (2-bit rows outside the 64 + 256 BF16 windows) - a single-chunk
   prefill would attend to its own exact k/v and show no quantization at all;
-- the frontend-language example (fork over questions about one document) runs.
+- the frontend-language example (fork over questions about one document) runs;
+- verbatim recall (benchmarks/recall_probe.py, small): codes embedded in a document that
+  another request cached, asked back concurrently; BF16 recalls them, OSCAR's answers through
+  the shared 2-bit document are identical when the whole probe is repeated (a mis-indexed or
+  racy shared page would change them). The exact-match rates are printed.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import requests
 from oscar_sglang.launch import serve
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +55,13 @@ def _input_logprobs(url: str, text: str) -> list[float]:
 
 
 def test_oscar_server_matches_bf16_and_serves_frontend_programs(smollm2_dir, rotations, held_out_text):
+    import recall_probe
     import shared_document_qa
 
+    trials = recall_probe.build_trials(str(smollm2_dir), 1, 700, [0.1, 0.5, 0.9])
     with serve(smollm2_dir, [*SERVER_ARGS, "--attention-backend", "torch_native"], device="cpu") as bf16:
         ref = _input_logprobs(bf16.url, held_out_text)
+        recall_bf16 = recall_probe.probe(bf16.url, trials)
     with serve(smollm2_dir, [*SERVER_ARGS, "--oscar", str(rotations)], device="cpu") as oscar:
         url = oscar.url
         # Same input tokens; beyond the first 64 + last 256 positions keys/values are 2-bit.
@@ -76,3 +83,11 @@ def test_oscar_server_matches_bf16_and_serves_frontend_programs(smollm2_dir, rot
         again = requests.post(f"{url}/generate", json={"text": held_out_text, "sampling_params": {"max_new_tokens": 1}},
                               timeout=300).json()
         assert again["meta_info"]["cached_tokens"] >= len(ref) - 1
+
+        recall = [recall_probe.probe(url, trials) for _ in range(2)]
+    rates = {name: recall_probe.summarize(rows)["exact_match"] for name, rows in (("bf16", recall_bf16),
+                                                                                 ("oscar", recall[0]))}
+    print(f"verbatim recall through a cached document (3 codes, ~700 tokens): {rates}")
+    assert all(r["cached_tokens"] >= 600 for rows in (recall_bf16, *recall) for r in rows)
+    assert rates["bf16"] >= 2 / 3
+    assert [r["answer"] for r in recall[0]] == [r["answer"] for r in recall[1]]
