@@ -165,15 +165,17 @@ def test_flush_under_load_and_client_disconnect(server):
     stress.flush(url)
     before = _gen(url, probe)["output_ids"]
 
-    # /flush_cache while requests run: refused (400), requests unaffected.
-    long = [_ids(10 + i, 30) for i in range(4)]
-    with ThreadPoolExecutor(4) as ex:
-        futures = [ex.submit(_gen, url, ids, 48) for ids in long]
-        time.sleep(2)
+    # /flush_cache while a request runs (its first streamed chunk has arrived, 199 tokens to go):
+    # refused (400), the request unaffected.
+    body = {"input_ids": _ids(10, 30), "stream": True,
+            "sampling_params": {"max_new_tokens": 200, "temperature": 0, "ignore_eos": True}}
+    with requests.post(f"{url}/generate", json=body, stream=True, timeout=600) as r:
+        events = (line for line in r.iter_lines() if line.startswith(b"data:"))
+        next(events)
         refused = requests.post(f"{url}/flush_cache", timeout=60)
-        results = [f.result() for f in futures]
+        chunks = [e for e in events if e != b"data: [DONE]"]
     assert refused.status_code == 400, refused.text
-    assert all(stress.completed(r) for r in results)
+    assert stress.completed(json.loads(chunks[-1][len(b"data:"):]))
 
     # A streaming client that hangs up after a few chunks: its request is aborted and freed.
     body = {"input_ids": _ids(20, 30), "stream": True,
