@@ -30,8 +30,9 @@ import torch
 
 def kv_head_block(total_kv_heads: int, kv_rank: int, kv_size: int) -> range:
     """Global KV heads held by rank ``kv_rank`` of ``kv_size`` (sglang's QKVParallelLinear sharding)."""
-    if kv_size >= total_kv_heads:
-        return range(kv_rank // (kv_size // total_kv_heads), kv_rank // (kv_size // total_kv_heads) + 1)
+    if kv_size >= total_kv_heads:  # each head replicated on kv_size // total_kv_heads ranks
+        head = kv_rank // (kv_size // total_kv_heads)
+        return range(head, head + 1)
     per = total_kv_heads // kv_size
     return range(kv_rank * per, (kv_rank + 1) * per)
 
