@@ -16,17 +16,21 @@ Accumulators (float64, memory independent of the token count):
 
 - :class:`QueryMoments`  (pass 1): C_Q[l, h] = Q_gᵀ Q_g / rows over the queries of KV head h's group.
 - :class:`ValueMoments`  (pass 2): C_V[l, h] = Σ_t w_t v_t v_tᵀ / Σ_t w_t with w_t = k_tᵀ C_Q[l, h] k_t
-  (method.md §2.3: w normalised to mean 1). It needs the final C_Q, hence two passes.
+  (method.md §2.3: w normalised to mean 1; ``logit-weighted``, the default). It needs the final C_Q,
+  hence two passes. ``attention-weighted`` uses w_t = Σ_i p_it² over the queries reading t quantized.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from .rotations import Windows
 
 CAPTURE_IMPL = "oscar_capture"
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
@@ -117,38 +121,71 @@ class QueryMoments:
         return self.sums / self.rows[:, None, None, None]
 
 
-class ValueMoments:
-    """Pass 2 observer: logit-weighted value covariance, float64 [L, H_kv, D, D].
+ValueObjective = Literal["logit-weighted", "attention-weighted"]
+VALUE_OBJECTIVES: tuple[str, ...] = get_args(ValueObjective)
 
-    ``c_q``: float64 [L, H_kv, D, D] from :class:`QueryMoments`.
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, windows: Windows | None) -> torch.Tensor:
+    """q [B, H_q, T, D], k [B, H_kv, T, D] -> float64 [H_kv, B*T]: w_t = Σ_i p_it² over the query heads of
+    each KV head's group and the queries i that read key t from the INT2 cache (``windows``; None: all).
+
+    Independent per-token errors e_t reach the output o_i = Σ_t p_it v_t as Σ_t p_it² |e_t|²: this is the
+    diagonal of Sᵀ S in the paper's Vᵀ Sᵀ S V, restricted to the keys that are quantized.
+    """
+    from .metrics import pair_masks
+
+    b, hq, t, _ = q.shape
+    hkv = k.shape[1]
+    causal, quant = pair_masks(torch.arange(t, device=q.device), t, windows)
+    out = torch.empty(hkv, b, t, dtype=torch.float64, device=q.device)
+    for h in range(hkv):  # one KV head at a time bounds the [B, G, T, T] probabilities
+        qh = q[:, h * (hq // hkv) : (h + 1) * (hq // hkv)].float()
+        logits = (qh @ k[:, h, None].float().transpose(-1, -2) * scaling).masked_fill(~causal, float("-inf"))
+        out[h] = (logits.softmax(-1).square() * quant).sum((1, 2)).double()
+    return out.flatten(1)
+
+
+class ValueMoments:
+    """Pass 2 observer: weighted value covariance C_V = Σ_t w_t v_t v_tᵀ / Σ_t w_t, float64 [L, H_kv, D, D].
+
+    ``objective``: ``logit-weighted`` (method.md §2.3, the reference code): w_t = k_tᵀ C_Q k_t with
+    ``c_q`` [L, H_kv, D, D] from :class:`QueryMoments`; ``attention-weighted``: w_t from
+    :func:`attention_weights` under ``windows``.
     """
 
-    def __init__(self, c_q: torch.Tensor):
-        self.c_q = c_q
+    def __init__(self, c_q: torch.Tensor, objective: ValueObjective = "logit-weighted",
+                 windows: Windows | None = None):
+        if objective not in VALUE_OBJECTIVES:
+            raise ValueError(f"unknown value objective {objective!r}: expected one of {', '.join(VALUE_OBJECTIVES)}")
+        self.c_q, self.objective, self.windows = c_q, objective, windows
         self.sums = torch.zeros_like(c_q)
         self.weights = torch.zeros(c_q.shape[:2], dtype=torch.float64, device=c_q.device)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
         kd = k.to(self.c_q.device, torch.float64).transpose(0, 1).flatten(1, 2)  # [H, B*T, D]
         vd = v.to(self.c_q.device, torch.float64).transpose(0, 1).flatten(1, 2)
-        w = torch.einsum("hnd,hde,hne->hn", kd, self.c_q[layer], kd)  # mean squared raw logit per token
+        if self.objective == "logit-weighted":
+            w = torch.einsum("hnd,hde,hne->hn", kd, self.c_q[layer], kd)  # mean squared raw logit per token
+        else:
+            w = attention_weights(q, k, scaling, self.windows).to(self.c_q.device)
         self.sums[layer] += (vd * w[..., None]).transpose(1, 2) @ vd
         self.weights[layer] += w.sum(1)
 
     def result(self) -> torch.Tensor:
         if (self.weights <= 0).any():
-            raise CaptureError("no values were observed for some layers")
+            raise CaptureError("no values were observed for some layers (or none was read from the INT2 cache)")
         return self.sums / self.weights[..., None, None]
 
 
-def collect_covariances(model: Any, sequences: torch.Tensor, num_kv_heads: int,
-                        head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def collect_covariances(model: Any, sequences: torch.Tensor, num_kv_heads: int, head_dim: int,
+                        value_objective: ValueObjective = "logit-weighted",
+                        windows: Windows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two prefill passes -> (C_K, C_V), each float64 [L, H_kv, D, D] on the model's device."""
     layers = model.config.get_text_config().num_hidden_layers
     device = next(model.parameters()).device
     qm = QueryMoments(layers, num_kv_heads, head_dim, device)
     observe_attention(model, sequences, qm, desc="pass 1/2: query moments")
     c_k = qm.result()
-    vm = ValueMoments(c_k)
+    vm = ValueMoments(c_k, value_objective, windows)
     observe_attention(model, sequences, vm, desc="pass 2/2: value moments")
     return c_k, vm.result()

@@ -4,7 +4,8 @@ Calibrate::
 
     python -m oscar_sglang.calib --model PATH_OR_HUB_ID --out ROT.safetensors \\
         [--data FILE ...] [--tokens 8192] [--seq-len 2048] [--granularity layer|kv-head] \\
-        [--recipe oscar|hadamard|identity] [--clip-k 0.96 --clip-v 0.92 | --[no-]search-clip] \\
+        [--recipe oscar|hadamard|identity] [--value-objective logit-weighted|attention-weighted] \\
+        [--clip-k 0.96 --clip-v 0.92 | --[no-]search-clip] \\
         [--device cpu|cuda] [--dtype auto|float32|bfloat16] [--threads N]
 
 Defaults beyond published OSCAR, each kept because it measurably lowered the held-out
@@ -57,6 +58,9 @@ def calibrate_parser() -> argparse.ArgumentParser:
                         "per layer (OSCAR as published)")
     p.add_argument("--recipe", choices=["oscar", "hadamard", "identity"], default="oscar",
                    help="oscar = U·H·P from attention-aware covariances; hadamard = H·P; identity = none")
+    p.add_argument("--value-objective", choices=["logit-weighted", "attention-weighted"], default="logit-weighted",
+                   help="value covariance weights: w_t = k_tᵀ C_Q k_t (default, OSCAR's code) or w_t = Σ_i p_it² over "
+                        "the queries that read token t from the INT2 cache (the diagonal of the paper's VᵀSᵀSV)")
     p.add_argument("--clip-k", type=float, default=None,
                    help="fixed key clip ratio (quantile of |x|) for all layers; turns the search off (OSCAR: 0.96)")
     p.add_argument("--clip-v", type=float, default=None, help="fixed value clip ratio for all layers (OSCAR: 0.92)")
@@ -122,6 +126,10 @@ def calibrate(args: argparse.Namespace) -> int:
         return _fail(f"the clip search scores queries that see quantized keys, so it needs --seq-len and "
                      f"--search-tokens > --sink + --recent ({args.sink + args.recent}); or fix the ratios with "
                      "--clip-k/--clip-v (or --no-search-clip)")
+    if args.recipe == "oscar" and args.value_objective == "attention-weighted" \
+            and args.seq_len <= args.sink + args.recent:
+        return _fail(f"--value-objective attention-weighted weights each value by the queries that read it from the "
+                     f"INT2 cache, so it needs --seq-len > --sink + --recent ({args.sink + args.recent})")
     if args.out.is_dir():
         return _fail(f"--out {args.out} is a directory; give a file name such as {args.out / 'rotations.safetensors'}")
     paths = check_files(args.data) if args.data else assets.shakespeare_files()
@@ -148,7 +156,7 @@ def calibrate(args: argparse.Namespace) -> int:
               f"head_dim {fp.head_dim}; data: {data}; {cal.numel()} calibration tokens", file=sys.stderr)
         model = load_model(args.model, args.device, args.dtype)
         if args.recipe == "oscar":
-            c_k, c_v = collect_covariances(model, cal, fp.num_kv_heads, fp.head_dim)
+            c_k, c_v = collect_covariances(model, cal, fp.num_kv_heads, fp.head_dim, args.value_objective, windows)
     r_k, r_v, e_k, e_v = build_rotations(c_k, c_v, args.recipe, args.granularity, L, fp.num_kv_heads, fp.head_dim,
                                          bitrev)
     if search:
@@ -159,7 +167,8 @@ def calibrate(args: argparse.Namespace) -> int:
     meta = RotationsMeta(
         format_version=1, model=fp, granularity=args.granularity, clip_k=clip_k, clip_v=clip_v, windows=windows,
         group_size=args.group_size,
-        recipe=Recipe(name=args.recipe, bit_reversal=bitrev, clip_search=search),
+        recipe=Recipe(name=args.recipe, value_objective=args.value_objective, bit_reversal=bitrev,
+                      clip_search=search),
         provenance=Provenance(data=data, token_sha256=token_sha256(seqs), num_tokens=seqs.numel(),  # all tokens read
                               seq_len=seqs.shape[1], tool_version=f"oscar-sglang {__version__}"))
     save_rotations(args.out, r_k, r_v, meta, e_k, e_v)

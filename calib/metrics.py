@@ -68,6 +68,15 @@ class _Prepared:
     group: int
 
 
+def pair_masks(pos: torch.Tensor, t: int, windows: Windows | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [n, t] masks for queries at ``pos`` over keys 0..t-1: (causal, key read from the INT2 cache)."""
+    keys = torch.arange(t, device=pos.device)
+    causal = keys[None, :] <= pos[:, None]
+    if windows is None:
+        return causal, causal
+    return causal, causal & (keys[None, :] >= windows.sink) & (keys[None, :] <= pos[:, None] - windows.recent)
+
+
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, windows: Windows | None,
             query_stride: int) -> _Prepared | None:
     """q [H_q, T, D], k/v [H_kv, T, D] of one sequence -> exact attention (None if no query scored)."""
@@ -77,10 +86,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, w
     pos = torch.arange(start, t, query_stride, device=q.device)
     if len(pos) == 0:
         return None
-    keys = torch.arange(t, device=q.device)
-    causal = keys[None, :] <= pos[:, None]
-    quant = causal if windows is None else causal & (keys[None, :] >= windows.sink) & (
-        keys[None, :] <= pos[:, None] - windows.recent)
+    causal, quant = pair_masks(pos, t, windows)
     qs = q.float()[:, pos]
     vx = v.float().repeat_interleave(g, 0)
     raw = (qs @ k.float().repeat_interleave(g, 0).transpose(1, 2) * scaling) * causal

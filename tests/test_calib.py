@@ -104,6 +104,29 @@ def test_covariances_match_brute_force(tiny_model):
             torch.testing.assert_close(c_v[layer, h], (v[h].T * w) @ v[h] / len(w))
 
 
+def test_attention_weighted_value_covariance_matches_brute_force(tiny_model):
+    from oscar_sglang.calib.rotations import Windows
+
+    seqs = torch.randint(0, 200, (2, 40))
+    sink, recent = 4, 8
+    _, c_v = collect_covariances(tiny_model, seqs, 2, 16, "attention-weighted", Windows(sink=sink, recent=recent))
+    got = record(tiny_model, seqs)
+    for layer in (0, 1):
+        scale = tiny_model.model.layers[layer].self_attn.scaling
+        for h in range(2):
+            ws, vs = [], []
+            for q, k, v in got[layer]:
+                w = torch.zeros(40, dtype=torch.float64)
+                for g in (2 * h, 2 * h + 1):
+                    for i in range(sink + recent, 40):
+                        p = (q[0, g, i] @ k[0, h, : i + 1].T * scale).double().softmax(-1)
+                        w[sink : i - recent + 1] += p[sink : i - recent + 1] ** 2  # keys read from INT2
+                ws.append(w)
+                vs.append(v[0, h].double())
+            w, vv = torch.cat(ws), torch.cat(vs)
+            torch.testing.assert_close(c_v[layer, h], (vv.T * w) @ vv / w.sum())
+
+
 # --------------------------------------------------------------------------------------- data
 def test_sequences_round_robin_jsonl_and_hash(tmp_path, tiny):
     from transformers import AutoTokenizer
@@ -210,6 +233,21 @@ def test_cli_clip_search_and_data_oblivious_recipes(tmp_path, tiny, text_file):
         assert rot.meta.provenance.num_tokens == 0 and rot.key_eigenvalues is None
         if recipe == "identity":
             assert torch.equal(rot.key, torch.eye(16).expand(2, 2, 16, 16))  # kv-head by default
+
+
+def test_cli_value_objective_is_recorded_and_needs_long_sequences(tmp_path, tiny, text_file, capsys):
+    base = ["--model", str(tiny), "--data", str(text_file), "--tokens", "512", "--seq-len", "256", "--no-search-clip"]
+    rot = {}
+    for objective in ("logit-weighted", "attention-weighted"):
+        out = tmp_path / f"{objective}.safetensors"
+        assert main([*base, "--value-objective", objective, "--sink", "4", "--recent", "16", "--out", str(out)]) == 0
+        rot[objective] = load_rotations(out)
+        assert rot[objective].meta.recipe.value_objective == objective
+    assert torch.equal(rot["logit-weighted"].key, rot["attention-weighted"].key)
+    assert not torch.allclose(rot["logit-weighted"].value, rot["attention-weighted"].value)
+    out = tmp_path / "none.safetensors"  # 256-token sequences: no query reads past the 64 + 256 windows
+    assert main([*base, "--value-objective", "attention-weighted", "--out", str(out)]) == 2
+    assert "needs --seq-len > --sink + --recent (320)" in capsys.readouterr().err and not out.exists()
 
 
 def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):

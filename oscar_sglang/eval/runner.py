@@ -11,6 +11,7 @@ Method names (``--methods``), all at 2 bits + one fp16 scale/min per group of ``
 ``hadamard``       R = H·P, clip 0.96 / 0.92, windows (same quantizer as OSCAR)
 ``oscar-published``  per-layer U·H·P, clip 0.96 / 0.92, windows (``calib --granularity layer ...``)
 ``oscar-default``  this project's calibration defaults (per-KV-head U·H·P, searched clips)
+any ``--variant``  a given rotations file, quantized like the OSCAR methods (ablations)
 =================  ====================================================================
 
 Results are plain dicts (JSON-able): ``{"sim": {method: part}, "served": {method: part}}`` with
@@ -56,7 +57,7 @@ class Setup:
     sink: int
     recent: int
     kivi_residual: int
-    rotations: dict[str, Rotations] = field(default_factory=dict)  # "oscar-default"/"oscar-published"
+    rotations: dict[str, Rotations] = field(default_factory=dict)  # oscar-default/-published, variants
     rotation_files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -79,7 +80,7 @@ def build_methods(names: list[str], setup: Setup, num_layers: int, head_dim: int
             out.append(Method(n, "kivi", recent=setup.kivi_residual, group=D))
         elif n == "hadamard":
             out.append(Method(n, "row", Candidate(n, had, had, ck, cv), **win))
-        elif n in ("oscar-published", "oscar-default"):
+        elif n in setup.rotations:  # oscar-published, oscar-default, --variant
             r = setup.rotations[n]
             out.append(Method(n, "row", Candidate(n, r.key, r.value, list(r.meta.clip_k), list(r.meta.clip_v)), **win))
         else:
