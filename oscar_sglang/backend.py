@@ -6,7 +6,10 @@ Per forward:
    INT2 segment and a window segment (token slot ids, sglang's triton-backend convention).
 2. Each layer rotates q by R_K, quantizes k/v on write (``ops.quantize_kv_write``),
    runs decode or extend attention over the two segments (plus, for extend, the chunk's
-   own exact rotated k/v, causally), and un-rotates the output by R_V^T.
+   own exact rotated k/v, causally), and un-rotates the output by R_V^T. Decode writes
+   before attending (it reads its token from the pool); extend writes after, so every
+   query of a chunk sees the ``recent`` tokens before the chunk in BF16, whatever the
+   chunk size (writing first would let the chunk's ring rows evict them).
 
 The same code runs on CPU (pure-torch references) and GPU (Triton kernels): the
 ``kernels.ops`` interface dispatches on the tensors' device.
@@ -145,16 +148,21 @@ class OscarAttnBackend(AttentionBackend):
         dev = self.pool.win_of_slot.device
         req_idx, seq_lens = req_idx.to(dev, torch.int64), seq_lens.to(dev, torch.int64)
         new_lens, out_loc = new_lens.to(dev, torch.int64), out_loc.to(dev, torch.int64)
-        win_rows = self.pool.assign_windows(
-            out_loc,
-            _positions(seq_lens, new_lens),
-            torch.repeat_interleave(req_idx, new_lens),
-            torch.repeat_interleave(seq_lens, new_lens),
-        )
-        # Decode attends to everything, the new token included (written before attention);
-        # extend reads only the cached prefix from the pool and the chunk exactly.
-        read_lens = seq_lens if decode else seq_lens - new_lens
-        segments = split_cached_tokens(self.pool, self.req_to_token, req_idx, read_lens)
+        def assign():
+            return self.pool.assign_windows(out_loc, _positions(seq_lens, new_lens),
+                                            torch.repeat_interleave(req_idx, new_lens),
+                                            torch.repeat_interleave(seq_lens, new_lens))
+
+        # Decode writes its token first and attends to everything, the token included, so its
+        # segments follow the window assignment. Extend attends to the cached prefix as it stands
+        # before this forward (the recent window ends at the chunk start) and to the chunk exactly,
+        # and writes afterwards, so its chunk's ring rows cannot evict the prefix it is reading.
+        if decode:
+            win_rows = assign()
+            segments = split_cached_tokens(self.pool, self.req_to_token, req_idx, seq_lens)
+        else:
+            segments = split_cached_tokens(self.pool, self.req_to_token, req_idx, seq_lens - new_lens)
+            win_rows = assign()
         return ForwardMetadata(out_loc, win_rows, _indptr(new_lens), *segments)
 
     def init_forward_metadata(self, forward_batch):
@@ -239,38 +247,41 @@ class OscarAttnBackend(AttentionBackend):
         hkv = r.shape[0]
         return torch.einsum("thge,hde->thgd", o.float().view(t, hkv, hq // hkv, d), r).reshape(t, hq, d)
 
-    def _prepare(self, q, k, v, layer, save_kv_cache: bool):
+    def _write(self, k3, v3, lid: int) -> None:
         md = self.forward_metadata
-        lid = layer.layer_id
+        self.pool.write_rows(lid, md.out_loc, k3, v3, md.win_rows, self.rot_k[lid], self.rot_v[lid],
+                             self.settings.clip_k[lid], self.settings.clip_v[lid])
+
+    def _views(self, q, k, v, layer):
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
-        k3, v3 = k.view(-1, hkv, d), v.view(-1, hkv, d)
-        if save_kv_cache:
-            self.pool.write_rows(
-                lid, md.out_loc, k3, v3, md.win_rows, self.rot_k[lid], self.rot_v[lid],
-                self.settings.clip_k[lid], self.settings.clip_v[lid],
-            )
-        k_rows, v_rows = self.pool.get_kv_buffer(lid)
-        k_win, v_win = self.pool.get_window_buffers(lid)
-        return md, lid, self._rotate_q(q.view(-1, hq, d), lid), k3, v3, k_rows, v_rows, k_win, v_win
+        return q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, d)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        md, lid, qr, _, _, k_rows, v_rows, k_win, v_win = self._prepare(q, k, v, layer, save_kv_cache)
+        md, lid = self.forward_metadata, layer.layer_id
+        q3, k3, v3 = self._views(q, k, v, layer)
+        if save_kv_cache:  # the new token is read back from the pool
+            self._write(k3, v3, lid)
         out, _ = ops.decode_attention(
-            qr, k_rows, v_rows, md.int2_indptr, md.int2_indices, k_win, v_win, md.win_indptr, md.win_indices,
-            layer.scaling, self.layout, num_splits=md.num_splits,
+            self._rotate_q(q3, lid), *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
+            *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, layer.scaling, self.layout,
+            num_splits=md.num_splits,
         )
         return self._unrotate_out(out, lid).to(q.dtype).reshape(q.shape[0], -1)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        md, lid, qr, k3, v3, k_rows, v_rows, k_win, v_win = self._prepare(q, k, v, layer, save_kv_cache)
+        md, lid = self.forward_metadata, layer.layer_id
+        q3, k3, v3 = self._views(q, k, v, layer)
+        qr = self._rotate_q(q3, lid)
         # The chunk attends to its own k/v exactly as stored (sanitized, rotated): one non-finite
         # value must not turn the whole chunk NaN through 0 * NaN in the masked attention.
         kr = rotated_rows(k3, self.rot_k[lid]).to(qr.dtype)
         vr = (sanitize(v3) if self.values_folded else rotated_rows(v3, self.rot_v[lid])).to(qr.dtype)
         out = ops.extend_attention(
-            qr, kr, vr, md.qo_indptr, k_rows, v_rows, md.int2_indptr, md.int2_indices, k_win, v_win,
-            md.win_indptr, md.win_indices, layer.scaling, self.layout,
+            qr, kr, vr, md.qo_indptr, *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
+            *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, layer.scaling, self.layout,
         )
+        if save_kv_cache:  # after attention: see _metadata
+            self._write(k3, v3, lid)
         return self._unrotate_out(out, lid).to(q.dtype).reshape(q.shape[0], -1)
 
     def support_triton(self):

@@ -20,7 +20,7 @@ import torch
 from oscar_sglang.calib.metrics import Candidate
 from oscar_sglang.eval.methods import Method, attend, chunk_starts
 from oscar_sglang.eval.metrics import paired, windowed
-from oscar_sglang.eval.tasks import matched_prefix
+from oscar_sglang.eval.tasks import Probe, matched_prefix, matched_tokens, score
 
 L, D = 2, 32
 
@@ -82,6 +82,8 @@ def test_statistics_helpers():
     assert paired([1.0, 3.0]) == (2.0, 1.0)
     assert windowed([1.0] * 5 + [3.0], window=4) == [1.0, 2.0]
     assert matched_prefix([1, 2, 9, 4], [1, 2, 3, 4]) == 2
+    assert matched_tokens([1, 2, 9, 4], [1, 2, 3, 4]) == 3
+    assert [score(Probe(kind, 8, 0.5, [0], [1, 2, 3, 4]), [1, 2, 9, 4]) for kind in ("needle", "recall")] == [2, 3]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import platform
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from .runner import ALL_METHODS, SERVED_METHODS
@@ -135,14 +136,19 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
                     recall_probes(tok, stream, args.recall_lengths, args.recall_depths))
     model = load_model(args.model, args.device)
     ms = build_methods(methods, setup, fp.num_layers, fp.head_dim)
-    raw = args.out_dir / "raw.json"  # written as soon as each path is done, so a long run is never lost
-    results = {"sim": run_simulation(model, ms, inputs, args.chunk)}
-    raw.write_text(json.dumps(results))
+    results: dict[str, dict] = {}
+
+    def checkpoint(path: str, done: dict[str, dict]) -> None:
+        """raw.json after every method, so an interrupted long run keeps what it measured."""
+        results[path] = done
+        (args.out_dir / "raw.json").write_text(json.dumps(results))
+
+    run_simulation(model, ms, inputs, args.chunk, partial(checkpoint, "sim"))
     del model
     served_names = [m for m in SERVED_METHODS if m in methods]
     if served:
-        results["served"] = run_served(setup, served_names, inputs, args.device if args.device != "cuda" else None, env)
-        raw.write_text(json.dumps(results))
+        run_served(setup, served_names, inputs, args.device if args.device != "cuda" else None, env,
+                   partial(checkpoint, "served"))
 
     needle_len = [len(p.answer) for p in inputs.needles]
     recall_len = [len(p.answer) for p in inputs.recalls]

@@ -14,8 +14,10 @@ A :class:`Method` says which cached keys/values a query sees quantized and how t
 
 Serving semantics (what ``--chunked-prefill-size C`` does in sglang): a query in the chunk that starts
 at ``c0`` attends exactly to the keys of its own chunk, to the sink positions ``< sink`` and to the
-recent positions ``>= c0 - recent``; every other earlier key comes from the INT2 cache. A decode step
-is a chunk of one token. ``starts[i]`` = c0 of query i describes any schedule (:func:`chunk_starts`).
+recent positions ``>= c0 - recent``; every other earlier key comes from the INT2 cache (the backend
+attends before it writes a chunk). A decode step writes its token first, so its recent window is
+the ``recent`` tokens ending with itself: it counts as a chunk starting at ``i + 1``. ``starts[i]``
+(c0 of query i) describes any schedule (:func:`chunk_starts`).
 
 :func:`simulate` switches a model to the ``"oscar_eval"`` attention function for a block; the
 method and ``starts`` travel as the forward kwarg ``oscar_sim`` (a :class:`SimSpec`), so nothing
@@ -87,7 +89,7 @@ class SimSpec:
 def chunk_starts(prompt_len: int, total_len: int, chunk: int) -> torch.Tensor:
     """int64 [total_len]: prompt positions are prefilled in chunks of ``chunk``; later ones are decode steps."""
     pos = torch.arange(total_len)
-    return torch.where(pos < prompt_len, pos // chunk * chunk, pos)
+    return torch.where(pos < prompt_len, pos // chunk * chunk, pos + 1)
 
 
 def _blocks(starts: torch.Tensor) -> list[tuple[int, int]]:

@@ -5,7 +5,7 @@
   whether the top-1 tokens agree. The reference is the BF16 run's final hidden state [T, hidden]
   (kept instead of [T, vocab] logits: 8K x 49K floats would not fit), both go through the LM head in
   slices of :data:`SLICE` positions.
-- :func:`probe_tokens`: the greedy tokens at the answer positions of a :class:`~.tasks.Probe`.
+- :func:`probe_tokens`: the argmax tokens at the answer positions of a :class:`~.tasks.Probe`.
 - :func:`paired`: mean and standard error of per-unit differences (method.md §7); :func:`windowed`
   turns per-position differences into per-window means first (tokens of one window are correlated).
 """
@@ -55,10 +55,11 @@ def lm_scores(model: Any, tokens: torch.Tensor, h: torch.Tensor, h_ref: torch.Te
 
 
 def probe_tokens(model: Any, method: Method, probe: Probe, chunk: int) -> list[int]:
-    """Greedy tokens at the answer positions (teacher-forced; see tasks.py for why this is exact)."""
+    """Argmax tokens at the answer positions, teacher-forced (tasks.py): needle answers are decode
+    steps (so this is the greedy answer), recall answers are prefilled with their prompt."""
     ids = probe.prompt + probe.answer
     n = len(probe.prompt)
-    h = hidden(model, method, ids, chunk_starts(n, len(ids), chunk))
+    h = hidden(model, method, ids, chunk_starts(n if probe.kind == "needle" else len(ids), len(ids), chunk))
     with torch.inference_mode():
         return model.lm_head(h[n - 1 : len(ids) - 1]).argmax(-1).tolist()
 

@@ -2,7 +2,7 @@
 
 Every difference is PAIRED against BF16 of the same path (simulation vs simulation, served vs
 served) on the same inputs: ΔNLL and KL per 256-token window (mean ± standard error over windows),
-needle / recall per probe. ``PPL@n`` = exp(mean NLL of the first n-1 predictions of each sequence),
+needle / recall per probe (recall = share of the passage's tokens copied, tasks.py). ``PPL@n`` = exp(mean NLL of the first n-1 predictions of each sequence),
 which is exactly the perplexity of n-token sequences (the model is causal and the chunk boundaries
 depend only on the position). Agreement: served PPL / simulated PPL - 1 for the same method.
 """
@@ -55,7 +55,7 @@ def markdown(rows: dict[str, dict[str, dict]], contexts: list[int], agreement: d
     """``rows[path][method]`` -> one Markdown table (simulation rows, then served rows)."""
     ppl_cols = [f"PPL@{n // 1024}K" if n % 1024 == 0 else f"PPL@{n}" for n in contexts]
     head = ["path", "method", *ppl_cols, "ΔNLL vs BF16 (nats)", "KL (nats)", "top-1", "needle",
-            "Δneedle (pts)", "recall", "Δrecall (pts)"]
+            "Δneedle (pts)", "recall (copied)", "Δrecall (pts)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for path, methods in rows.items():
         for name, r in methods.items():

@@ -16,14 +16,14 @@ any ``--variant``  a given rotations file, quantized like the OSCAR methods (abl
 
 Results are plain dicts (JSON-able): ``{"sim": {method: part}, "served": {method: part}}`` with
 ``part = {"nll": [[per position] per sequence], "kl": ..., "top1": ..., "needle": [matched, ...],
-"recall": [matched, ...]}`` (probe entries: number of answer tokens reproduced exactly).
+"recall": [matched, ...]}`` (probe entries: answer tokens reproduced, ``tasks.score``).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from oscar_sglang.calib.rotations import Rotations
 
 from .methods import Method, chunk_starts
 from .metrics import hidden, lm_scores, probe_tokens
-from .tasks import Probe, matched_prefix
+from .tasks import Probe, score
 
 ALL_METHODS = ("bf16", "naive", "naive-win", "kivi", "hadamard", "oscar-published", "oscar-default")
 SERVED_METHODS = ("bf16", "oscar-default")
@@ -93,11 +93,16 @@ def _log(msg: str) -> None:
 
 
 def _probe_scores(probes: list[Probe], answers: list[list[int]]) -> list[int]:
-    return [matched_prefix(a, p.answer) for p, a in zip(probes, answers)]
+    return [score(p, a) for p, a in zip(probes, answers)]
 
 
-def run_simulation(model: Any, methods: list[Method], inputs: Inputs, chunk: int) -> dict[str, dict]:
-    """Score every method in transformers. The first method must be ``bf16`` (the KL reference)."""
+Progress = Callable[[dict[str, dict]], None]
+
+
+def run_simulation(model: Any, methods: list[Method], inputs: Inputs, chunk: int,
+                   progress: Progress | None = None) -> dict[str, dict]:
+    """Score every method in transformers. The first method must be ``bf16`` (the KL reference).
+    ``progress`` gets the results so far after each method."""
     if methods[0].kind != "exact":
         raise ValueError("the simulation needs bf16 as its first method (reference for KL / top-1)")
     seqs = inputs.sequences
@@ -117,15 +122,17 @@ def run_simulation(model: Any, methods: list[Method], inputs: Inputs, chunk: int
         part["recall"] = _probe_scores(inputs.recalls, [probe_tokens(model, m, p, chunk) for p in inputs.recalls])
         out[m.name] = part
         _log(f"simulated {m.name} in {time.perf_counter() - t0:.0f} s")
+        if progress:
+            progress(out)
     return out
 
 
 def run_served(setup: Setup, names: list[str], inputs: Inputs, device: str | None,
-               env: Mapping[str, str] | None) -> dict[str, dict]:
+               env: Mapping[str, str] | None, progress: Progress | None = None) -> dict[str, dict]:
     """Score ``names`` (bf16 and/or oscar-default / oscar-published) through real sglang servers."""
     from oscar_sglang.launch import serve
 
-    from .served import greedy, input_nll, server_args
+    from .served import greedy, input_nll, server_args, top1
 
     longest = max([inputs.sequences.shape[1]] + [len(p.prompt) + len(p.answer) for p in inputs.needles + inputs.recalls])
     out: dict[str, dict] = {}
@@ -134,8 +141,11 @@ def run_served(setup: Setup, names: list[str], inputs: Inputs, device: str | Non
         rot = None if n == "bf16" else setup.rotation_files[n]
         with serve(setup.model, server_args(setup.chunk, longest + 64, rot), device=device, env=env) as srv:
             part: dict[str, list] = {"nll": [input_nll(srv.url, row.tolist()) for row in inputs.sequences]}
-            for kind, probes in (("needle", inputs.needles), ("recall", inputs.recalls)):
-                part[kind] = _probe_scores(probes, [greedy(srv.url, p.prompt, len(p.answer)) for p in probes])
+            part["needle"] = _probe_scores(inputs.needles, [greedy(srv.url, p.prompt, len(p.answer))
+                                                            for p in inputs.needles])
+            part["recall"] = _probe_scores(inputs.recalls, [top1(srv.url, p.prompt, p.answer) for p in inputs.recalls])
         out[n] = part
         _log(f"served {n} in {time.perf_counter() - t0:.0f} s")
+        if progress:
+            progress(out)
     return out

@@ -7,7 +7,8 @@ prefix would move the chunk boundaries), the overlap scheduler off, bounded memo
 
 - :func:`input_nll`: per-position NLL of ``tokens[1:]`` from input-token logprobs
   (``return_logprob``, ``logprob_start_len=0``), aligned with ``metrics.lm_scores``.
-- :func:`greedy`: ``max_new_tokens`` greedy tokens after ``prompt`` from ``/generate``.
+- :func:`greedy`: ``max_new_tokens`` greedy tokens after ``prompt`` from ``/generate`` (needles).
+- :func:`top1`: the top-1 input token at each answer position (``top_logprobs_num=1``; recall).
 
 The server itself is started by :func:`oscar_sglang.launch.serve`; on a CPU-only machine the caller
 passes ``SGLANG_USE_CPU_ENGINE=1`` and ``PYTHONPATH=tests/cpu_standin`` in its environment.
@@ -46,6 +47,17 @@ def input_nll(url: str, tokens: list[int]) -> list[float]:
     if len(lps) != len(tokens) - 1:
         raise RuntimeError(f"server returned {len(lps)} input logprobs for {len(tokens)} tokens")
     return [-lp for lp in lps]
+
+
+def top1(url: str, prompt: list[int], answer: list[int]) -> list[int]:
+    """The server's top-1 token at each ``answer`` position of the prefilled ``prompt + answer``."""
+    out = _generate(url, {"input_ids": prompt + answer, "return_logprob": True, "top_logprobs_num": 1,
+                          "logprob_start_len": len(prompt) - 1,
+                          "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+    rows = out["meta_info"]["input_top_logprobs"][-len(answer):]
+    if len(rows) != len(answer) or any(not r for r in rows):
+        raise RuntimeError(f"server returned no top-1 for some of the {len(answer)} answer positions")
+    return [r[0][1] for r in rows]
 
 
 def greedy(url: str, prompt: list[int], max_new_tokens: int) -> list[int]:
