@@ -54,6 +54,9 @@ def _input_logprobs(url: str, text: str) -> list[float]:
     return [lp for lp, _, _ in r.json()["meta_info"]["input_token_logprobs"] if lp is not None]
 
 
+# Calibration (fixture) + two CPU server starts + ~1K-token prefills: ~8 min on an idle 2-core machine, more
+# than the suite's 900 s per test when the cores are shared.
+@pytest.mark.timeout(1800)
 def test_oscar_server_matches_bf16_and_serves_frontend_programs(smollm2_dir, rotations, held_out_text):
     import recall_probe
     import shared_document_qa
@@ -70,7 +73,7 @@ def test_oscar_server_matches_bf16_and_serves_frontend_programs(smollm2_dir, rot
         mean = sum(diffs) / len(diffs)
         nll_bf16 = -sum(ref) / len(ref)
         print(f"\nSmolLM2 held-out NLL: BF16 {nll_bf16:.4f}, OSCAR - BF16 = {mean:+.4f} nats/token over {len(diffs)} tokens")
-        assert abs(mean) < 0.05 * nll_bf16  # measured +0.036 of 3.23 nats (default recipe, 2048 calibration tokens)
+        assert abs(mean) < 0.05 * nll_bf16  # measured +0.024 of 3.23 nats (default recipe, 2048 calibration tokens)
 
         comp = requests.post(f"{url}/v1/completions", json={"model": "default", "prompt": "The capital of France is",
                                                              "max_tokens": 8, "temperature": 0}, timeout=300)

