@@ -73,7 +73,7 @@ def test_oscar_server_matches_bf16_and_serves_frontend_programs(smollm2_dir, rot
         mean = sum(diffs) / len(diffs)
         nll_bf16 = -sum(ref) / len(ref)
         print(f"\nSmolLM2 held-out NLL: BF16 {nll_bf16:.4f}, OSCAR - BF16 = {mean:+.4f} nats/token over {len(diffs)} tokens")
-        assert abs(mean) < 0.05 * nll_bf16  # measured +0.024 of 3.23 nats (default recipe, 2048 calibration tokens)
+        assert abs(mean) < 0.05 * nll_bf16  # measured +0.047 of 3.23 nats (default recipe, 2048 calibration tokens)
 
         comp = requests.post(f"{url}/v1/completions", json={"model": "default", "prompt": "The capital of France is",
                                                              "max_tokens": 8, "temperature": 0}, timeout=300)
