@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Literal, get_args
+from typing import Any, Iterator, Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from .rotations import Windows
+from .metrics import pair_masks
+from .rotations import Windows
 
 CAPTURE_IMPL = "oscar_capture"
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
@@ -132,8 +132,6 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, windows:
     Independent per-token errors e_t reach the output o_i = Σ_t p_it v_t as Σ_t p_it² |e_t|²: this is the
     diagonal of Sᵀ S in the paper's Vᵀ Sᵀ S V, restricted to the keys that are quantized.
     """
-    from .metrics import pair_masks
-
     b, hq, t, _ = q.shape
     hkv = k.shape[1]
     causal, quant = pair_masks(torch.arange(t, device=q.device), t, windows)

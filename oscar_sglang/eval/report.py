@@ -2,9 +2,9 @@
 
 Every difference is PAIRED against BF16 of the same path (simulation vs simulation, served vs
 served) on the same inputs: ΔNLL and KL per 256-token window (mean ± standard error over windows),
-needle / recall per probe (recall = share of the passage's tokens copied, tasks.py). ``PPL@n`` = exp(mean NLL of the first n-1 predictions of each sequence),
-which is exactly the perplexity of n-token sequences (the model is causal and the chunk boundaries
-depend only on the position). Agreement: served PPL / simulated PPL - 1 for the same method.
+needle / recall per probe (recall = share of the passage's tokens copied, tasks.py). ``PPL@n`` =
+exp(mean NLL of the first n-1 predictions of each sequence), which is exactly the perplexity of
+n-token sequences (the model is causal and the chunk boundaries depend only on the position). Agreement: served PPL / simulated PPL - 1 for the same method.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Method names (``--methods``), all at 2 bits + one fp16 scale/min per group of ``
                    full-precision residual of the last ``kivi_residual`` tokens
 ``hadamard``       R = H·P, clip 0.96 / 0.92, windows (same quantizer as OSCAR)
 ``oscar-published``  per-layer U·H·P, clip 0.96 / 0.92, windows (``calib --granularity layer ...``)
-``oscar-default``  this project's calibration defaults (per-KV-head U·H·P, searched clips)
+``oscar-default``  this project's calibration defaults (per-KV-head U·H·P, clip 0.96 / 0.92)
 any ``--variant``  a given rotations file, quantized like the OSCAR methods (ablations)
 =================  ====================================================================
 
