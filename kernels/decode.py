@@ -70,8 +70,9 @@ def plan_num_splits(batch: int, kv_heads: int, avg_tokens: int, num_sms: int, co
 def _online_update(m_i, l_i, logit):
     """Online softmax step in log2 units: returns (m_new, alpha, p, l_new)."""
     m_new = tl.maximum(m_i, tl.max(logit, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(logit - m_new[:, None])
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet stays empty
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(logit - m_ref[:, None])
     return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
 
 
@@ -97,8 +98,9 @@ def _load_q_planes(qp, mask, Q: tl.constexpr):
 
 @triton.jit
 def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
-                acc0, acc1, acc2, acc3, macc, scale_log2, Q: tl.constexpr):
-    """One block of INT2 rows (row_off: byte offsets [BN]) folded into the running state."""
+                acc0, acc1, acc2, acc3, macc, scale_log2, Q: tl.constexpr, extra_mask):
+    """One block of INT2 rows (row_off: byte offsets [BN]) and an extra [BM or 1, BN]
+    visibility mask (the position rule in extend), folded into the running state."""
     dt = q0.dtype
     qc = tl.arange(0, Q)
     # Rows are 4-byte multiples (codec.RowLayout): lets the compiler use 32-bit loads.
@@ -110,7 +112,7 @@ def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l
     qk = tl.dot(q2, tl.trans(((kb >> 4) & 3).to(dt)), qk)
     qk = tl.dot(q3, tl.trans(((kb >> 6) & 3).to(dt)), qk)
     logit = (qk * ks[None, :] + qsum[:, None] * km[None, :]) * scale_log2
-    logit = tl.where(nmask[None, :], logit, float("-inf"))
+    logit = tl.where(nmask[None, :] & extra_mask, logit, float("-inf"))
     m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
     vb = tl.load(vrow_ptr + row_off[:, None] + qc[None, :], mask=nmask[:, None], other=0).to(tl.int32)
     vs, vm = _row_params(vrow_ptr, row_off, nmask, Q)
@@ -194,7 +196,7 @@ def _decode_split_kernel(
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
             q0, q1, q2, q3, qsum, slot * stride_rn + hk * stride_rh, nmask, krow_ptr, vrow_ptr,
-            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q)
+            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q, nmask[None, :])
     for start in range(w_lo, w_hi, BLOCK_W):
         offs = start + tl.arange(0, BLOCK_W)
         nmask = offs < w_hi

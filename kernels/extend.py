@@ -6,10 +6,13 @@ power of two >= 64, one quantization group per row):
 - ``q``               [Tq, Hq, D] fp16/bf16/fp32, rotated by R_K; last dim contiguous.
 - ``k_new``/``v_new`` [Tq, Hkv, D] rotated exact k/v of the same chunk tokens.
 - ``qo_indptr``       int32/int64 [B + 1], ragged chunk boundaries into q/k_new/v_new.
-- prefix of request b: its INT2 rows (``int2_indptr``/``int2_indices`` into uint8
-  ``k_rows``/``v_rows`` [N, Hkv, row_bytes]) and its window rows (``win_indptr``/
-  ``win_indices`` into ``k_win``/``v_win`` [M, Hkv, D]), fully visible to every chunk query;
-  then query i of the chunk sees chunk tokens j <= i.
+- request b's chunk starts at position ``prefix_lens[b]`` = a. Its keys: the INT2 rows
+  (``int2_indptr``/``int2_indices`` into uint8 ``k_rows``/``v_rows`` [N, Hkv, row_bytes]) of
+  positions sink, sink + 1, ... (the chunk's own rows are written before attention), the
+  window rows (``win_indptr``/``win_indices`` into ``k_win``/``v_win`` [M, Hkv, D]): the sinks
+  then the ring ending at a - 1, and the chunk's exact k/v (causal). The position rule picks
+  one copy per key: the query at t reads key p exactly iff p < sink or p > t - recent, else
+  its INT2 row.
 - returns ``out`` [Tq, Hq, D] (q.dtype, rotated value basis).
 
 One program per (BLOCK_M chunk queries, query head, request), flash-attention style, with
@@ -46,7 +49,7 @@ class ExtendConfig:
 @triton.jit
 def _extend_kernel(
     q_ptr, kn_ptr, vn_ptr, qo_indptr, krow_ptr, vrow_ptr, i_indptr, i_idx,
-    kw_ptr, vw_ptr, w_indptr, w_idx, o_ptr, scale_log2,
+    kw_ptr, vw_ptr, w_indptr, w_idx, prefix_ptr, o_ptr, scale_log2, sink, recent,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_rn, stride_rh, stride_kwn, stride_kwh, stride_vwn, stride_vwh, stride_ot, stride_oh,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -63,6 +66,8 @@ def _extend_kernel(
         return
     rows = m0 + tl.arange(0, BLOCK_M)
     rmask = rows < q_len
+    a = tl.load(prefix_ptr + b).to(tl.int32)  # the chunk's first position
+    t = (a + rows)[:, None]  # query positions; key p is exact iff p < sink or p > t - recent
     qp = q_ptr + (q_beg + rows)[:, None] * stride_qt + hq * stride_qh + tl.arange(0, Q)[None, :]
     q0, q1, q2, q3, qsum = _load_q_planes(qp, rmask[:, None], Q)
 
@@ -82,17 +87,20 @@ def _extend_kernel(
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
             q0, q1, q2, q3, qsum, slot * stride_rn + hk * stride_rh, nmask, krow_ptr, vrow_ptr,
-            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q)
+            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q, (sink + offs)[None, :] <= t - recent)
 
     w_beg = tl.load(w_indptr + b).to(tl.int64)
     n_w = (tl.load(w_indptr + b + 1) - w_beg).to(tl.int32)
+    n_sink = tl.minimum(tl.minimum(a, sink), n_w)  # window = the sinks, then the ring ending at a
     for start in range(0, n_w, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         nmask = offs < n_w
+        pos = tl.where(offs < n_sink, offs, a - n_w + offs)[None, :]
         slot = tl.load(w_idx + w_beg + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
             q0, q1, q2, q3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
-            nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q, nmask[None, :])
+            nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q,
+            (pos < sink) | (pos > t - recent))
 
     # The chunk itself, causal: only key blocks up to this query block's last row.
     for start in range(0, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N):
@@ -102,7 +110,7 @@ def _extend_kernel(
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
             q0, q1, q2, q3, tok * stride_knt + hk * stride_knh, tok * stride_vnt + hk * stride_vnh,
             nmask, kn_ptr, vn_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q,
-            offs[None, :] <= rows[:, None])
+            (offs[None, :] <= rows[:, None]) & (((a + offs)[None, :] < sink) | ((a + offs)[None, :] > t - recent)))
 
     inv = (1.0 / tl.where(l_i > 0, l_i, 1.0))[:, None]
     mterm = macc[:, None]
@@ -128,6 +136,9 @@ def extend_attention(
     v_win: torch.Tensor,
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    sink: int,
+    recent: int,
     sm_scale: float,
     layout: RowLayout,
     out: torch.Tensor | None = None,
@@ -153,7 +164,7 @@ def extend_attention(
     for name, w in (("k_win", k_win), ("v_win", v_win)):
         check_window(name, w, hkv, d)
     for name, t in (("qo_indptr", qo_indptr), ("int2_indptr", int2_indptr), ("int2_indices", int2_indices),
-                    ("win_indptr", win_indptr), ("win_indices", win_indices)):
+                    ("win_indptr", win_indptr), ("win_indices", win_indices), ("prefix_lens", prefix_lens)):
         check_index(name, t)
     bsz = qo_indptr.numel() - 1
     if int2_indptr.numel() != bsz + 1 or win_indptr.numel() != bsz + 1:
@@ -171,7 +182,7 @@ def extend_attention(
     grid = (triton.cdiv(max_q_len, config.block_m), hq, bsz)
     _extend_kernel[grid](
         q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices,
-        k_win, v_win, win_indptr, win_indices, out, sm_scale * LOG2E,
+        k_win, v_win, win_indptr, win_indices, prefix_lens, out, sm_scale * LOG2E, sink, recent,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_rows.stride(0), k_rows.stride(1), k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
         out.stride(0), out.stride(1),

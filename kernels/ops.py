@@ -77,6 +77,9 @@ def extend_attention(
     v_win: torch.Tensor,
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    sink: int,
+    recent: int,
     sm_scale: float,
     layout: RowLayout,
     out: torch.Tensor | None = None,
@@ -85,5 +88,5 @@ def extend_attention(
     impl = _extend if q.is_cuda and triton_supports(layout) else _reference
     return impl.extend_attention(
         q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win,
-        win_indptr, win_indices, sm_scale, layout, out=out, max_q_len=max_q_len,
+        win_indptr, win_indices, prefix_lens, sink, recent, sm_scale, layout, out=out, max_q_len=max_q_len,
     )

@@ -136,27 +136,47 @@ def extend_attention(
     v_win: torch.Tensor,
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    sink: int,
+    recent: int,
     sm_scale: float,
     layout: RowLayout,
     out: torch.Tensor | None = None,
     max_q_len: int | None = None,
 ) -> torch.Tensor:
-    """Chunk queries q [Tq, Hq, D] over (cached prefix: INT2 + window, fully visible) then
-    their own chunk k_new/v_new [Tq, Hkv, D] causally. Returns out [Tq, Hq, D] (q.dtype).
+    """Chunk queries q [Tq, Hq, D] under the position rule: the query at position t reads
+    key j in full precision iff ``j < sink`` or ``j > t - recent``, else from its INT2 row.
+
+    Request b's chunk starts at position a = prefix_lens[b]. Its keys come from three places:
+    the INT2 segment (positions ``sink, sink + 1, ...``: the prefix and the chunk's own tokens,
+    whose rows are written before attention), the window segment (the sinks ``0 .. min(sink, a)``
+    then the ring, i.e. the positions just before a), and the chunk's exact k_new/v_new
+    (position a + j, causal). Returns out [Tq, Hq, D] (q.dtype).
     ``max_q_len`` is accepted for signature parity and ignored."""
     del max_q_len
     _check_gqa(q.shape[1], k_new.shape[1], q.shape[2], layout)
     res = torch.empty_like(q) if out is None else out
+    dev = q.device
     for b in range(qo_indptr.numel() - 1):
         s, e = int(qo_indptr[b]), int(qo_indptr[b + 1])
         if e == s:
             continue
-        kp, vp = _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices, layout)
-        n_pre, n_new = kp.shape[0], e - s
-        k = torch.cat([kp, k_new[s:e].float()], dim=0)
-        v = torch.cat([vp, v_new[s:e].float()], dim=0)
-        causal = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()
-        mask = torch.cat([torch.ones(n_new, n_pre, dtype=torch.bool, device=q.device), causal], dim=1)
+        a = int(prefix_lens[b])
+        i0, i1 = int(int2_indptr[b]), int(int2_indptr[b + 1])
+        w0, w1 = int(win_indptr[b]), int(win_indptr[b + 1])
+        qi, wi = int2_indices[i0:i1].long(), win_indices[w0:w1].long()
+        n_sink = min(sink, a, w1 - w0)
+        n_ring = (w1 - w0) - n_sink
+        pos_int2 = sink + torch.arange(i1 - i0, device=dev)
+        pos_win = torch.cat([torch.arange(n_sink, device=dev), a - n_ring + torch.arange(n_ring, device=dev)])
+        pos_new = a + torch.arange(e - s, device=dev)
+        t = pos_new[:, None]  # query positions
+        exact = lambda p: (p[None, :] < sink) | (p[None, :] > t - recent)  # noqa: E731
+        mask = torch.cat([(pos_int2[None, :] <= t - recent) & (pos_int2[None, :] >= sink),
+                          exact(pos_win) & (pos_win[None, :] < t),
+                          exact(pos_new) & (pos_new[None, :] <= t)], dim=1)
+        k = torch.cat([dequantize_rows(k_rows[qi], layout), k_win[wi].float(), k_new[s:e].float()], dim=0)
+        v = torch.cat([dequantize_rows(v_rows[qi], layout), v_win[wi].float(), v_new[s:e].float()], dim=0)
         o, _ = _attend(q[s:e].float(), k, v, sm_scale, mask.unsqueeze(0))
         res[s:e] = o.to(res.dtype)
     return res

@@ -41,23 +41,69 @@ def _sanitize(x):
 
 
 @triton.jit
-def _kth_largest(a, RANK: tl.constexpr):
-    """Per row of a >= 0 [BT, D]: the value at descending rank RANK (0 = max), ties counted,
-    i.e. sort(a)[D - 1 - RANK]. Exact; RANK + 1 max/count passes over distinct values,
-    much cheaper than a full tl.sort when RANK is small (clip ratios 0.9-0.99)."""
-    cur = tl.full([a.shape[0]], float("inf"), tl.float32)
-    need = tl.full([a.shape[0]], RANK, tl.int32)
-    thr = tl.zeros([a.shape[0]], tl.float32)
-    found = tl.zeros([a.shape[0]], tl.int1)
+def _plane_max(a, cur, PAD: tl.constexpr, pmask):
+    """Row max of the entries of a [BT, PQ] below cur [BT] (-1 if none; padded columns ignored)."""
+    keep = a < cur[:, None]
+    if PAD:
+        keep = keep & pmask[None, :]
+    return tl.max(tl.where(keep, a, -1.0), axis=1)
+
+
+@triton.jit
+def _plane_count(a, v, PAD: tl.constexpr, pmask):
+    eq = a == v[:, None]
+    if PAD:
+        eq = eq & pmask[None, :]
+    return tl.sum(eq.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _kth_largest(a0, a1, a2, a3, RANK: tl.constexpr, PAD: tl.constexpr, pmask):
+    """Per row of the four quarter-planes a0..a3 >= 0 [BT, PQ] (together one row of D values):
+    the value at descending rank RANK (0 = max), ties counted, i.e. sort(a)[D - 1 - RANK].
+    Exact; RANK + 1 max/count passes over distinct values, much cheaper than a full
+    tl.sort when RANK is small (clip ratios 0.9-0.99)."""
+    cur = tl.full([a0.shape[0]], float("inf"), tl.float32)
+    need = tl.full([a0.shape[0]], RANK, tl.int32)
+    thr = tl.zeros([a0.shape[0]], tl.float32)
+    found = tl.zeros([a0.shape[0]], tl.int1)
     for _ in tl.static_range(RANK + 1):
-        v = tl.max(tl.where(a < cur[:, None], a, -1.0), axis=1)
-        c = tl.sum((a == v[:, None]).to(tl.int32), axis=1)
+        v = tl.maximum(tl.maximum(_plane_max(a0, cur, PAD, pmask), _plane_max(a1, cur, PAD, pmask)),
+                       tl.maximum(_plane_max(a2, cur, PAD, pmask), _plane_max(a3, cur, PAD, pmask)))
+        c = (_plane_count(a0, v, PAD, pmask) + _plane_count(a1, v, PAD, pmask)
+             + _plane_count(a2, v, PAD, pmask) + _plane_count(a3, v, PAD, pmask))
         hit = (need < c) & (found == 0)
         thr = tl.where(hit, v, thr)
         found = found | hit
         need = need - c
         cur = v
     return thr
+
+
+@triton.jit
+def _plane_minmax(a, PAD: tl.constexpr, pmask):
+    if PAD:
+        return (tl.min(tl.where(pmask[None, :], a, float("inf")), axis=1),
+                tl.max(tl.where(pmask[None, :], a, float("-inf")), axis=1))
+    return tl.min(a, axis=1), tl.max(a, axis=1)
+
+
+@triton.jit
+def _rot_block(rp, krows, pcols, pmask, K0: tl.constexpr, J: tl.constexpr, D: tl.constexpr, Q: tl.constexpr):
+    """R[K0:K0+KC, J*Q:(J+1)*Q] of the [D, D] rotation as [KC, PQ] (padded columns 0)."""
+    return tl.load(rp + (K0 + krows)[:, None] * D + (J * Q + pcols)[None, :], mask=pmask[None, :], other=0.0)
+
+
+@triton.jit
+def _store_window_plane(wp, xr, wmask, pmask, J: tl.constexpr, Q: tl.constexpr):
+    tl.store(wp + J * Q, xr.to(wp.dtype.element_ty), mask=wmask[:, None] & pmask[None, :])
+
+
+@triton.jit
+def _plane_code(xr, minimum, scale, pos):
+    """2-bit codes [BT, PQ] of one (clipped) quarter-plane, exactly like codec.quantize_groups."""
+    y = tl.floor(tl.math.div_rn(xr - minimum, scale) + 0.5)
+    return tl.where(pos, tl.minimum(tl.maximum(y, 0.0), 3.0), 0.0).to(tl.int32)
 
 
 @triton.jit
@@ -69,43 +115,77 @@ def _quantize_write_kernel(
     D: tl.constexpr, CLIP_IDX: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """The rotated row is computed as its four quarter-planes x @ R[:, j*Q:(j+1)*Q] (the
+    plane layout of codec.py: plane j holds the codes packed at bits 2j), so no [D, D]
+    dot operand is ever staged in shared memory: at D=128 one plane's tf32x3 operands fit
+    the 99 KiB of sm_86/sm_89. Clip rank, min and max are combined over the four planes
+    before quantizing. For D < 64 (Q < 16, below tl.dot's minimum N) planes are padded to
+    16 columns, masked everywhere."""
     h = tl.program_id(0)
     pid = tl.program_id(1)
     Q: tl.constexpr = D // 4
-    cols = tl.arange(0, D)
-    # The rotation is loaded once per program and reused for tokens_per_prog tokens.
-    rot = tl.load(rot_ptr + h * stride_rh + cols[:, None] * D + cols[None, :])
-    plane_shift = (2 * tl.arange(0, 4))[None, :, None]
-    qcols = tl.arange(0, Q)
+    PQ: tl.constexpr = 16 if Q < 16 else Q
+    PAD: tl.constexpr = PQ != Q
+    KC: tl.constexpr = 32 if D > 32 else D
+    cols = tl.arange(0, KC)
+    pcols = tl.arange(0, PQ)
+    pmask = pcols < Q
+    rp = rot_ptr + h * stride_rh
     t_begin = pid * tokens_per_prog
     t_end = tl.minimum(t_begin + tokens_per_prog, T)
     for t0 in range(t_begin, t_end, BLOCK_T):
         tok = t0 + tl.arange(0, BLOCK_T)
         tmask = tok < t_end
         slot = tl.load(slots_ptr + tok, mask=tmask, other=-1).to(tl.int64)
-        x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xt + h * stride_xh + cols[None, :],
-                    mask=tmask[:, None], other=0.0).to(tl.float32)
-        xr = _sanitize(tl.dot(_sanitize(x), rot, input_precision=PRECISION))
+        xp = x_ptr + tok[:, None].to(tl.int64) * stride_xt + h * stride_xh + cols[None, :]
+        x0 = tl.zeros([BLOCK_T, PQ], tl.float32)
+        x1 = tl.zeros([BLOCK_T, PQ], tl.float32)
+        x2 = tl.zeros([BLOCK_T, PQ], tl.float32)
+        x3 = tl.zeros([BLOCK_T, PQ], tl.float32)
+        # x @ R as four quarter-planes, accumulated over KC-row slices of R (and KC-column
+        # slices of x): every dot operand is at most [KC, PQ] / [BLOCK_T, KC] fp32.
+        for k0 in tl.static_range(0, D, KC):
+            xk = _sanitize(tl.load(xp + k0, mask=tmask[:, None], other=0.0).to(tl.float32))
+            x0 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 0, D, Q), x0, input_precision=PRECISION)
+            x1 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 1, D, Q), x1, input_precision=PRECISION)
+            x2 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 2, D, Q), x2, input_precision=PRECISION)
+            x3 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 3, D, Q), x3, input_precision=PRECISION)
+        x0 = _sanitize(x0)
+        x1 = _sanitize(x1)
+        x2 = _sanitize(x2)
+        x3 = _sanitize(x3)
         if HAS_WINDOW:
             wslot = tl.load(wslots_ptr + tok, mask=tmask, other=-1).to(tl.int64)
-            wp = win_ptr + wslot[:, None] * stride_wn + h * stride_wh + cols[None, :]
-            tl.store(wp, xr.to(win_ptr.dtype.element_ty), mask=(wslot >= 0)[:, None])
+            wp = win_ptr + wslot[:, None] * stride_wn + h * stride_wh + pcols[None, :]
+            wmask = wslot >= 0
+            _store_window_plane(wp, x0, wmask, pmask, 0, Q)
+            _store_window_plane(wp, x1, wmask, pmask, 1, Q)
+            _store_window_plane(wp, x2, wmask, pmask, 2, Q)
+            _store_window_plane(wp, x3, wmask, pmask, 3, Q)
         if CLIP_IDX < D:
-            thr = _kth_largest(tl.abs(xr), D - 1 - CLIP_IDX)[:, None]
-            xr = tl.minimum(tl.maximum(xr, -thr), thr)
-        mn = tl.min(xr, axis=1)
-        mx = tl.max(xr, axis=1)
+            thr = _kth_largest(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3), D - 1 - CLIP_IDX, PAD, pmask)[:, None]
+            x0 = tl.minimum(tl.maximum(x0, -thr), thr)
+            x1 = tl.minimum(tl.maximum(x1, -thr), thr)
+            x2 = tl.minimum(tl.maximum(x2, -thr), thr)
+            x3 = tl.minimum(tl.maximum(x3, -thr), thr)
+        mn0, mx0 = _plane_minmax(x0, PAD, pmask)
+        mn1, mx1 = _plane_minmax(x1, PAD, pmask)
+        mn2, mx2 = _plane_minmax(x2, PAD, pmask)
+        mn3, mx3 = _plane_minmax(x3, PAD, pmask)
+        mn = tl.minimum(tl.minimum(mn0, mn1), tl.minimum(mn2, mn3))
+        mx = tl.maximum(tl.maximum(mx0, mx1), tl.maximum(mx2, mx3))
         scale = tl.math.div_rn(mx - mn, 3.0).to(tl.float16)
         minimum = mn.to(tl.float16)
         s32 = scale.to(tl.float32)
-        pos = s32 > 0
-        y = tl.floor(tl.math.div_rn(xr - minimum.to(tl.float32)[:, None], tl.where(pos, s32, 1.0)[:, None]) + 0.5)
-        code = tl.where(pos[:, None], tl.minimum(tl.maximum(y, 0.0), 3.0), 0.0).to(tl.int32)
-        # Plane layout: byte j = codes j | j+Q << 2 | j+2Q << 4 | j+3Q << 6 (disjoint bits: sum == or).
-        packed = tl.sum(tl.reshape(code, (BLOCK_T, 4, Q)) << plane_shift, axis=1)
+        pos = (s32 > 0)[:, None]
+        m32 = minimum.to(tl.float32)[:, None]
+        sd = tl.where(pos, s32[:, None], 1.0)
+        # Plane layout: byte j = codes j | j+Q << 2 | j+2Q << 4 | j+3Q << 6.
+        packed = (_plane_code(x0, m32, sd, pos) | (_plane_code(x1, m32, sd, pos) << 2)
+                  | (_plane_code(x2, m32, sd, pos) << 4) | (_plane_code(x3, m32, sd, pos) << 6))
         smask = slot >= 0
         row = rows_ptr + tl.multiple_of(slot * stride_on + h * stride_oh, 4)  # rows are 4-byte multiples
-        tl.store(row[:, None] + qcols[None, :], packed.to(tl.uint8), mask=smask[:, None])
+        tl.store(row[:, None] + pcols[None, :], packed.to(tl.uint8), mask=smask[:, None] & pmask[None, :])
         # scale then minimum, fp16 little-endian, at byte Q: one 32-bit store.
         s_bits = scale.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         m_bits = minimum.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -179,5 +259,5 @@ def quantize_kv_write(
         win.stride(0) if has_window else 0, win.stride(1) if has_window else 0,
         D=d, CLIP_IDX=min(clip_index(clip_ratio, d), d), BLOCK_T=block_t,
         HAS_WINDOW=has_window, PRECISION="tf32x3",
-        num_warps=8 if d == 128 else 4, num_stages=1,  # R (64 KiB fp32 at D=128) dominates registers/smem
+        num_warps=4, num_stages=1,
     )

@@ -1,15 +1,19 @@
 """The ``oscar`` attention backend: rotated INT2 KV with BF16 sink/recent windows.
 
 Per forward:
-1. ``init_forward_metadata`` gives the tokens about to be written their window rows
-   (``OscarKVPool.assign_windows``) and splits every request's cached tokens into an
-   INT2 segment and a window segment (token slot ids, sglang's triton-backend convention).
+The position rule: the query at position t reads key j in full precision iff ``j < sink``
+or ``j > t - recent``, else from its INT2 row, in decode and extend, for a chunk's own
+tokens and for cached ones. The quantized model is then one function of the token
+sequence: cached == uncached, any chunk size == any other, batched == alone.
+
+1. ``init_forward_metadata`` splits every request's keys into an INT2 segment (slots of
+   sglang's request table) and a window segment (its own request-window rows, ``pool.py``),
+   copying a cached prefix's window from the retained store on a prefix hit.
 2. Each layer rotates q by R_K, quantizes k/v on write (``ops.quantize_kv_write``),
-   runs decode or extend attention over the two segments (plus, for extend, the chunk's
-   own exact rotated k/v, causally), and un-rotates the output by R_V^T. Decode writes
-   before attending (it reads its token from the pool); extend writes after, so every
-   query of a chunk sees the ``recent`` tokens before the chunk in BF16, whatever the
-   chunk size (writing first would let the chunk's ring rows evict them).
+   runs decode or extend attention (extend adds the chunk's own exact rotated k/v and
+   applies the rule per query), and un-rotates the output by R_V^T. Decode writes before
+   attending (it reads its token from the pool). Extend writes the INT2 rows first and the
+   window rows after attention, so a chunk's ring rows cannot evict the ring it reads.
 
 The same code runs on CPU (pure-torch references) and GPU (Triton kernels): the
 ``kernels.ops`` interface dispatches on the tensors' device.
@@ -21,8 +25,7 @@ the rank's KV heads.
 
 CUDA graphs (decode): ``init_cuda_graph_state`` allocates fixed-size metadata buffers;
 ``init_forward_metadata_out_graph`` (outside the graph, before capture and before each
-replay) assigns window rows on the host and copies the batch's segments into those
-buffers; the captured layers read only the buffers and a fixed split count.
+replay) builds the batch's segments and copies them into those buffers; the captured layers read only the buffers and a fixed split count.
 """
 
 from __future__ import annotations
@@ -46,15 +49,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ForwardMetadata:
-    """Index tensors for one forward (all int64 on the pool device)."""
+    """Index tensors for one forward (on the pool device), graph buffers included (decode)."""
 
     out_loc: torch.Tensor  # [T] slots written this forward
-    win_rows: torch.Tensor  # [T] their window rows (-1 = INT2 only)
+    win_rows: torch.Tensor | None  # decode: [T] their request-window rows; extend: None
     qo_indptr: torch.Tensor  # [B+1] extend chunk boundaries (decode: arange)
     int2_indptr: torch.Tensor  # [B+1]
-    int2_indices: torch.Tensor  # slot ids into the INT2 rows
+    int2_indices: torch.Tensor  # slot ids into the INT2 rows, position order
     win_indptr: torch.Tensor  # [B+1]
-    win_indices: torch.Tensor  # row ids into the window buffers
+    win_indices: torch.Tensor  # request-window rows: the sinks, then the ring, position order
+    prefix_lens: torch.Tensor | None = None  # extend: [B] first position of each chunk
+    win_src: torch.Tensor | None = None  # extend: chunk tokens whose window rows are written after attention
+    win_dst: torch.Tensor | None = None  # extend: ... and those rows (request windows, retained store)
     num_splits: int | None = None  # decode split-KV count, fixed under CUDA graphs
 
 
@@ -75,29 +81,36 @@ def _indptr(counts: torch.Tensor) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def split_cached_tokens(pool: OscarKVPool, req_to_token, req_pool_indices, lens):
-    """Per request, the slots of its first ``lens[b]`` tokens, split by window membership.
-
-    Returns (int2_indptr, int2_indices, win_indptr, win_indices); order within a request
-    is position order.
-    """
-    dev = pool.win_of_slot.device
-    lens = lens.to(dev, torch.int64)
-    b = lens.numel()
-    req_of = torch.repeat_interleave(torch.arange(b, device=dev), lens)
-    pos = torch.arange(req_of.numel(), device=dev) - (lens.cumsum(0) - lens)[req_of]
-    slots = req_to_token[req_pool_indices.to(dev)[req_of], pos].to(torch.int64)
-    rows = pool.win_of_slot[slots]
-    in_win = rows >= 0
-    win_counts = torch.zeros(b, dtype=torch.int64, device=dev).index_add_(0, req_of, in_win.long())
-    return _indptr(lens - win_counts), slots[~in_win], _indptr(win_counts), rows[in_win]
+def _ranges(starts: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner, value) of the concatenated ranges [starts[b], starts[b] + lens[b]) (host tensors)."""
+    owner = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+    return owner, starts[owner] + torch.arange(owner.numel()) - (lens.cumsum(0) - lens)[owner]
 
 
-def _positions(seq_lens: torch.Tensor, new_lens: torch.Tensor) -> torch.Tensor:
-    """Sequence positions of the tokens written this forward (the last new_lens[b] of each)."""
-    starts = torch.repeat_interleave(seq_lens - new_lens, new_lens)
-    first = torch.repeat_interleave(new_lens.cumsum(0) - new_lens, new_lens)
-    return starts + torch.arange(starts.numel(), device=seq_lens.device) - first
+def _gather_slots(req_to_token, req_rows_dev, starts: torch.Tensor, lens: torch.Tensor):
+    """indptr and slots of positions [starts[b], starts[b] + lens[b]) of every request, gathered
+    on the device from sglang's request table (host-known sizes: no device sync)."""
+    dev = req_to_token.device
+    total = int(lens.sum())
+    lens_d, starts_d = lens.to(dev, non_blocking=True), starts.to(dev, non_blocking=True)
+    owner = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens_d, output_size=total)
+    first = (lens_d.cumsum(0) - lens_d)[owner]
+    pos = starts_d[owner] + torch.arange(total, device=dev) - first
+    return _indptr(lens).to(dev), req_to_token[req_rows_dev[owner], pos].to(torch.int64)
+
+
+def _window_segments(pool: OscarKVPool, req_rows: torch.Tensor, sink_hi: torch.Tensor, ring_lo: torch.Tensor,
+                     ring_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per request, the sinks [0, sink_hi) then the ring [ring_lo, ring_hi), as request-window
+    rows in position order: host (indptr [B + 1], rows)."""
+    n_sink, n_ring = sink_hi.clamp(min=0), (ring_hi - ring_lo).clamp(min=0)
+    owner_s, pos_s = _ranges(torch.zeros_like(ring_lo), n_sink)
+    owner_r, pos_r = _ranges(ring_lo, n_ring)
+    owner, pos = torch.cat([owner_s, owner_r]), torch.cat([pos_s, pos_r])
+    if owner.numel():  # sinks (< sink) come before the ring (>= sink) of the same request
+        order = torch.argsort(owner * (int(ring_hi.max()) + 1) + pos)
+        owner, pos = owner[order], pos[order]
+    return _indptr(n_sink + n_ring), pool.window_rows(req_rows[owner], pos)
 
 
 class OscarAttnBackend(AttentionBackend):
@@ -144,43 +157,104 @@ class OscarAttnBackend(AttentionBackend):
         return list(ranges.pop())
 
     # ---------------------------------------------------------------- metadata
-    def _metadata(self, req_idx, seq_lens, new_lens, out_loc, decode: bool) -> ForwardMetadata:
-        dev = self.pool.win_of_slot.device
-        req_idx, seq_lens = req_idx.to(dev, torch.int64), seq_lens.to(dev, torch.int64)
-        new_lens, out_loc = new_lens.to(dev, torch.int64), out_loc.to(dev, torch.int64)
-        def assign():
-            return self.pool.assign_windows(out_loc, _positions(seq_lens, new_lens),
-                                            torch.repeat_interleave(req_idx, new_lens),
-                                            torch.repeat_interleave(seq_lens, new_lens))
+    def _metadata(self, req_rows: torch.Tensor, seq_lens: torch.Tensor, new_lens: torch.Tensor, out_loc,
+                  decode: bool) -> ForwardMetadata:
+        """Index tensors of one forward under the position rule (``req_rows``/``seq_lens``/``new_lens``:
+        host int64 [B]; ``out_loc``: the written slots on the device).
 
-        # Decode writes its token first and attends to everything, the token included, so its
-        # segments follow the window assignment. Extend attends to the cached prefix as it stands
-        # before this forward (the recent window ends at the chunk start) and to the chunk exactly,
-        # and writes afterwards, so its chunk's ring rows cannot evict the prefix it is reading.
+        Decode writes its token (INT2 row + request window) first and reads the INT2 rows of
+        [sink, n - recent) and the window: sinks and the ring [n - recent, n). Extend writes the
+        chunk's INT2 rows first, attends (INT2 rows of [sink, e - recent), the window before the
+        chunk: sinks and [a - recent + 1, a), the chunk exactly; per-query masks pick one copy of
+        each key) and writes the chunk's window rows afterwards, so they cannot evict the ring it
+        reads. A request whose window row does not hold its prefix (a prefix-cache hit) first
+        copies that window from the retained store.
+        """
+        pool, s, r = self.pool, self.pool.sink, self.pool.recent
+        dev = pool.k_win[0].device
+        rows_d = req_rows.to(dev, non_blocking=True)
+        starts = seq_lens - new_lens
+        int2_hi = seq_lens - r
+        int2_indptr, int2_indices = _gather_slots(self.req_to_token, rows_d, torch.full_like(seq_lens, s),
+                                                  (int2_hi - s).clamp(min=0))
         if decode:
-            win_rows = assign()
-            segments = split_cached_tokens(self.pool, self.req_to_token, req_idx, seq_lens)
-        else:
-            segments = split_cached_tokens(self.pool, self.req_to_token, req_idx, seq_lens - new_lens)
-            win_rows = assign()
-        return ForwardMetadata(out_loc, win_rows, _indptr(new_lens), *segments)
+            win_indptr, win_rows = _window_segments(pool, req_rows, seq_lens.clamp(max=s),
+                                                    (seq_lens - r).clamp(min=s), seq_lens)
+            written = pool.window_rows(req_rows, seq_lens - 1)
+            for row, n in zip(req_rows.tolist(), seq_lens.tolist()):
+                pool.row_len[row] = n
+            return ForwardMetadata(out_loc, written.to(dev), _indptr(new_lens).to(dev), int2_indptr, int2_indices,
+                                   win_indptr.to(dev), win_rows.to(dev))
+        win_indptr, win_rows = _window_segments(pool, req_rows, starts.clamp(max=s),
+                                                (starts - r + 1).clamp(min=s), starts)
+        self._fill_prefix_windows(req_rows.tolist(), starts.tolist())
+        # the chunk's window rows: its sinks and its last `recent` tokens (the ring after it)
+        first = new_lens.cumsum(0) - new_lens
+        owner, pos = _ranges(starts, new_lens)
+        keep = (pos < s) | (pos >= seq_lens[owner] - r)
+        src, dst = (first[owner] + pos - starts[owner])[keep], pool.window_rows(req_rows[owner], pos)[keep]
+        stash_src, stash_dst = self._stash_divergence_windows(req_rows.tolist(), starts, seq_lens, first, out_loc)
+        for row, n in zip(req_rows.tolist(), seq_lens.tolist()):
+            pool.row_len[row] = n
+        return ForwardMetadata(out_loc, None, _indptr(new_lens).to(dev), int2_indptr, int2_indices,
+                               win_indptr.to(dev), win_rows.to(dev), starts.to(dev),
+                               torch.cat([src, stash_src]).to(dev), torch.cat([dst, stash_dst]).to(dev))
+
+    def _fill_prefix_windows(self, req_rows: list[int], starts: list[int]) -> None:
+        """Requests starting on a cached prefix whose window their row does not hold: copy it
+        from the retained store (the scheduler only matches prefixes whose window is there)."""
+        pool = self.pool
+        for row, a in zip(req_rows, starts):
+            if a > 0 and pool.row_len[row] != a:
+                pool.copy_rows(*pool.fill_rows(row, self.req_to_token[row, :a], a))
+
+    def _stash_divergence_windows(self, req_rows: list[int], starts, seq_lens, first, out_loc):
+        """A request whose prefix hit was shortened (the store lacked the window at the point
+        where it leaves the cached sequence, ``pool.snapshot_at``) recomputes up to that point;
+        its chunk tokens in that window are also written to the store, keyed by their own slots
+        (sglang's cache insert hands them to the tree's slots: ``plugin._release_kv``)."""
+        pool, empty = self.pool, torch.zeros(0, dtype=torch.int64)
+        src, dst = [empty], [empty]
+        for b, row in enumerate(req_rows):
+            m = pool.snapshot_at.get(row)
+            if m is None:
+                continue
+            a, e = int(starts[b]), int(seq_lens[b])
+            sinks, ring = pool.window_positions(m)
+            pos = torch.tensor([p for p in (*sinks, *ring) if a <= p < e], dtype=torch.int64)
+            if pos.numel():
+                tok = int(first[b]) + pos - a
+                rows = pool.retain_rows(out_loc[tok.to(out_loc.device)])
+                src.append(tok[rows >= 0])
+                dst.append(rows[rows >= 0])
+            if e >= m:
+                del pool.snapshot_at[row]
+        return torch.cat(src), torch.cat(dst)
 
     def init_forward_metadata(self, forward_batch):
         mode = forward_batch.forward_mode
         if mode.is_idle():
             self.forward_metadata = None
             return
-        seq_lens = forward_batch.seq_lens
-        new_lens = torch.ones_like(seq_lens) if mode.is_decode() else forward_batch.extend_seq_lens
-        self.forward_metadata = self._metadata(forward_batch.req_pool_indices, seq_lens, new_lens,
-                                               forward_batch.out_cache_loc, mode.is_decode())
+        self.forward_metadata = self._metadata(*self._host_lens(forward_batch), forward_batch.out_cache_loc,
+                                               mode.is_decode())
+
+    @staticmethod
+    def _host_lens(forward_batch, raw: int | None = None):
+        """Host (req_rows, seq_lens, new_lens) int64 [B] of a batch (its first ``raw`` requests)."""
+        def host(name):  # the batch's host copy where sglang keeps one, else one device->host copy
+            cpu = getattr(forward_batch, f"{name}_cpu", None)
+            return torch.as_tensor(cpu if cpu is not None else getattr(forward_batch, name).cpu()).long()[:raw]
+        seq = host("seq_lens")
+        new = torch.ones_like(seq) if forward_batch.forward_mode.is_decode() else host("extend_seq_lens")
+        return host("req_pool_indices"), seq, new
 
     # ------------------------------------------------------------- CUDA graphs
     def get_cuda_graph_seq_len_fill_value(self):
         return 1
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        dev, i64 = self.pool.win_of_slot.device, torch.int64
+        dev, i64 = self.pool.k_win[0].device, torch.int64
         self.graph = GraphBuffers(
             out_loc=torch.zeros(max_bs, dtype=i64, device=dev),
             win_rows=torch.full((max_bs,), -1, dtype=i64, device=dev),
@@ -195,7 +269,7 @@ class OscarAttnBackend(AttentionBackend):
     def _graph_splits(self, bs: int) -> int:
         """Split count baked into the graph of batch size bs: sized for long contexts
         (short ones leave most splits empty, which exit at once)."""
-        dev = self.pool.win_of_slot.device
+        dev = self.pool.k_win[0].device
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
         return plan_num_splits(bs, self.pool.head_num, self.req_to_token.shape[1], sms)
 
@@ -210,13 +284,11 @@ class OscarAttnBackend(AttentionBackend):
             g.win_indptr.zero_()
             self.graph_metadata[bs] = ForwardMetadata(
                 g.out_loc[:bs], g.win_rows[:bs], g.qo_indptr[: bs + 1], g.int2_indptr[: bs + 1], g.int2_indices,
-                g.win_indptr[: bs + 1], g.win_indices, self._graph_splits(bs))
+                g.win_indptr[: bs + 1], g.win_indices, num_splits=self._graph_splits(bs))
             self.forward_metadata = self.graph_metadata[bs]
             return
         raw = bs - getattr(forward_batch, "num_padding", 0)  # padded requests get empty segments
-        seq_lens = forward_batch.seq_lens[:raw]
-        md = self._metadata(forward_batch.req_pool_indices[:raw], seq_lens, torch.ones_like(seq_lens),
-                            forward_batch.out_cache_loc[:raw], decode=True)
+        md = self._metadata(*self._host_lens(forward_batch, raw), forward_batch.out_cache_loc[:raw], decode=True)
         g.out_loc[:raw].copy_(md.out_loc)
         g.out_loc[raw:bs].zero_()
         g.win_rows[:raw].copy_(md.win_rows)
@@ -247,9 +319,9 @@ class OscarAttnBackend(AttentionBackend):
         hkv = r.shape[0]
         return torch.einsum("thge,hde->thgd", o.float().view(t, hkv, hq // hkv, d), r).reshape(t, hq, d)
 
-    def _write(self, k3, v3, lid: int) -> None:
+    def _write(self, k3, v3, lid: int, win_rows) -> None:
         md = self.forward_metadata
-        self.pool.write_rows(lid, md.out_loc, k3, v3, md.win_rows, self.rot_k[lid], self.rot_v[lid],
+        self.pool.write_rows(lid, md.out_loc, k3, v3, win_rows, self.rot_k[lid], self.rot_v[lid],
                              self.settings.clip_k[lid], self.settings.clip_v[lid])
 
     def _views(self, q, k, v, layer):
@@ -260,7 +332,7 @@ class OscarAttnBackend(AttentionBackend):
         md, lid = self.forward_metadata, layer.layer_id
         q3, k3, v3 = self._views(q, k, v, layer)
         if save_kv_cache:  # the new token is read back from the pool
-            self._write(k3, v3, lid)
+            self._write(k3, v3, lid, md.win_rows)
         out, _ = ops.decode_attention(
             self._rotate_q(q3, lid), *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
             *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, layer.scaling, self.layout,
@@ -271,6 +343,8 @@ class OscarAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         md, lid = self.forward_metadata, layer.layer_id
         q3, k3, v3 = self._views(q, k, v, layer)
+        if save_kv_cache:  # INT2 rows first: queries far enough into the chunk read its older tokens there
+            self._write(k3, v3, lid, None)
         qr = self._rotate_q(q3, lid)
         # The chunk attends to its own k/v exactly as stored (sanitized, rotated): one non-finite
         # value must not turn the whole chunk NaN through 0 * NaN in the masked attention.
@@ -278,10 +352,11 @@ class OscarAttnBackend(AttentionBackend):
         vr = (sanitize(v3) if self.values_folded else rotated_rows(v3, self.rot_v[lid])).to(qr.dtype)
         out = ops.extend_attention(
             qr, kr, vr, md.qo_indptr, *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
-            *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, layer.scaling, self.layout,
+            *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, md.prefix_lens,
+            self.pool.sink, self.pool.recent, layer.scaling, self.layout,
         )
-        if save_kv_cache:  # after attention: see _metadata
-            self._write(k3, v3, lid)
+        if save_kv_cache:  # window rows after attention: see _metadata
+            self.pool.write_windows(lid, md.win_dst, kr[md.win_src], vr[md.win_src])
         return self._unrotate_out(out, lid).to(q.dtype).reshape(q.shape[0], -1)
 
     def support_triton(self):

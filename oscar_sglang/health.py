@@ -13,15 +13,16 @@
     max_total_num_tokens, available_size, evictable_size, protected_size
     evicted_tokens                  tokens evicted by the radix cache since start
     with an OscarKVPool, also:
-    window_rows, sink_rows, sink_free, sink_owned, ring_owned, sink_overflow
-    window_rows_of_free_slots       rows still owned by a slot the allocator holds as free
-    window_map_mismatches           slot_of_win / win_of_slot disagree
-    sink_rows_lost                  sink rows neither free nor owned
-    sink_free_duplicates            a sink row listed twice in the free list
+    request_rows, retained_rows, retained_free, retained_owned
+    window_fill_misses              window rows a prefix hit needed but the store had lost
+    window_rows_of_free_slots       retained rows still owned by a slot the allocator holds as free
+    window_map_mismatches           slot_of_ret / ret_of_slot disagree
+    retained_rows_lost              retained rows neither free nor owned
+    retained_free_duplicates        a retained row listed twice in the free list
 
 At idle, after ``/flush_cache``, a healthy server has ``available_size ==
-max_total_num_tokens``, ``sink_free == sink_rows`` and the four leak fields 0; the
-leak fields must be 0 at any time between forwards.
+max_total_num_tokens``, ``retained_free == retained_rows`` and the five leak fields 0;
+the leak fields must be 0 at any time between forwards.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ logger = logging.getLogger(__name__)
 _STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
 _TREE = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache"
 HOOKED_TARGETS = (f"{_STATE}._add_memory_usage", f"{_TREE}._evict")
-LEAK_FIELDS = ("window_rows_of_free_slots", "window_map_mismatches", "sink_rows_lost", "sink_free_duplicates")
+LEAK_FIELDS = ("window_fill_misses", "window_rows_of_free_slots", "window_map_mismatches", "retained_rows_lost",
+               "retained_free_duplicates")
 _EVICTED_ATTR = "_oscar_evicted_tokens"
 
 
@@ -53,27 +55,25 @@ def free_slots(allocator: Any) -> torch.Tensor:
 
 
 def window_health(pool: Any, free: torch.Tensor) -> dict[str, int]:
-    """Consistency of an OscarKVPool's window maps against the allocator's free slots."""
-    owner = pool.slot_of_win
+    """Consistency of an OscarKVPool's retained-window maps against the allocator's free slots."""
+    owner = pool.slot_of_ret
     rows = torch.nonzero(owner >= 0).reshape(-1)
     slots = owner[rows]
-    mismatched = int((pool.win_of_slot[slots] != rows).sum())
-    back = torch.nonzero(pool.win_of_slot >= 0).reshape(-1)
-    mismatched += int((owner[pool.win_of_slot[back]] != back).sum())
-    sink_free = pool.sink_free
-    unique_free = set(sink_free)
-    sink_owned = int((rows < pool.sink_rows).sum())
+    mismatched = int((pool.ret_of_slot[slots] != rows).sum())
+    back = torch.nonzero(pool.ret_of_slot >= 0).reshape(-1)
+    mismatched += int((owner[pool.ret_of_slot[back]] != back).sum())
+    ret_free = pool.ret_free
+    unique_free = set(ret_free)
     return {
-        "window_rows": int(owner.numel()),
-        "sink_rows": int(pool.sink_rows),
-        "sink_free": len(sink_free),
-        "sink_owned": sink_owned,
-        "ring_owned": int(rows.numel()) - sink_owned,
-        "sink_overflow": int(pool.sink_overflow),
-        "window_rows_of_free_slots": int(torch.isin(slots, free.to(slots.device)).sum()),
+        "request_rows": int(pool.request_rows),
+        "retained_rows": int(owner.numel()),
+        "retained_free": len(ret_free),
+        "retained_owned": int(rows.numel()),
+        "window_fill_misses": int(pool.fill_misses),
+        "window_rows_of_free_slots": int(torch.isin(slots, free.cpu()).sum()),
         "window_map_mismatches": mismatched,
-        "sink_rows_lost": pool.sink_rows - len(unique_free) - sink_owned,
-        "sink_free_duplicates": len(sink_free) - len(unique_free),
+        "retained_rows_lost": int(owner.numel()) - len(unique_free) - int(rows.numel()),
+        "retained_free_duplicates": len(ret_free) - len(unique_free),
     }
 
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import logging
 
+import msgspec
+
 from oscar_sglang import health
 from oscar_sglang.settings import BACKEND_NAME, OscarError, is_enabled, load_settings
+from oscar_sglang.windows import WindowPlan, plan_for, plan_windows
 
 logger = logging.getLogger(__name__)
 
@@ -25,31 +28,31 @@ _POOLCFG = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator"
 _PAGED = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator"
 _TOKEN = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator"
 
+_COMMON = "sglang.srt.mem_cache.common"
+_REQS = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool"
+
 HOOKED_TARGETS = (
     f"{_SA}.add_cli_args",
     f"{_SA}.from_cli_args",
     f"{_SA}.resolve_once",
     "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility",
     f"{_KVC}._build_token_to_kv_pool",
+    f"{_KVC}.resolve_max_num_reqs",
     f"{_POOLCFG}.__init__",
+    f"{_POOLCFG}.calculate_pool_sizes",
     f"{_PAGED}._release_page_ids",
     f"{_PAGED}.clear",
     f"{_TOKEN}.free",
     f"{_TOKEN}.clear",
+    f"{_REQS}.free_rows",
+    f"{_COMMON}.match_kv_cache",
+    f"{_COMMON}.release_kv_cache",
+    "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend",
     *health.HOOKED_TARGETS,
 )
-
-# BF16 window capacity: recent-window rings for this many concurrently running
-# requests (more share rings, degrading their window tokens to INT2), and sink rows
-# for this many distinct cached sequence starts per ring.
-_MAX_RING_BLOCKS = 64
-_SINK_SETS_PER_RING = 4
-
-
-def window_shape(settings, req_slots: int) -> tuple[int, int]:
-    """(ring_blocks, sink_rows) of the window buffers for a request pool of req_slots rows."""
-    blocks = max(1, min(req_slots, _MAX_RING_BLOCKS))
-    return blocks, settings.sink * _SINK_SETS_PER_RING * blocks
+_PLAN_ATTR = "_oscar_window_plan"  # on the KVCacheConfigurator: the plan its pool sizing chose
+_POOL_ATTR = "_oscar_kv_pool"  # on the ReqToTokenPool: the OSCAR pool whose request windows its rows own
+_SNAPSHOT_ATTR = "_oscar_snapshot_at"  # on a Req: the cached prefix end whose window it recomputes
 
 
 # ------------------------------------------------------------------- CLI flag
@@ -98,11 +101,21 @@ def _decode_only_cuda_graphs(result, server_args):
 
 
 # ----------------------------------------------------------------- the pool
+def _window_args(kvc) -> dict:
+    from sglang.srt.runtime_context import get_parallel
+
+    settings, _ = load_settings(kvc.server_args, kvc.model_config.hf_config)
+    parallel = get_parallel()
+    return dict(sink=settings.sink, recent=settings.recent, head_dim=settings.head_dim,
+                kv_heads=kvc.model_config.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size),
+                layers=kvc.layer_info.num_effective_layers, itemsize=kvc.model_config.dtype.itemsize)
+
+
 def _build_token_to_kv_pool(original, kvc, *, sizes, is_dsa_model, is_dsv4_model, req_to_token_pool):
     if not is_enabled(kvc.server_args):
         return original(kvc, sizes=sizes, is_dsa_model=is_dsa_model, is_dsv4_model=is_dsv4_model,
                         req_to_token_pool=req_to_token_pool)
-    from sglang.srt.runtime_context import get_exec, get_parallel
+    from sglang.srt.runtime_context import get_exec
 
     from oscar_sglang.pool import OscarKVPool
 
@@ -111,60 +124,132 @@ def _build_token_to_kv_pool(original, kvc, *, sizes, is_dsa_model, is_dsv4_model
     if kvc.is_hybrid_swa or kvc.mambaish_config is not None:
         raise OscarError("--oscar serves full-attention models only (this one is hybrid SWA/linear/mamba).")
     settings, _ = load_settings(kvc.server_args, kvc.model_config.hf_config)
-    parallel = get_parallel()
-    ring_blocks, sink_rows = window_shape(settings, req_to_token_pool.req_to_token.shape[0])
+    args = _window_args(kvc)
+    # one request window per row of the table sglang built (row 0 is its padding row)
+    plan = window_plan_for(args, req_to_token_pool.req_to_token.shape[0] - 1)
+    chosen = getattr(kvc, _PLAN_ATTR, None)
+    if chosen is not None and chosen.retained_sets > plan.retained_sets:
+        plan = msgspec.structs.replace(plan, retained_sets=chosen.retained_sets)
     pool = OscarKVPool(
         sizes.max_total_num_tokens,
         kvc.pool_page_size,
         kvc.model_config.dtype,
-        kvc.model_config.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size),
+        args["kv_heads"],
         kvc.model_config.head_dim,
-        kvc.layer_info.num_effective_layers,
+        args["layers"],
         kvc.device,
         layout=settings.layout,
-        sink=settings.sink,
-        recent=settings.recent,
-        ring_blocks=ring_blocks,
-        sink_rows=sink_rows,
+        plan=plan,
         enable_memory_saver=get_exec().features.enable_memory_saver,
         start_layer=kvc.layer_info.start_layer,
         end_layer=kvc.layer_info.end_layer,
     )
+    setattr(req_to_token_pool, _POOL_ATTR, pool)
     logger.info(
-        "OSCAR KV pool: %d tokens, %d B/row, windows %d+%d (%.1f MiB)",
-        sizes.max_total_num_tokens, settings.layout.row_bytes, settings.sink, settings.recent,
-        pool.window_bytes() / 2**20,
+        "OSCAR KV pool: %d tokens, %d B/row; BF16 windows %d+%d for %d request rows + %d retained prefix ends "
+        "(%.1f MiB)", sizes.max_total_num_tokens, settings.layout.row_bytes, settings.sink, settings.recent,
+        plan.request_rows, plan.retained_sets, pool.window_bytes() / 2**20,
     )
     return pool
 
 
+def window_plan_for(args: dict, running: int) -> WindowPlan:
+    row_bytes = 2 * args["layers"] * args["kv_heads"] * args["head_dim"] * args["itemsize"]
+    return plan_for(args["sink"], args["recent"], row_bytes, running)
+
+
 def oscar_cell_size(row_bytes: int, kv_heads: int, num_layers: int) -> int:
-    """Bytes one token slot costs: K and V storage rows in every layer + its window-map entry."""
+    """Bytes one token slot costs: K and V storage rows in every layer + its retained-window map entry."""
     return 2 * num_layers * kv_heads * row_bytes + 8
 
 
-def window_reservation_bytes(settings, kv_heads: int, num_layers: int, req_slots: int, itemsize: int) -> int:
-    ring_blocks, sink_rows = window_shape(settings, req_slots)
-    rows = sink_rows + ring_blocks * settings.recent
-    return 2 * num_layers * rows * kv_heads * settings.head_dim * itemsize + rows * 8
-
-
-def _size_pool(result, poolcfg, kvc):
-    """Charge the true bytes: rows per token, the BF16 windows as a fixed reservation."""
+def _size_cells(result, poolcfg, kvc):
+    """Charge the true bytes per token (packed rows); the windows are charged in ``_size_pool``."""
     if not is_enabled(kvc.server_args) or poolcfg._cell_size == 0:
         return
-    from sglang.srt.runtime_context import get_parallel
-
     settings, _ = load_settings(kvc.server_args, kvc.model_config.hf_config)
-    parallel = get_parallel()
-    kv_heads = kvc.model_config.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size)
-    layers = kvc.layer_info.num_effective_layers
-    poolcfg._cell_size = oscar_cell_size(settings.layout.row_bytes, kv_heads, layers)
-    # the request table (and so the pool's rings) has max_running_requests + 1 rows (one padding row)
+    args = _window_args(kvc)
+    poolcfg._cell_size = oscar_cell_size(settings.layout.row_bytes, args["kv_heads"], args["layers"])
+    poolcfg._oscar_kvc = kvc
+
+
+def _size_pool(original, poolcfg, available_bytes: int, page_size: int):
+    """Take the BF16 windows (``windows.plan_windows``) out of the KV budget before sglang sizes the pool."""
+    kvc = getattr(poolcfg, "_oscar_kvc", None)
+    if kvc is None:
+        return original(poolcfg, available_bytes, page_size)
+    budget = max(available_bytes - poolcfg._fixed_overhead_bytes, 0)
     running = kvc.server_args.max_running_requests
-    req_slots = running + 1 if running else _MAX_RING_BLOCKS
-    itemsize = kvc.model_config.dtype.itemsize
-    poolcfg._fixed_overhead_bytes += window_reservation_bytes(settings, kv_heads, layers, req_slots, itemsize)
+    plan = plan_windows(**_window_args(kvc), budget_bytes=budget, max_running_requests=running)
+    setattr(kvc, _PLAN_ATTR, plan)
+    logger.info("OSCAR windows: %d running requests (%s), %d retained prefix ends: %.1f MiB = %.1f%% of the "
+                "%.1f MiB KV budget", plan.max_running_requests, "--max-running-requests" if running else "derived",
+                plan.retained_sets, plan.total_bytes / 2**20, 100 * plan.total_bytes / max(budget, 1), budget / 2**20)
+    return original(poolcfg, available_bytes - plan.total_bytes, page_size)
+
+
+def _cap_running_requests(original, kvc, token_capacity: int) -> int:
+    """sglang's running-request count never exceeds the window plan's."""
+    result = original(kvc, token_capacity)
+    plan = getattr(kvc, _PLAN_ATTR, None)
+    return result if plan is None else min(result, plan.max_running_requests)
+
+
+# ------------------------------------------------------- prefix hits
+def _match_with_windows(original, req, tree_cache, token_ids=None, *, cow_mamba=False, max_prefix_len=None):
+    """A prefix hit is used only up to where the retained store holds the window a query there
+    reads (``OscarKVPool.usable_prefix``): beyond it the tokens are recomputed, which under the
+    position rule gives exactly what a cold run gives. The request then stores the window at
+    the full match point, so the next request that leaves the cache there hits all of it."""
+    result = original(req, tree_cache, token_ids, cow_mamba=cow_mamba, max_prefix_len=max_prefix_len)
+    pool = _oscar_pool(tree_cache.token_to_kv_pool_allocator)
+    setattr(req, _SNAPSHOT_ATTR, None)
+    if pool is None or req.prefix_len == 0:
+        return result
+    usable = pool.usable_prefix(tree_cache.prefix_device_indices(req), getattr(tree_cache, "page_size", 1))
+    if usable < req.prefix_len:
+        setattr(req, _SNAPSHOT_ATTR, req.prefix_len)
+        limit = usable if max_prefix_len is None else min(usable, max_prefix_len)
+        result = original(req, tree_cache, token_ids, cow_mamba=cow_mamba, max_prefix_len=limit)
+    return result
+
+
+def _plan_snapshots(result, batch):
+    """Tell the pool which request rows recompute a cached window (their rows exist now)."""
+    pool = _oscar_pool(batch.token_to_kv_pool_allocator)
+    if pool is None:
+        return
+    for req in batch.reqs:
+        at = getattr(req, _SNAPSHOT_ATTR, None)
+        if at is not None and req.kv.req_pool_idx is not None:
+            pool.snapshot_at[req.kv.req_pool_idx] = at
+            setattr(req, _SNAPSHOT_ATTR, None)
+
+
+def _release_kv(original, req, tree_cache, *, checkpoint: bool):
+    """Before sglang caches a request: keep its window at the cached end in the store, and hand
+    the rows of tokens the tree already holds (their slots in the request are freed as duplicates)
+    to the tree's slots."""
+    pool = _oscar_pool(tree_cache.token_to_kv_pool_allocator)
+    if pool is not None and checkpoint and req.kv.holds_kv and not req.skip_radix_cache_insert:
+        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+        from sglang.srt.mem_cache.common import _req_radix_key
+
+        n = req.owned_kv_len()
+        own = tree_cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :n]
+        pool.retain_request(req.kv.req_pool_idx, own)
+        key = _req_radix_key(tree_cache, req, req.origin_input_ids + req.output_ids, n)
+        match = tree_cache.match_prefix(MatchPrefixParams(key=key))
+        held = tree_cache.path_device_indices(match.last_device_node)[: match.device_prefix_len]
+        pool.move_retained(own[: held.numel()], held)
+    return original(req, tree_cache, checkpoint=checkpoint)
+
+
+def _on_free_request_rows(result, req_to_token_pool, indices):
+    pool = getattr(req_to_token_pool, _POOL_ATTR, None)
+    if pool is not None:
+        for row in indices:
+            pool.release_request(int(row))
 
 
 # ------------------------------------------------------- slot lifetime hooks
@@ -218,11 +303,17 @@ def register() -> None:
         (f"{_SA}.resolve_once", _check_before_launch, after),
         ("sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility", _decode_only_cuda_graphs, after),
         (f"{_KVC}._build_token_to_kv_pool", _build_token_to_kv_pool, around),
-        (f"{_POOLCFG}.__init__", _size_pool, after),
+        (f"{_KVC}.resolve_max_num_reqs", _cap_running_requests, around),
+        (f"{_POOLCFG}.__init__", _size_cells, after),
+        (f"{_POOLCFG}.calculate_pool_sizes", _size_pool, around),
         (f"{_PAGED}._release_page_ids", _on_release_pages, after),
         (f"{_PAGED}.clear", _on_clear, after),
         (f"{_TOKEN}.free", _on_free_tokens, after),
         (f"{_TOKEN}.clear", _on_clear, after),
+        (f"{_REQS}.free_rows", _on_free_request_rows, after),
+        (f"{_COMMON}.match_kv_cache", _match_with_windows, around),
+        (f"{_COMMON}.release_kv_cache", _release_kv, around),
+        ("sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend", _plan_snapshots, after),
     ):
         HookRegistry.register(target, fn, kind)
     health.register(HookRegistry, after)

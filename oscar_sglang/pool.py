@@ -4,31 +4,29 @@ Layout (per layer, as sglang's ``MHATokenToKVPool`` sees it)::
 
     k_buffer[l], v_buffer[l]  uint8 [size + page_size, H_kv, row_bytes]
 
-Every token's K and V are quantized on write into one storage row per
-(token, KV head) (``kernels/codec.py``: codes + fp16 scale/minimum). sglang
-reports ``dtype=uint8, head_dim=row_bytes``, so everything that copies KV rows
-byte for byte (radix cache, HiCache, ``move_kv_cache``, retraction) carries
-complete quantized vectors. Slot ids, pages and the radix cache are untouched.
+Every token's K and V are quantized on write into one storage row per (token, KV head)
+(``kernels/codec.py``: codes + fp16 scale/minimum). sglang reports ``dtype=uint8,
+head_dim=row_bytes``, so everything that copies KV rows byte for byte (radix cache,
+``move_kv_cache``, retraction) carries complete quantized vectors.
 
-Full-precision windows live beside the rows, keyed by slot::
+Full-precision (rotated, model dtype) windows live beside the rows (``windows.py`` sizes them)::
 
-    k_win[l], v_win[l]  model dtype [sink_rows + ring_blocks * recent, H_kv, D]  (rotated)
-    win_of_slot         int64 [size + page_size]   window row of a slot, -1 = none
-    slot_of_win         int64 [window rows]        owner slot of a window row, -1 = free
+    k_win[l], v_win[l]  [request_rows * (sink + recent) + retained_rows, H_kv, D]
 
-* Sink rows (positions < ``sink``) come from a free list and belong to the
-  slot until sglang frees the slot: they follow the slot into the radix cache,
-  so every request that hits a cached prefix reads the same BF16 sinks.
-* Recent rows form a ring per request-pool row: position ``p`` of request row
-  ``r`` lands in row ``sink_rows + (r % ring_blocks) * recent + p % recent``.
-  Writing a ring row evicts whichever token owned it: normally position
-  ``p - recent`` of the same request, i.e. exactly the token leaving the window;
-  because tokens are quantized independently, the evicted token's INT2 row
-  (written at the same time) is already final. With more running requests than
-  ring blocks, two requests can share a block: they then evict each other's
-  window tokens to INT2 (less accurate, never wrong).
+* **Request windows** (rows ``r * (sink + recent) ...``): request-table row r alone owns
+  them. Position p < sink lands in row ``r * (sink + recent) + p``, any other position in
+  ``r * (sink + recent) + sink + p % recent`` (a ring of the last ``recent`` tokens).
+  No two running requests ever share a row. ``row_len[r]`` is the sequence length the
+  row's window belongs to (-1 = none: the row was freed or never used).
+* **Retained store** (the rest): the window of a cached prefix end, copied out of a request
+  window when sglang caches the request (``retain_request``) and keyed by slot
+  (``ret_of_slot``), so a request that hits that prefix copies it into its own window
+  (``fill_rows``). Rows are freed with their slots, or least-recently-used first when the
+  store is full: a lost window only shortens later prefix hits (``usable_prefix``).
 
-A token is attended in BF16 iff its slot has a window row, else from its INT2 row.
+All bookkeeping is host-side (CPU tensors, python ints): it is read by the scheduler when it
+matches prefixes and by the backend when it builds a forward's metadata, and every data copy
+it implies is issued in stream order after the writes it depends on.
 """
 
 from __future__ import annotations
@@ -40,6 +38,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from oscar_sglang.kernels import ops
 from oscar_sglang.kernels.codec import RowLayout
+from oscar_sglang.windows import WindowPlan
 
 logger = logging.getLogger(__name__)
 
@@ -58,26 +57,25 @@ class OscarKVPool(MHATokenToKVPool):
         device: str,
         *,
         layout: RowLayout,
-        sink: int,
-        recent: int,
-        ring_blocks: int,
-        sink_rows: int,
+        plan: WindowPlan,
         enable_memory_saver: bool = False,
         start_layer: int | None = None,
         end_layer: int | None = None,
     ):
         self.layout = layout
+        self.plan = plan
         self.window_dtype = dtype
-        self.sink, self.recent = sink, recent
-        self.sink_rows = sink_rows
-        self.ring_blocks = ring_blocks
-        rows = sink_rows + ring_blocks * recent
+        self.sink, self.recent = plan.sink, plan.recent
+        self.request_rows = plan.request_rows
+        self.ret_base = plan.request_rows * plan.rows_per_set  # first retained row
+        rows = self.ret_base + plan.retained_rows
         self.k_win = [torch.zeros(rows, head_num, head_dim, dtype=dtype, device=device) for _ in range(layer_num)]
         self.v_win = [torch.zeros(rows, head_num, head_dim, dtype=dtype, device=device) for _ in range(layer_num)]
-        self.win_of_slot = torch.full((size + page_size,), -1, dtype=torch.int64, device=device)
-        self.slot_of_win = torch.full((rows,), -1, dtype=torch.int64, device=device)
-        self.sink_free: list[int] = []
-        self.sink_overflow = 0  # sink tokens that found no free row and stayed INT2 only
+        self.ret_of_slot = torch.full((size + page_size,), -1, dtype=torch.int64)  # retained row index, -1 = none
+        self.slot_of_ret = torch.full((plan.retained_rows,), -1, dtype=torch.int64)
+        self.ret_used = torch.zeros(plan.retained_rows, dtype=torch.int64)  # LRU clock of each retained row
+        self.clock = 0
+        self.fill_misses = 0  # window rows a prefix hit needed but the store had lost (must stay 0)
         super().__init__(
             size,
             page_size,
@@ -97,81 +95,158 @@ class OscarKVPool(MHATokenToKVPool):
     # ------------------------------------------------------------------ sizes
     def window_bytes(self) -> int:
         per_layer = self.k_win[0].numel() * self.k_win[0].element_size() if self.k_win else 0
-        maps = (self.win_of_slot.numel() + self.slot_of_win.numel()) * 8
-        return 2 * per_layer * len(self.k_win) + maps
+        return 2 * per_layer * len(self.k_win) + self.ret_of_slot.numel() * 8
 
     def get_kv_size_bytes(self):
         k_size, v_size = super().get_kv_size_bytes()
         half = self.window_bytes() // 2
         return k_size + half, v_size + half
 
-    # ---------------------------------------------------------------- windows
+    # ------------------------------------------------------- request windows
+    def window_rows(self, req_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Request-window row of each (request row, position): a pure function of both."""
+        s, w = self.sink, self.plan.rows_per_set
+        return req_rows * w + torch.where(positions < s, positions, s + positions % self.recent)
+
+    def window_positions(self, seq_len: int) -> tuple[range, range]:
+        """Positions a query right after ``seq_len`` tokens reads from the window: (sinks, ring)."""
+        s = self.sink
+        return range(min(s, seq_len)), range(max(s, seq_len - self.recent + 1), seq_len)
+
+    def release_request(self, req_row: int) -> None:
+        """sglang freed a request-table row: its window belongs to nobody now."""
+        self.row_len[req_row] = -1
+        self.snapshot_at.pop(req_row, None)
+
+    # ---------------------------------------------------------- retained store
     def reset_windows(self) -> None:
-        """Forget every window row (sglang cleared its allocator: no slot is live)."""
-        self.win_of_slot.fill_(-1)
-        self.slot_of_win.fill_(-1)
-        self.sink_free = list(range(self.sink_rows - 1, -1, -1))
+        """Forget every window (sglang cleared its allocator: no slot or request is live)."""
+        self.row_len = [-1] * self.request_rows
+        self.snapshot_at: dict[int, int] = {}  # request row -> prefix end whose window it recomputes
+        self.ret_of_slot.fill_(-1)
+        self.slot_of_ret.fill_(-1)
+        self.ret_used.zero_()
+        self.ret_free = list(range(self.plan.retained_rows - 1, -1, -1))
 
     def free_window_rows(self) -> int:
-        """Sink rows not owned by any slot (== sink_rows when nothing is cached)."""
-        return len(self.sink_free)
+        """Retained rows not owned by any slot (== retained_rows when nothing is cached)."""
+        return len(self.ret_free)
 
     def release_slots(self, slots: torch.Tensor) -> None:
-        """sglang freed these slots: drop their window rows (idempotent)."""
+        """sglang freed these slots: drop their retained rows (idempotent)."""
         if slots.numel() == 0:
             return
-        slots = slots.to(self.win_of_slot.device, torch.int64)
-        rows = self.win_of_slot[slots]
+        slots = slots.cpu().long()
+        rows = self.ret_of_slot[slots]
         live = rows >= 0
         if not bool(live.any()):
             return
         rows = rows[live]
-        self.win_of_slot[slots[live]] = -1
-        self.slot_of_win[rows] = -1
-        self.sink_free.extend(rows[rows < self.sink_rows].tolist())
+        self.ret_of_slot[slots[live]] = -1
+        self.slot_of_ret[rows] = -1
+        self.ret_free.extend(rows.tolist())
 
     def release_pages(self, page_ids: torch.Tensor) -> None:
         offsets = torch.arange(self.page_size, device=page_ids.device)
         self.release_slots((page_ids.reshape(-1, 1) * self.page_size + offsets).reshape(-1))
 
-    def assign_windows(
-        self, slots: torch.Tensor, positions: torch.Tensor, req_rows: torch.Tensor, seq_ends: torch.Tensor
-    ) -> torch.Tensor:
-        """Give window rows to the tokens about to be written; returns rows [T] (-1 = INT2 only).
+    def retained(self, slots: torch.Tensor) -> torch.Tensor:
+        """Bool [n]: which of these slots have a retained window row (and touch them: LRU)."""
+        rows = self.ret_of_slot[slots.cpu().long()]
+        have = rows >= 0
+        self.clock += 1
+        self.ret_used[rows[have]] = self.clock
+        return have
 
-        slots/positions/req_rows/seq_ends: [T] int64 on the pool device; seq_ends is
-        the length of the token's sequence after this forward.
-        """
-        dev = self.win_of_slot.device
-        slots, positions = slots.to(dev, torch.int64), positions.to(dev, torch.int64)
-        req_rows, seq_ends = req_rows.to(dev, torch.int64), seq_ends.to(dev, torch.int64)
-        self.release_slots(slots)  # a reused slot must not keep a stale row
-        rows = torch.full_like(slots, -1)
-        is_sink = positions < self.sink
-        recent = ~is_sink & (positions >= seq_ends - self.recent)
-        block = req_rows[recent] % self.ring_blocks
-        rows[recent] = self.sink_rows + block * self.recent + positions[recent] % self.recent
-        n_sink = int(is_sink.sum())
-        if n_sink:
-            take = min(n_sink, len(self.sink_free))
-            self.sink_overflow += n_sink - take
-            got = [self.sink_free.pop() for _ in range(take)] + [-1] * (n_sink - take)
-            rows[is_sink] = torch.tensor(got, dtype=torch.int64, device=dev)
-        valid = rows >= 0
-        rows_v, slots_v = rows[valid], slots[valid]
-        previous = self.slot_of_win[rows_v]  # ring rows being overwritten: evict their old token
-        stale = previous >= 0
-        self.win_of_slot[previous[stale]] = -1
-        self.win_of_slot[slots_v] = rows_v
-        self.slot_of_win[rows_v] = slots_v
-        return rows
+    def usable_prefix(self, slots: torch.Tensor, page_size: int) -> int:
+        """Longest page-aligned m <= len(slots) whose window the store holds: the sinks
+        [0, min(sink, m)) and the ring [max(sink, m - recent + 1), m) all retained."""
+        have = self.retained(slots).long()
+        c = torch.cat([have.new_zeros(1), have.cumsum(0)])
+        m = torch.arange(0, slots.numel() + 1, page_size)
+        s_hi = m.clamp(max=self.sink)
+        r_lo = (m - self.recent + 1).clamp(min=self.sink).minimum(m)
+        ok = (c[s_hi] == s_hi) & (c[m] - c[r_lo] == m - r_lo)
+        return int(m[ok].max())
+
+    def _take_rows(self, n: int) -> torch.Tensor:
+        """n retained rows, reclaiming the least recently used ones when none are free."""
+        short = n - len(self.ret_free)
+        if short > 0:
+            owned = (self.slot_of_ret >= 0).nonzero().squeeze(1)
+            victims = owned[self.ret_used[owned].argsort()[:short]]
+            self.release_slots(self.slot_of_ret[victims])
+        return torch.tensor([self.ret_free.pop() for _ in range(min(n, len(self.ret_free)))], dtype=torch.int64)
+
+    def retain_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Retained rows (global window-row ids) for these distinct slots, allocated where missing."""
+        slots = slots.cpu().long()
+        rows = self.ret_of_slot[slots]
+        need = rows < 0
+        got = self._take_rows(int(need.sum()))
+        rows[need.nonzero().squeeze(1)[: got.numel()]] = got
+        keep = rows >= 0  # a store smaller than one window keeps what it can
+        self.ret_of_slot[slots[keep]] = rows[keep]
+        self.slot_of_ret[rows[keep]] = slots[keep]
+        self.clock += 1
+        self.ret_used[rows[keep]] = self.clock
+        return torch.where(keep, rows + self.ret_base, -1)
+
+    def move_retained(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Hand src's retained rows to dst (the same tokens' slots in the radix tree) where dst has none."""
+        src_slots, dst_slots = src_slots.cpu().long(), dst_slots.cpu().long()
+        rows = self.ret_of_slot[src_slots]
+        move = (rows >= 0) & (self.ret_of_slot[dst_slots] < 0) & (src_slots != dst_slots)
+        self.ret_of_slot[src_slots[move]] = -1
+        self.ret_of_slot[dst_slots[move]] = rows[move]
+        self.slot_of_ret[rows[move]] = dst_slots[move]
+
+    def retain_request(self, req_row: int, slots_by_pos: torch.Tensor) -> None:
+        """Copy request row ``req_row``'s window into the store, keyed by its slots
+        (``slots_by_pos[p]`` = slot of position p, the request's first row_len tokens)."""
+        n = min(self.row_len[req_row], slots_by_pos.numel())
+        if n <= 0:
+            return
+        sinks, ring = self.window_positions(n)  # the window a query at position n reads
+        pos = torch.tensor([*sinks, *ring], dtype=torch.int64)
+        dst = self.retain_rows(slots_by_pos.cpu()[pos])
+        src = self.window_rows(torch.full_like(pos, req_row), pos)
+        keep = dst >= 0
+        self.copy_rows(dst[keep], src[keep])
+
+    def fill_rows(self, req_row: int, slots_by_pos: torch.Tensor, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dst, src) window rows that give request row ``req_row`` the window of its cached
+        prefix of ``prefix_len`` tokens from the store."""
+        sinks, ring = self.window_positions(prefix_len)
+        pos = torch.tensor([*sinks, *ring], dtype=torch.int64)
+        rows = self.ret_of_slot[slots_by_pos.cpu().long()[pos]]
+        have = rows >= 0
+        self.fill_misses += int((~have).sum())
+        dst = self.window_rows(torch.full_like(pos, req_row), pos)
+        return dst[have], rows[have] + self.ret_base
+
+    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Window rows dst <- src in every layer (K and V)."""
+        if dst.numel() == 0:
+            return
+        dev = self.k_win[0].device
+        dst, src = dst.to(dev, non_blocking=True), src.to(dev, non_blocking=True)
+        for buf in (*self.k_win, *self.v_win):
+            buf[dst] = buf[src]
 
     # ----------------------------------------------------------------- writes
     def write_rows(self, layer_id, slots, k, v, win_rows, rot_k, rot_v, clip_k: float, clip_v: float) -> None:
-        """Rotate, quantize and store k/v [T, H, D] at slots; rotated BF16 copies at win_rows."""
+        """Rotate, quantize and store k/v [T, H, D] at slots; rotated BF16 copies at win_rows (None: none)."""
         lid = layer_id - self.start_layer
-        ops.quantize_kv_write(k, rot_k, clip_k, self.layout, self.k_buffer[lid], slots, self.k_win[lid], win_rows)
-        ops.quantize_kv_write(v, rot_v, clip_v, self.layout, self.v_buffer[lid], slots, self.v_win[lid], win_rows)
+        kw, vw = (None, None) if win_rows is None else (self.k_win[lid], self.v_win[lid])
+        ops.quantize_kv_write(k, rot_k, clip_k, self.layout, self.k_buffer[lid], slots, kw, win_rows)
+        ops.quantize_kv_write(v, rot_v, clip_v, self.layout, self.v_buffer[lid], slots, vw, win_rows)
+
+    def write_windows(self, layer_id: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store already rotated full-precision k/v [n, H, D] at window rows."""
+        lid = layer_id - self.start_layer
+        self.k_win[lid][rows] = k.to(self.window_dtype)
+        self.v_win[lid][rows] = v.to(self.window_dtype)
 
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, *args, **kwargs):
         raise NotImplementedError(

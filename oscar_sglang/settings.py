@@ -80,6 +80,12 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
     kv_dtype = getattr(server_args, "kv_cache_dtype", "auto")
     if kv_dtype not in ("auto", "bf16", "bfloat16"):
         raise OscarError(f"--oscar stores its own 2-bit KV cache: drop --kv-cache-dtype {kv_dtype}.")
+    if getattr(server_args, "enable_hierarchical_cache", False):
+        raise OscarError("--oscar keeps cached prefixes' BF16 windows on the GPU only; host offload would restore "
+                         "them without: drop --enable-hierarchical-cache.")
+    if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
+        raise OscarError("--oscar does not transfer BF16 windows between prefill and decode servers: "
+                         "drop --disaggregation-mode.")
     if getattr(server_args, "enable_page_major_kv_layout", False) or getattr(server_args, "enable_unified_memory", False):
         raise OscarError("--oscar uses sglang's per-layer MHA pool: drop --enable-page-major-kv-layout/--enable-unified-memory.")
     try:

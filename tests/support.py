@@ -50,3 +50,16 @@ def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, recent: int 
                               tool_version="test"),
     )
     return save_rotations(path, key, value, meta)
+
+
+def make_pool(size: int, head_num: int, head_dim: int, layers: int, *, sink: int, recent: int, request_rows: int,
+              retained_sets: int = 1, page_size: int = 1, dtype=torch.float16):
+    """An OscarKVPool on CPU with an explicit window plan."""
+    from oscar_sglang.kernels.codec import RowLayout
+    from oscar_sglang.pool import OscarKVPool
+    from oscar_sglang.windows import WindowPlan
+
+    plan = WindowPlan(sink=sink, recent=recent, request_rows=request_rows, retained_sets=retained_sets,
+                      row_bytes=2 * layers * head_num * head_dim * dtype.itemsize)
+    return OscarKVPool(size, page_size, dtype, head_num, head_dim, layers, "cpu", layout=RowLayout(head_dim),
+                       plan=plan)

@@ -14,22 +14,20 @@ from types import SimpleNamespace
 
 import torch
 
-from oscar_sglang.kernels.codec import RowLayout
+from support import make_pool
 
 HQ, HKV, D = 4, 2, 32
-LENS = [9, 2, 13]  # after the decode step; request 1 decodes position 1 (< sink: gets a sink row)
+LENS = [9, 2, 13]  # after the decode step; request 1 decodes position 1 (< sink: a sink row)
 
 
 def _backend():
     from sglang.srt.layers.radix_attention import RadixAttention
 
     from oscar_sglang.backend import OscarAttnBackend
-    from oscar_sglang.pool import OscarKVPool
     from oscar_sglang.settings import OscarSettings
 
     torch.manual_seed(0)
-    pool = OscarKVPool(128, 1, torch.float16, HKV, D, 1, "cpu", layout=RowLayout(D), sink=2, recent=4,
-                       ring_blocks=4, sink_rows=16)
+    pool = make_pool(128, HKV, D, 1, sink=2, recent=4, request_rows=4, retained_sets=2)
     req_to_token = torch.zeros(4, 64, dtype=torch.int32)
     # The four ModelRunner attributes the backend reads (a real runner needs a loaded model).
     runner = SimpleNamespace(token_to_kv_pool=pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
@@ -82,14 +80,14 @@ def test_replayed_graph_metadata_equals_eager_decode():
     graph, layer = _backend()
     _prefill(graph, layer)
     graph.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
-    pool_before = graph.pool.win_of_slot.clone()
+    pool_before = list(graph.pool.row_len)
     capture = SimpleNamespace(forward_mode=decode, batch_size=4, seq_lens=torch.ones(4, dtype=torch.int64),
                               req_pool_indices=torch.zeros(4, dtype=torch.int64),
                               out_cache_loc=torch.zeros(4, dtype=torch.int64))
     graph.init_forward_metadata_out_graph(capture, in_capture=True)
     captured = graph.forward_metadata
     graph.forward_decode(*_decode_inputs(4), layer, capture)  # the warm-up/capture forward
-    assert torch.equal(graph.pool.win_of_slot, pool_before)  # capture assigned no window rows
+    assert graph.pool.row_len == pool_before  # capture touched no request window
     assert captured.num_splits is not None
 
     # replay: 3 real requests padded to the captured 4 (seq_len fill value 1, out_cache_loc unpadded)
@@ -103,7 +101,7 @@ def test_replayed_graph_metadata_equals_eager_decode():
     assert md.int2_indptr[-1] == md.int2_indptr[-2] and md.win_indptr[-1] == md.win_indptr[-2]  # padding: empty
     got = graph.forward_decode(q, k, v, layer, view)
     assert torch.allclose(got[:3].float(), want.float(), atol=1e-3)
-    assert torch.equal(graph.pool.win_of_slot[1:], eager.pool.win_of_slot[1:])
+    assert graph.pool.row_len == eager.pool.row_len
     assert torch.equal(graph.pool.k_buffer[0][1:], eager.pool.k_buffer[0][1:])
     for got_win, want_win in ((graph.pool.k_win[0], eager.pool.k_win[0]), (graph.pool.v_win[0], eager.pool.v_win[0])):
         assert torch.allclose(got_win.float(), want_win.float(), atol=2e-3)  # rotation of 4 vs 3 rows: last-bit noise

@@ -1,52 +1,144 @@
-"""Which cached tokens an extend chunk reads in BF16: the ``recent`` tokens before the chunk, whatever its size.
+"""The position rule through the oscar backend: the query at position t reads key j in full
+precision iff j < sink or j > t - recent, else from its INT2 row, whatever the chunking, the
+cache history or the batch.
 
-The backend attends before it writes a chunk. Writing first would let the chunk's ring rows evict
-the window it is about to read, so with a chunk as long as the recent window the whole prefix past
-the sinks would be read from INT2 (and sglang's default chunk of thousands of tokens would read even
-the token just before the chunk from INT2). Here a 6-token prefix is exactly the sinks plus the
-recent window, so the next 4-token chunk must see every earlier token exactly: its output equals
-dense fp32 attention over the original q/k/v.
+Every case runs the backend's real metadata, write and attention path (CPU references) on
+given q/k/v and compares it with attention computed straight from the rule.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
-import torch.nn.functional as F
 
 from test_backend_graph import HKV, HQ, D, _backend
 
-PREFIX, CHUNK = 6, 4  # sink 2 + recent 4, then a chunk as long as the recent window
+SINK, RECENT = 2, 4  # the _backend windows
+T = 14
 
 
-def _extend(backend, layer, start: int, q, k, v):
+def _inputs(seed: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(T, h, D, generator=g).half() for h in (HQ, HKV, HKV))
+
+
+def _batch(backend, mode, rows, seq_lens, new_lens):
+    """A forward batch for requests on ``rows``; slots come from the request table."""
+    out = torch.cat([backend.req_to_token[r, n - m: n].long() for r, n, m in zip(rows, seq_lens, new_lens)])
+    return SimpleNamespace(forward_mode=mode, batch_size=len(rows), seq_lens=torch.tensor(seq_lens),
+                           extend_seq_lens=torch.tensor(new_lens), req_pool_indices=torch.tensor(rows),
+                           out_cache_loc=out)
+
+
+def _run(backend, layer, rows, spans, q, k, v):
+    """One extend over requests ``rows``, request b computing positions spans[b] = (a, e) of q/k/v."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    n = q.shape[0]
-    fb = SimpleNamespace(forward_mode=ForwardMode.EXTEND, seq_lens=torch.tensor([start + n]),
-                         extend_seq_lens=torch.tensor([n]), req_pool_indices=torch.tensor([0]),
-                         out_cache_loc=backend.req_to_token[0, start : start + n].long())
+    fb = _batch(backend, ForwardMode.EXTEND, rows, [e for _, e in spans], [e - a for a, e in spans])
     backend.init_forward_metadata(fb)
-    md = backend.forward_metadata
-    out = backend.forward_extend(q.flatten(1).half(), k.flatten(1).half(), v.flatten(1).half(), layer, fb)
-    return md, out.view(n, HQ, D).float()
+    idx = torch.cat([torch.arange(a, e) for a, e in spans])
+    return backend.forward_extend(q[idx].flatten(1), k[idx].flatten(1), v[idx].flatten(1), layer,
+                                  fb).view(-1, HQ, D).float()
 
 
-def test_a_chunk_as_long_as_the_recent_window_reads_the_window_exactly():
+def _decode(backend, layer, rows, pos, q, k, v):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    fb = _batch(backend, ForwardMode.DECODE, rows, [pos + 1] * len(rows), [1] * len(rows))
+    backend.init_forward_metadata(fb)
+    return backend.forward_decode(q[pos].expand(len(rows), -1, -1).flatten(1),
+                                  k[pos].expand(len(rows), -1, -1).flatten(1),
+                                  v[pos].expand(len(rows), -1, -1).flatten(1), layer, fb).view(-1, HQ, D).float()
+
+
+def _rule(backend, q, k, v):
+    """Attention of every position straight from the rule (fp32, rotated basis and back)."""
+    from oscar_sglang.kernels.codec import dequantize_rows, quantize_rows
+    from oscar_sglang.kernels.reference import rotated_rows
+
+    rk, rv = backend.rot_k[0], backend.rot_v[0]
+    kr, vr = rotated_rows(k, rk), rotated_rows(v, rv)
+    kq = dequantize_rows(quantize_rows(kr, backend.layout, backend.settings.clip_k[0]), backend.layout)
+    vq = dequantize_rows(quantize_rows(vr, backend.layout, backend.settings.clip_v[0]), backend.layout)
+    kr, vr = kr.half().float(), vr.half().float()  # the windows hold model-dtype copies
+    qr = backend._rotate_q(q, 0).float()
+    out = torch.empty(T, HQ, D)
+    g = HQ // HKV
+    for t in range(T):
+        j = torch.arange(t + 1)
+        exact = ((j < SINK) | (j > t - RECENT))[:, None, None]
+        kk = torch.where(exact, kr[: t + 1], kq[: t + 1]).repeat_interleave(g, 1)
+        vv = torch.where(exact, vr[: t + 1], vq[: t + 1]).repeat_interleave(g, 1)
+        p = torch.softmax(torch.einsum("hd,nhd->hn", qr[t], kk) * D**-0.5, dim=-1)
+        out[t] = torch.einsum("hn,nhd->hd", p, vv)
+    return backend._unrotate_out(out, 0).float()
+
+
+def _table(backend, rows):
+    slots = torch.randperm(120, generator=torch.Generator().manual_seed(1))[: T * len(rows)] + 1
+    for i, r in enumerate(rows):
+        backend.req_to_token[r, :T] = slots[i * T: (i + 1) * T].int()
+
+
+@pytest.mark.parametrize("chunks", [[14], [6, 8], [3, 3, 3, 5], [1] * 14, [10, "decode"]])
+def test_any_chunking_reads_by_the_position_rule(chunks):
     backend, layer = _backend()
-    t = PREFIX + CHUNK
-    backend.req_to_token[0, :t] = torch.arange(1, t + 1, dtype=torch.int32)
-    g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(t, h, D, generator=g).half().float() for h in (HQ, HKV, HKV))
-    _extend(backend, layer, 0, q[:PREFIX], k[:PREFIX], v[:PREFIX])
-    md, got = _extend(backend, layer, PREFIX, q[PREFIX:], k[PREFIX:], v[PREFIX:])
-    assert md.int2_indptr.tolist() == [0, 0] and md.win_indptr.tolist() == [0, PREFIX]  # nothing from INT2
+    _table(backend, [0])
+    q, k, v = _inputs()
+    want = _rule(backend, q, k, v)
+    outs, a = [], 0
+    for c in chunks:
+        if c == "decode":
+            for pos in range(a, T):
+                outs.append(_decode(backend, layer, [0], pos, q, k, v))
+            break
+        outs.append(_run(backend, layer, [0], [(a, a + c)], q, k, v))
+        a += c
+    torch.testing.assert_close(torch.cat(outs), want, atol=3e-3, rtol=3e-3)
 
-    causal = torch.ones(t, t, dtype=torch.bool).tril()[PREFIX:]
-    want = F.scaled_dot_product_attention(q[PREFIX:].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                          attn_mask=causal, scale=D**-0.5, enable_gqa=True).transpose(0, 1)
-    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
-    # The chunk's own tokens were written after attention: the ring now holds positions 6..9.
-    assert backend.pool.win_of_slot[backend.req_to_token[0, :t].long()].ge(0).tolist() == [True] * 2 + \
-        [False] * 4 + [True] * 4
+
+def test_requests_in_one_batch_never_share_window_rows():
+    """Four requests with equal positions in ONE decode batch (the old design gave rows that are
+    equal modulo the ring count the same ring) each equal their lone run."""
+    rows = [0, 1, 2, 3]
+    batched, layer = _backend()
+    _table(batched, rows)
+    q, k, v = _inputs()
+    qs = [q * (1 + i) for i in range(4)]  # different requests: different queries and keys
+    ks = [k.roll(i, dims=0) for i in range(4)]
+    for i, r in enumerate(rows):
+        _run(batched, layer, [r], [(0, 10)], qs[i], ks[i], v)
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    fb = _batch(batched, ForwardMode.DECODE, rows, [11] * 4, [1] * 4)
+    batched.init_forward_metadata(fb)
+    got = batched.forward_decode(torch.stack([x[10] for x in qs]).flatten(1), torch.stack([x[10] for x in ks]).flatten(1),
+                                 v[10].expand(4, -1, -1).flatten(1), layer, fb).view(4, HQ, D).float()
+    for i in range(4):
+        alone, layer1 = _backend()
+        _table(alone, [0])
+        alone.req_to_token[0, :T] = batched.req_to_token[rows[i], :T]
+        _run(alone, layer1, [0], [(0, 10)], qs[i], ks[i], v)
+        torch.testing.assert_close(got[i], _decode(alone, layer1, [0], 10, qs[i], ks[i], v)[0], atol=2e-3, rtol=2e-3)
+
+
+def test_a_prefix_hit_equals_the_cold_run():
+    """Request A writes 10 tokens and is cached (its window retained); request B on another row
+    shares those slots and computes 4 more: equal to the cold run of all 14 tokens."""
+    backend, layer = _backend()
+    _table(backend, [0, 1])
+    backend.req_to_token[1, :10] = backend.req_to_token[0, :10]
+    q, k, v = _inputs()
+    _run(backend, layer, [0], [(0, 10)], q, k, v)
+    pool = backend.pool
+    shared = backend.req_to_token[0, :10]
+    assert pool.usable_prefix(shared, 1) == 0  # nothing retained yet: no hit
+    pool.retain_request(0, shared)
+    pool.release_request(0)
+    assert pool.usable_prefix(shared, 1) == 10
+    assert pool.usable_prefix(shared[:8], 1) == SINK  # no window kept at 8: a hit there would recompute
+    warm = _run(backend, layer, [1], [(10, 14)], q, k, v)
+    torch.testing.assert_close(warm, _rule(backend, q, k, v)[10:], atol=3e-3, rtol=3e-3)
+    assert pool.fill_misses == 0

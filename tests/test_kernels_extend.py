@@ -11,11 +11,14 @@ from test_kernels_decode import DEV, make_cache, require_gpu, tolerance
 from oscar_sglang.kernels import extend, ops, reference
 
 
-def run_extend(impl, q, k_new, v_new, qo_indptr, cache, layout, **kw):
+def run_extend(impl, q, k_new, v_new, qo_indptr, cache, layout, sink=2, recent=5, **kw):
+    """Small windows so that the position rule's masks cut through every segment: request b's
+    chunk starts at a = its INT2 + window length (INT2 at positions sink.., sinks, then the ring)."""
     c = cache
+    prefix = (c["int2_indptr"].diff() + c["win_indptr"].diff()).to(qo_indptr.device)
     return impl.extend_attention(q, k_new, v_new, qo_indptr, c["k_rows"], c["v_rows"], c["int2_indptr"],
                                  c["int2_indices"], c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"],
-                                 q.shape[-1] ** -0.5, layout, **kw)
+                                 prefix, sink, recent, q.shape[-1] ** -0.5, layout, **kw)
 
 
 def make_chunk(lens_q, hkv, group, d, dtype, gen, dev=DEV):
@@ -70,7 +73,7 @@ def test_extend_first_query_sees_prefix_plus_itself():
     """A chunk of one token equals decode over prefix + that token (causal edge)."""
     cache, layout, gen = make_cache([3], [0], 1, 64, 1, torch.float32, seed=6, dev="cpu")
     q, k_new, v_new, qo = make_chunk([1], 1, 1, 64, torch.float32, gen, dev="cpu")
-    out = run_extend(reference, q, k_new, v_new, qo, cache, layout)
+    out = run_extend(reference, q, k_new, v_new, qo, cache, layout, sink=0, recent=1)  # all 3 prefix keys INT2
     win = dict(cache, k_win=k_new, v_win=v_new, win_indptr=torch.tensor([0, 1]), win_indices=torch.tensor([0]))
     dec, _ = reference.decode_attention(q, win["k_rows"], win["v_rows"], win["int2_indptr"], win["int2_indices"],
                                         k_new, v_new, win["win_indptr"], win["win_indices"], 64 ** -0.5, layout)

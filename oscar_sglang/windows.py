@@ -1,0 +1,82 @@
+"""BF16 window sizing: the one place that decides how many window rows exist.
+
+The position rule (``backend.py``) needs, per running request, its sinks and its last
+``recent`` tokens in full precision, and, per cached prefix that a later request may hit,
+the same window at the prefix's end. Both are rows of ``2 * layers * kv_heads * head_dim``
+model-dtype elements (K and V, all layers):
+
+- request windows: ``sink + recent`` rows for every row of sglang's request table
+  (``max_running_requests + 1``: row 0 is its padding row), owned by that row alone;
+- the retained store: windows of cached prefix ends, keyed by slot, least recently used
+  first out. Losing one costs a recompute at the next hit, never precision.
+
+With ``--max-running-requests`` unset, the running count is derived so that the windows
+take at most ``WINDOW_SHARE`` of the KV budget (at most ``MAX_DERIVED_RUNNING``); set, the
+reservation is exactly what it needs, refused if it does not fit. No sglang import here.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from oscar_sglang.settings import OscarError
+
+WINDOW_SHARE = 0.10  # of the KV budget, when the running count is derived
+MAX_DERIVED_RUNNING = 64  # beyond this, ask for it with --max-running-requests
+_MAP_BYTES = 8  # int64 window-map entry per retained row (host side, charged anyway)
+
+
+class WindowPlan(msgspec.Struct, frozen=True, kw_only=True):
+    sink: int
+    recent: int
+    request_rows: int  # request-table rows (max_running_requests + 1)
+    retained_sets: int  # windows of cached prefix ends the store holds
+    row_bytes: int  # one window row, K and V, all layers
+
+    @property
+    def max_running_requests(self) -> int:
+        return self.request_rows - 1
+
+    @property
+    def rows_per_set(self) -> int:
+        return self.sink + self.recent
+
+    @property
+    def retained_rows(self) -> int:
+        return self.retained_sets * self.rows_per_set
+
+    @property
+    def total_bytes(self) -> int:
+        rows = (self.request_rows + self.retained_sets) * self.rows_per_set
+        return rows * self.row_bytes + self.retained_rows * _MAP_BYTES
+
+
+def plan_for(sink: int, recent: int, row_bytes: int, running: int) -> WindowPlan:
+    """The plan for exactly ``running`` concurrent requests."""
+    return WindowPlan(sink=sink, recent=recent, request_rows=running + 1,
+                      retained_sets=max(1, running // 4), row_bytes=row_bytes)
+
+
+def plan_windows(*, sink: int, recent: int, head_dim: int, kv_heads: int, layers: int, itemsize: int,
+                 budget_bytes: int, max_running_requests: int | None) -> WindowPlan:
+    """The window reservation for this budget; raises OscarError when it cannot fit."""
+    row_bytes = 2 * layers * kv_heads * head_dim * itemsize
+    gib = 2**30
+    if max_running_requests is not None:
+        plan = plan_for(sink, recent, row_bytes, max_running_requests)
+        if plan.total_bytes >= budget_bytes:
+            raise OscarError(
+                f"--oscar: BF16 windows for --max-running-requests {max_running_requests} need "
+                f"{plan.total_bytes / gib:.2f} GiB, more than the {budget_bytes / gib:.2f} GiB KV budget: "
+                "lower --max-running-requests or raise --mem-fraction-static.")
+        return plan
+    running = 1
+    while running < MAX_DERIVED_RUNNING and plan_for(sink, recent, row_bytes, running + 1).total_bytes \
+            <= WINDOW_SHARE * budget_bytes:
+        running += 1
+    plan = plan_for(sink, recent, row_bytes, running)
+    if plan.total_bytes >= budget_bytes / 2:
+        raise OscarError(
+            f"--oscar: BF16 windows for one request need {plan.total_bytes / gib:.2f} GiB, half or more of the "
+            f"{budget_bytes / gib:.2f} GiB KV budget: raise --mem-fraction-static.")
+    return plan
