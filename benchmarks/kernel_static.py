@@ -220,3 +220,218 @@ def sass(cubin: bytes) -> list[tuple[int, str]]:
         out = subprocess.run([str(NV_BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
                              check=True).stdout
     return [(int(a, 16), ins.strip()) for a, ins in _SASS_LINE.findall(out)]
+
+
+def find_loops(instrs: list[tuple[int, str]]) -> list[tuple[int, int, int]]:
+    """Innermost-level loops as (start, end, instruction count), in program order: every
+    branch to a lower address closes the loop [target, branch]."""
+    addrs = [a for a, _ in instrs]
+    loops = []
+    for a, ins in instrs:
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < a:
+            t = int(m.group(1), 16)
+            loops.append((t, a, sum(1 for x in addrs if t <= x <= a)))
+    return sorted(loops)
+
+
+def occupancy(regs: int, smem: int, warps: int, arch: Arch) -> tuple[int, int, str]:
+    """ESTIMATE of resident (blocks, warps) per SM and the limiting resource."""
+    if smem > arch.smem_block:
+        return 0, 0, "smem>limit"
+    regs_per_warp = -(-regs * 32 // 256) * 256  # allocated per warp in units of 256
+    limits = {
+        "regs": (REGS_PER_SM // regs_per_warp) // warps,
+        "smem": arch.smem_sm // (smem + SMEM_RESERVED_PER_BLOCK),
+        "warps": arch.max_warps // warps,
+        "blocks": arch.max_blocks,
+    }
+    name = min(limits, key=limits.get)
+    return limits[name], limits[name] * warps, name
+
+
+# (label, constexpr name of the tokens per iteration, HBM bytes per (token, KV head))
+DECODE_LOOPS = (
+    ("int2", "BLOCK_N", lambda layout, hkv: 2 * layout.row_bytes + 4 / hkv),
+    ("window", "BLOCK_W", lambda layout, hkv: 2 * 2 * layout.head_dim + 4 / hkv),  # bf16 rows
+)
+
+
+def _config(kwargs: dict) -> str:
+    keep = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages") and not k.startswith("stride")}
+    s = " ".join(f"{k}={v}" for k, v in keep.items())
+    return f"{s} warps={kwargs.get('num_warps', 4)} stages={kwargs.get('num_stages', 3)}"
+
+
+def _rows_for(kernel: str, cc: int, model: str, fn, args, kwargs, memo: dict) -> list[dict]:
+    hq, hkv, d = MODELS[model]
+    arch = ARCHS[cc]
+    t0 = time.time()
+    key = (fn.__name__, cc, repr(args_sig(args)), repr(sorted(kwargs.items())))
+    if key not in memo:
+        ck, log = compile_launch(fn, args, kwargs, cc)
+        memo[key] = (ck, parse_ptxas(log))
+    ck, ptx = memo[key]
+    warps = ck.metadata.num_warps
+    smem = ck.metadata.shared
+    blocks, occ_warps, limiter = occupancy(ptx["regs"], smem, warps, arch)
+    base = {
+        "kernel": kernel, "arch": f"sm_{cc}", "model": model, "hq": hq, "hkv": hkv, "d": d,
+        "config": _config(kwargs), "num_warps": warps, **ptx, "smem_bytes": smem,
+        "smem_limit_bytes": arch.smem_block, "fits_smem": smem <= arch.smem_block,
+        "est_blocks_per_sm": blocks, "est_warps_per_sm": occ_warps, "est_occupancy_limit": limiter,
+        "compile_s": round(time.time() - t0, 2), "status": "ok",
+    }
+    if fn.__name__ != "_decode_split_kernel":
+        return [base]
+    loops = find_loops(sass(ck.asm["cubin"]))
+    if len(loops) != len(DECODE_LOOPS):
+        return [{**base, "status": f"ok (found {len(loops)} SASS loops, expected {len(DECODE_LOOPS)}: no loop counts)"}]
+    rows = []
+    layout = RowLayout(d)
+    for (label, tok_name, bytes_fn), (_, _, count) in zip(DECODE_LOOPS, loops):
+        per_row = count * warps / kwargs[tok_name]
+        loop = {"loop": label, "loop_sass_instr_per_warp_iter": count, "loop_tokens_per_iter": kwargs[tok_name],
+                "sass_instr_per_token_kvhead": round(per_row, 2)}
+        gpus = [(g, spec) for g, spec in GPUS.items() if spec.cc == cc]
+        for g, spec in gpus or [("", None)]:
+            est = {}
+            if spec is not None:
+                issue_us = per_row / (ISSUE_PER_SM_CLK * spec.sms * spec.clock_hz) * 1e12  # per 1M rows
+                hbm_us = bytes_fn(layout, hkv) / spec.hbm_bytes_s * 1e12
+                est = {"est_gpu": g, "est_issue_bound_us_per_Mrow": round(issue_us, 2),
+                       "est_hbm_bound_us_per_Mrow": round(hbm_us, 2),
+                       "est_issue_over_hbm": round(issue_us / hbm_us, 2)}
+            rows.append({**base, **loop, **est})
+    return rows
+
+
+def args_sig(args) -> tuple:
+    """What the JIT specializes on: tensor dtype + 16-byte alignment, int value class."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append((str(a.dtype), a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            out.append(a)
+        else:
+            out.append("one" if a == 1 else ("d16" if a % 16 == 0 else "int"))
+    return tuple(out)
+
+
+def run_job(spec: str, cc: int, models: list[str]) -> list[dict]:
+    """All models of one (spec, arch); compiles identical specializations once."""
+    memo: dict = {}
+    rows = []
+    for model in models:
+        hq, hkv, d = MODELS[model]
+        base = {"kernel": spec, "arch": f"sm_{cc}", "model": model, "hq": hq, "hkv": hkv, "d": d}
+        try:
+            launches = SPECS[spec](MODELS[model])
+        except Exception as e:  # noqa: BLE001 - reported, e.g. a launcher whose signature changed
+            rows.append({**base, "status": f"skipped: launcher call failed: {type(e).__name__}: {e}"})
+            continue
+        for fn, args, kwargs in launches:
+            kernel = KERNEL_NAMES.get(fn.__name__) or spec
+            try:
+                rows.extend(_rows_for(kernel, cc, model, fn, args, kwargs, memo))
+            except Exception as e:  # noqa: BLE001
+                status = "skipped" if spec == "extend" else "error"
+                msg = str(e).strip().splitlines()
+                rows.append({**base, "kernel": kernel, "status": f"{status}: compile failed: {type(e).__name__}: "
+                                                                  f"{msg[-1] if msg else ''}"})
+    return rows
+
+
+COLUMNS = [
+    "commit", "kernel", "arch", "model", "hq", "hkv", "d", "config", "num_warps", "regs", "smem_bytes",
+    "smem_limit_bytes", "fits_smem", "spill_store_bytes", "spill_load_bytes", "stack_bytes",
+    "est_blocks_per_sm", "est_warps_per_sm", "est_occupancy_limit", "loop", "loop_sass_instr_per_warp_iter",
+    "loop_tokens_per_iter", "sass_instr_per_token_kvhead", "est_gpu", "est_issue_bound_us_per_Mrow",
+    "est_hbm_bound_us_per_Mrow", "est_issue_over_hbm", "compile_s", "status",
+]
+
+
+def print_tables(rows: list[dict]) -> None:
+    seen, main = set(), []
+    for r in rows:
+        k = (r["kernel"], r["arch"], r["model"])
+        if k not in seen:
+            seen.add(k)
+            main.append(r)
+    hdr = f"{'kernel':13} {'arch':6} {'model':15} {'regs':>4} {'smem':>7} {'limit':>7} {'fits':>4} " \
+          f"{'spill st/ld':>11} {'EST warps/SM':>12} {'limit by':>9}  status"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in main:
+        if "regs" not in r:
+            print(f"{r['kernel']:13} {r['arch']:6} {r['model']:15} {r['status']}")
+            continue
+        sp = f"{r['spill_store_bytes']}/{r['spill_load_bytes']}"
+        print(f"{r['kernel']:13} {r['arch']:6} {r['model']:15} {r['regs']:>4} {r['smem_bytes']:>7} "
+              f"{r['smem_limit_bytes']:>7} {'yes' if r['fits_smem'] else 'NO':>4} {sp:>11} "
+              f"{r['est_warps_per_sm']:>12} {r['est_occupancy_limit']:>9}  {r['status']}")
+    loops = [r for r in rows if r.get("loop")]
+    if not loops:
+        return
+    print("\nDecode split kernel inner loops: static SASS count, and ESTIMATES (issue-bound = "
+          f"{ISSUE_PER_SM_CLK} warp-instr/SM/clk at boost clock, HBM-bound = peak bandwidth), per 1M (token, KV head) rows")
+    hdr = f"{'arch':6} {'model':15} {'loop':6} {'instr/iter':>10} {'tok/iter':>8} {'instr/(tok,kvh)':>15} " \
+          f"{'EST gpu':9} {'EST issue us':>12} {'EST HBM us':>10} {'EST issue/HBM':>13}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in loops:
+        est = (f"{r.get('est_gpu', ''):9} {r.get('est_issue_bound_us_per_Mrow', ''):>12} "
+               f"{r.get('est_hbm_bound_us_per_Mrow', ''):>10} {r.get('est_issue_over_hbm', ''):>13}")
+        print(f"{r['arch']:6} {r['model']:15} {r['loop']:6} {r['loop_sass_instr_per_warp_iter']:>10} "
+              f"{r['loop_tokens_per_iter']:>8} {r['sass_instr_per_token_kvhead']:>15} {est}")
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernels", default=",".join(SPECS), help=f"comma list of {list(SPECS)}")
+    ap.add_argument("--archs", default=",".join(map(str, ARCHS)), help="comma list of compute capabilities")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
+    ap.add_argument("--quick", action="store_true", help="qwen3-8b only (D=128)")
+    ap.add_argument("--jobs", type=int, default=2, help="compile processes")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--no-csv", action="store_true", help="do not write benchmarks/results/kernel_static.csv")
+    a = ap.parse_args(argv)
+    models = ["qwen3-8b"] if a.quick else a.models.split(",")
+    specs, archs = a.kernels.split(","), [int(c) for c in a.archs.split(",")]
+    for name, pool in (("kernel", SPECS), ("model", MODELS), ("arch", ARCHS)):
+        bad = [x for x in {"kernel": specs, "model": models, "arch": archs}[name] if x not in pool]
+        if bad:
+            ap.error(f"unknown {name}(s) {bad}")
+    torch.set_num_threads(1)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="kernel_static_") as cache:
+        triton.knobs.cache.dir = cache  # every number below comes from a compile in this run
+        triton.knobs.compilation.always_compile = True
+        triton.knobs.nvidia.dump_ptxas_log = True
+        jobs = [(s, cc, models) for s in specs for cc in archs]
+        if a.jobs > 1:
+            with ProcessPoolExecutor(a.jobs, mp_context=get_context("fork")) as ex:
+                results = list(ex.map(run_job, *zip(*jobs)))
+        else:
+            results = [run_job(*j) for j in jobs]
+    commit = git_commit()
+    rows = [{"commit": commit, **r} for res in results for r in res]
+    print_tables(rows)
+    print(f"\n{len(rows)} rows, {time.time() - t0:.0f} s, commit {commit}; triton {triton.__version__}")
+    if not a.no_csv:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / "kernel_static.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({c: r.get(c, "") for c in COLUMNS})
+        print(f"wrote {path}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

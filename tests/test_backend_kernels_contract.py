@@ -7,25 +7,26 @@ from __future__ import annotations
 import torch
 
 from oscar_sglang.kernels import decode, extend, reference, write
-from oscar_sglang.kernels.codec import RowLayout
+from support import make_pool
 
 H_KV, GROUP, D = 1, 2, 64
 
 
 def _state():
-    from oscar_sglang.backend import split_cached_tokens
-    from oscar_sglang.pool import OscarKVPool
+    """Two requests (11 and 6 tokens) written through the pool; the backend's own metadata builder."""
+    from oscar_sglang.backend import OscarAttnBackend
 
     torch.manual_seed(0)
-    pool = OscarKVPool(64, 1, torch.float16, H_KV, D, 1, "cpu", layout=RowLayout(D), sink=2, recent=4,
-                       ring_blocks=2, sink_rows=4)
+    pool = make_pool(64, H_KV, D, 1, sink=2, recent=4, request_rows=2)
     req_to_token = torch.zeros(2, 32, dtype=torch.int32)
     lens = torch.tensor([11, 6])
     slots = torch.randperm(60)[: int(lens.sum())] + 1
     req_to_token[0, :11], req_to_token[1, :6] = slots[:11].int(), slots[11:].int()
     positions = torch.cat([torch.arange(11), torch.arange(6)])
     reqs = torch.cat([torch.zeros(11, dtype=torch.int64), torch.ones(6, dtype=torch.int64)])
-    win_rows = pool.assign_windows(slots, positions, reqs, lens[reqs])
+    in_window = (positions < 2) | (positions >= lens[reqs] - 4)
+    win_rows = torch.where(in_window, pool.window_rows(reqs, positions), -1)
+    pool.row_len[:] = lens.tolist()
     rot = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64))[0].float().contiguous()
     kv = torch.randn(2, len(slots), H_KV, D, dtype=torch.float16)
     k_rows, v_rows = pool.get_kv_buffer(0)
@@ -36,26 +37,33 @@ def _state():
         write.quantize_kv_write(x, rot, 0.96, pool.layout, rows, slots, win, win_rows)
         assert (rows.float() - ref_rows.float()).abs().gt(0).float().mean() < 0.02  # rare tf32 boundary flips
         assert torch.allclose(win.float(), ref_win.float(), atol=1e-2)
-    segments = split_cached_tokens(pool, req_to_token, torch.tensor([0, 1]), lens)
-    return pool, req_to_token, lens, segments, (k_rows, v_rows, k_win, v_win)
+    backend = object.__new__(OscarAttnBackend)  # only the metadata builder runs
+    backend.pool, backend.req_to_token = pool, req_to_token
+    return pool, backend, lens, (k_rows, v_rows, k_win, v_win)
 
 
 def test_decode_kernel_on_backend_metadata():
-    pool, _, lens, (i_ptr, i_idx, w_ptr, w_idx), (k_rows, v_rows, k_win, v_win) = _state()
-    assert i_ptr.tolist() == [0, 5, 5] and w_ptr.tolist() == [0, 6, 12]  # 2 sinks + 4 recent each
+    pool, backend, lens, (k_rows, v_rows, k_win, v_win) = _state()
+    md = backend._metadata(torch.tensor([0, 1]), lens, torch.ones(2, dtype=torch.int64), None, decode=True)
+    assert md.int2_indptr.tolist() == [0, 5, 5] and md.win_indptr.tolist() == [0, 6, 12]  # 2 sinks + 4 recent
     q = torch.randn(2, H_KV * GROUP, D, dtype=torch.float16)
-    args = (q, k_rows, v_rows, i_ptr, i_idx, k_win, v_win, w_ptr, w_idx, D**-0.5, pool.layout)
+    args = (q, k_rows, v_rows, md.int2_indptr, md.int2_indices, k_win, v_win, md.win_indptr, md.win_indices,
+            D**-0.5, pool.layout)
     out, lse = decode.decode_attention(*args)
     ref_out, ref_lse = reference.decode_attention(*args)
     assert torch.allclose(out.float(), ref_out.float(), atol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2)
 
 
 def test_extend_kernel_on_backend_metadata():
-    pool, _, lens, (i_ptr, i_idx, w_ptr, w_idx), (k_rows, v_rows, k_win, v_win) = _state()
+    """Chunks of 3 and 1 tokens ending at the written lengths (prefixes 8 and 5)."""
+    pool, backend, lens, (k_rows, v_rows, k_win, v_win) = _state()
     chunk = torch.tensor([3, 1])
+    pool.row_len[:] = (lens - chunk).tolist()
+    md = backend._metadata(torch.tensor([0, 1]), lens, chunk, torch.zeros(4, dtype=torch.int64), decode=False)
+    assert md.prefix_lens.tolist() == [8, 5] and md.int2_indptr.tolist() == [0, 5, 5]
     q = torch.randn(int(chunk.sum()), H_KV * GROUP, D, dtype=torch.float16)
     k_new = torch.randn(int(chunk.sum()), H_KV, D, dtype=torch.float16)
     v_new = torch.randn_like(k_new)
-    qo = torch.tensor([0, 3, 4])
-    args = (q, k_new, v_new, qo, k_rows, v_rows, i_ptr, i_idx, k_win, v_win, w_ptr, w_idx, D**-0.5, pool.layout)
+    args = (q, k_new, v_new, md.qo_indptr, k_rows, v_rows, md.int2_indptr, md.int2_indices, k_win, v_win,
+            md.win_indptr, md.win_indices, md.prefix_lens, pool.sink, pool.recent, D**-0.5, pool.layout)
     assert torch.allclose(extend.extend_attention(*args).float(), reference.extend_attention(*args).float(), atol=2e-2)

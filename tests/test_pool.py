@@ -9,6 +9,7 @@ import torch
 
 from oscar_sglang.kernels.codec import RowLayout, dequantize_rows
 from oscar_sglang.plugin import HOOKED_TARGETS, oscar_cell_size
+from support import make_pool
 
 H, D, LAYERS = 2, 32, 2
 
@@ -32,11 +33,9 @@ def test_every_hooked_sglang_target_exists():
     assert "oscar" in ATTENTION_BACKENDS
 
 
-def _pool(page_size=1, size=64, sink=4, recent=8, ring_blocks=2, sink_rows=8):
-    from oscar_sglang.pool import OscarKVPool
-
-    return OscarKVPool(size, page_size, torch.float16, H, D, LAYERS, "cpu", layout=RowLayout(D), sink=sink,
-                       recent=recent, ring_blocks=ring_blocks, sink_rows=sink_rows)
+def _pool(page_size=1, size=64, sink=4, recent=8, request_rows=3, retained_sets=1):
+    return make_pool(size, H, D, LAYERS, sink=sink, recent=recent, request_rows=request_rows,
+                     retained_sets=retained_sets, page_size=page_size)
 
 
 def _allocator(pool, page_size):
@@ -60,14 +59,24 @@ def test_pool_reports_packed_rows_to_sglang():
     assert oscar_cell_size(36, kv_heads=8, num_layers=36) * 7 < 2 * 36 * 8 * 128 * 2  # ~7x BF16
 
 
+def test_request_windows_are_disjoint_and_a_pure_function_of_row_and_position():
+    pool = _pool(request_rows=70)
+    rows = torch.arange(70).repeat_interleave(40)
+    pos = torch.arange(40).repeat(70)
+    win = pool.window_rows(rows, pos)
+    recent_or_sink = (pos < 4) | (pos >= 40 - 8)  # one request's window after 40 tokens
+    assert win[recent_or_sink].unique().numel() == int(recent_or_sink.sum())  # no two requests share a row
+    assert torch.equal(win.view(70, 40)[:, 36:], win.view(70, 40)[:, 28:32])  # ring: p and p - recent
+    assert int(win.max()) < pool.ret_base
+
+
 def test_write_quantizes_rows_and_windows():
     pool = _pool()
     torch.manual_seed(0)
     x = torch.randn(3, H, D, dtype=torch.float16)
     eye = torch.eye(D)
     slots = torch.tensor([5, 6, 7])
-    rows = pool.assign_windows(slots, torch.tensor([0, 1, 20]), torch.tensor([0, 0, 0]), torch.tensor([30, 30, 30]))
-    assert rows[:2].tolist() == [0, 1] and rows[2] == -1  # two sinks; position 20 < 30 - 8: INT2 only
+    rows = torch.tensor([0, 1, -1])  # two window rows; the third token INT2 only
     pool.write_rows(0, slots, x, x, rows, eye, eye, 1.0, 1.0)
     k_rows, _ = pool.get_kv_buffer(0)
     k_win, _ = pool.get_window_buffers(0)
@@ -77,43 +86,43 @@ def test_write_quantizes_rows_and_windows():
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_window_rows_follow_slot_lifetime_and_nothing_leaks(page_size):
-    pool = _pool(page_size=page_size)
+def test_retained_windows_follow_slot_lifetime_and_nothing_leaks(page_size):
+    pool = _pool(page_size=page_size, retained_sets=2)
     alloc = _allocator(pool, page_size)
     free0 = alloc.available_size()
-    # request row 1 writes 16 tokens: positions 0-3 are sinks, 8-15 the recent ring
     slots = alloc.alloc(16)
-    rows = pool.assign_windows(slots, torch.arange(16), torch.ones(16, dtype=torch.int64), torch.full((16,), 16))
-    assert (rows[:4] >= 0).all() and (rows[4:8] == -1).all() and (rows[8:] >= 8).all()
-    assert pool.free_window_rows() == 8 - 4
-    # decoding position 16 evicts position 8 from the ring (its INT2 row stays final)
-    new = alloc.alloc(page_size)[:1]
-    pool.assign_windows(new, torch.tensor([16]), torch.tensor([1]), torch.tensor([17]))
-    assert pool.win_of_slot[slots[8]] == -1 and pool.win_of_slot[new[0]] >= 0
-    # freeing the request's slots returns its sink rows (hooked allocator free)
+    pool.row_len[1] = 16
+    pool.retain_request(1, slots)  # sinks 0-3 and the ring 9-15 (what a query at 16 reads)
+    have = pool.retained(slots)
+    assert have.tolist() == [True] * 4 + [False] * 5 + [True] * 7
+    assert pool.usable_prefix(slots, page_size) == 16 and pool.free_window_rows() == 24 - 11
+    # freeing the request's slots returns its retained rows (hooked allocator free)
     alloc.free(slots)
-    alloc.free(new)
-    assert pool.free_window_rows() == 8
-    assert (pool.win_of_slot[slots] == -1).all()
+    assert pool.free_window_rows() == 24 and (pool.ret_of_slot[slots] == -1).all()
     assert alloc.available_size() == free0
-    # sink rows run out gracefully: extra sinks stay INT2 only, counted
-    many = alloc.alloc(12)
-    pool.assign_windows(many, torch.tensor([0, 1, 2, 3] * 3), torch.zeros(12, dtype=torch.int64), torch.full((12,), 4))
-    assert pool.sink_overflow == 4 and pool.free_window_rows() == 0
     alloc.clear()  # flush: every slot and every window row is free again
-    assert pool.free_window_rows() == 8 and (pool.win_of_slot == -1).all() and (pool.slot_of_win == -1).all()
-    assert alloc.available_size() == free0
+    assert pool.free_window_rows() == 24 and (pool.ret_of_slot == -1).all() and (pool.slot_of_ret == -1).all()
 
 
-def test_requests_sharing_a_ring_block_degrade_to_int2_never_to_wrong_rows():
-    pool = _pool(ring_blocks=1)  # request rows 0 and 1 share one ring
-    a, b = torch.arange(10, 20), torch.arange(30, 40)
-    ra = pool.assign_windows(a, torch.arange(4, 14), torch.zeros(10, dtype=torch.int64), torch.full((10,), 14))
-    rb = pool.assign_windows(b, torch.arange(4, 14), torch.ones(10, dtype=torch.int64), torch.full((10,), 14))
-    assert torch.equal(ra[ra >= 0], rb[rb >= 0])  # same ring rows, taken over by request b
-    assert (pool.win_of_slot[a] == -1).all()  # a's window tokens now read their INT2 rows
-    owned = pool.win_of_slot[b][rb >= 0]
-    assert torch.equal(pool.slot_of_win[owned], b[rb >= 0])  # every live row maps back to its slot
+def test_store_reclaims_least_recently_used_windows_and_matches_shrink_never_lie():
+    pool = _pool(retained_sets=1)  # 12 rows: one window
+    a, b = torch.arange(1, 17), torch.arange(21, 37)
+    pool.row_len[0] = pool.row_len[1] = 16
+    pool.retain_request(0, a)
+    assert pool.usable_prefix(a, 1) == 16
+    pool.retain_request(1, b)  # takes a's rows
+    assert pool.usable_prefix(b, 1) == 16 and pool.usable_prefix(a, 1) == 0
+    assert pool.free_window_rows() == 0  # reclaimed only what b needed: 10 of a's 11 rows
+
+
+def test_tree_slots_inherit_retained_rows_of_duplicates():
+    pool = _pool()
+    own, tree = torch.arange(1, 17), torch.arange(31, 47)
+    pool.row_len[0] = 16
+    pool.retain_request(0, own)
+    pool.move_retained(own[:10], tree[:10])  # the tree held the first 10 tokens already
+    assert pool.usable_prefix(torch.cat([tree[:10], own[10:]]), 1) == 16
+    assert (pool.ret_of_slot[own[:10]] == -1).all()
 
 
 @pytest.mark.parametrize("per_head", [False, True])

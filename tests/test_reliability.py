@@ -60,19 +60,23 @@ def test_kv_health_detects_window_row_leaks():
     from oscar_sglang.health import LEAK_FIELDS, free_slots, window_health
     from test_pool import _allocator, _pool
 
-    pool = _pool()  # sink 4, recent 8, 2 ring blocks, 8 sink rows
+    pool = _pool()  # sink 4, recent 8, one retained window of 12 rows
     alloc = _allocator(pool, 1)
     slots = alloc.alloc(16)
-    pool.assign_windows(slots, torch.arange(16), torch.ones(16, dtype=torch.int64), torch.full((16,), 16))
+    pool.row_len[1] = 16
+    pool.retain_request(1, slots)
     h = window_health(pool, free_slots(alloc))
-    assert (h["sink_owned"], h["ring_owned"], h["sink_free"]) == (4, 8, 4) and not any(h[k] for k in LEAK_FIELDS)
+    assert (h["retained_owned"], h["retained_free"]) == (11, 1) and not any(h[k] for k in LEAK_FIELDS)
     alloc.free_pages = torch.cat([alloc.free_pages, slots[:2]])  # freed behind the pool's back (no hook)
-    pool.sink_free.pop()  # a sink row lost
-    pool.win_of_slot[slots[9]] = int(pool.win_of_slot[slots[10]])  # two slots claim one row
+    pool.ret_free.pop()  # a retained row lost
+    pool.ret_of_slot[slots[9]] = int(pool.ret_of_slot[slots[10]])  # two slots claim one row
+    pool.fill_misses = 1
     h = window_health(pool, free_slots(alloc))
-    assert h["window_rows_of_free_slots"] == 2 and h["sink_rows_lost"] == 1 and h["window_map_mismatches"] >= 1
-    pool.sink_free.append(pool.sink_free[0])
-    assert window_health(pool, free_slots(alloc))["sink_free_duplicates"] == 1
+    assert h["window_rows_of_free_slots"] == 2 and h["retained_rows_lost"] == 1 and h["window_map_mismatches"] >= 1
+    assert h["window_fill_misses"] == 1
+    pool.ret_free.append(0)
+    pool.ret_free.append(0)
+    assert window_health(pool, free_slots(alloc))["retained_free_duplicates"] == 1
 
 
 def _gen(url, ids, n=12, **kw):
@@ -92,7 +96,7 @@ def _healthy(url) -> dict:
 def _assert_all_free(url) -> None:
     stress.flush(url)
     h = _healthy(url)
-    assert h["available_size"] == h["max_total_num_tokens"] and h.get("sink_free") == h.get("sink_rows"), h
+    assert h["available_size"] == h["max_total_num_tokens"] and h.get("retained_free") == h.get("retained_rows"), h
 
 
 def _ids(seed: int, n: int) -> list[int]:
