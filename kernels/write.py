@@ -11,7 +11,8 @@ quantization group per row; other layouts: use the reference, as ``ops`` does):
   at ``window_slots[t]`` (int32/int64 [T], -1 skipped).
 
 What is stored is exactly ``reference.quantize_kv_write``: the row is sanitized,
-rotated in ~fp32 (``tl.dot`` with ``input_precision="tf32x3"``), sanitized again,
+rotated in ~fp32 (``tl.dot`` with ``input_precision="tf32x3"``, in [BLOCK_T, 32] x [32, D/4]
+pieces: see below), sanitized again,
 clipped at ``sort(|x|)[clip_index]`` (exact rank selection, ``_kth_largest``), then quantized with IEEE
 division and ``floor(y + 0.5)`` exactly like codec.py, so codes and fp16
 scale/minimum are bit-identical to the reference given the same rotated row
@@ -20,6 +21,17 @@ hence rare code flips at rounding boundaries).
 
 One kernel body serves K and V: the clip index and the per-head rotation stride
 are parameters; the integration calls this once for k and once for v.
+
+Shared memory: a single x @ R dot against the whole [D, D] fp32 rotation stages R (hi and
+lo tf32 halves) in shared memory: 139,264 bytes at D=128 (compiled for sm_86/89/80/90,
+Triton 3.8), over the 101,376-byte per-block limit of sm_86/sm_89 (RTX 3090/4090, L4,
+L40S), so it could not launch there. The kernel instead produces the rotated row as its
+four quarter-planes (x @ R[:, jQ:(j+1)Q], exactly the plane layout of the storage row, so
+plane j is packed at bits 2j with no reshuffle), each accumulated over 32-row slices of R,
+and R is re-read (L1/L2) per token block instead of being kept resident: 4,096 bytes of
+shared memory and 138 (sm_86/89) / 154 (sm_90) registers at D=128, no spills
+(``benchmarks/kernel_static.py``). Clip rank, min and max combine the four planes, so the
+per-row quantile is still over all D values.
 """
 
 from __future__ import annotations
@@ -115,12 +127,11 @@ def _quantize_write_kernel(
     D: tl.constexpr, CLIP_IDX: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The rotated row is computed as its four quarter-planes x @ R[:, j*Q:(j+1)*Q] (the
-    plane layout of codec.py: plane j holds the codes packed at bits 2j), so no [D, D]
-    dot operand is ever staged in shared memory: at D=128 one plane's tf32x3 operands fit
-    the 99 KiB of sm_86/sm_89. Clip rank, min and max are combined over the four planes
-    before quantizing. For D < 64 (Q < 16, below tl.dot's minimum N) planes are padded to
-    16 columns, masked everywhere."""
+    """Per token block: the rotated row as four quarter-planes x @ R[:, jQ:(j+1)Q], each
+    accumulated over KC-row slices of R, so no dot operand is larger than [KC, PQ] (R is
+    re-read per token block: a loop-invariant R would be hoisted and kept in shared memory).
+    Clip rank, min and max combine the four planes before quantizing. For D < 64 (Q < 16,
+    below tl.dot's minimum N) planes are padded to 16 columns, masked everywhere."""
     h = tl.program_id(0)
     pid = tl.program_id(1)
     Q: tl.constexpr = D // 4
@@ -218,7 +229,7 @@ def quantize_kv_write(
     if layout.n_groups != 1:
         raise ValueError("Triton write kernel supports group_size == head_dim only; use the reference")
     if d != layout.head_dim or not 16 <= d <= 128 or d & (d - 1):
-        # D = 256 would need a 256 KiB fp32 rotation operand: more than an SM's shared memory.
+        # D = 256 is neither compiled nor tested here (ops sends it to the reference).
         raise ValueError(f"head_dim {d} must equal layout.head_dim {layout.head_dim}, a power of two in [16, 128]")
     if x.stride(-1) != 1:
         raise ValueError("x must be contiguous in its last dim")
@@ -245,7 +256,9 @@ def quantize_kv_write(
             raise ValueError(f"window_out must be [M, {h}, {d}] contiguous in its last dim")
     if t == 0:
         return
-    block_t = 16 if d == 128 else 64  # D=128: 255 regs at 8 warps, no spill (ptxas, sm_90a); 32 spills
+    # ptxas, 4 warps, no spills on sm_80..90: D=128 block 16: 138-154 regs (block 32 or 8 warps spill);
+    # D=64 block 64: 168-200 regs (benchmarks/kernel_static.py).
+    block_t = 16 if d == 128 else 64
     blocks = triton.cdiv(t, block_t)
     per_prog = triton.cdiv(blocks, max(1, _num_programs_hint(x.device) // h)) * block_t
     grid = (h, triton.cdiv(t, per_prog))

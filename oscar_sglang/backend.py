@@ -172,6 +172,15 @@ class OscarAttnBackend(AttentionBackend):
         """
         pool, s, r = self.pool, self.pool.sink, self.pool.recent
         dev = pool.k_win[0].device
+        pool.begin_forward()
+        try:
+            return self._build_metadata(req_rows, seq_lens, new_lens, out_loc, decode)
+        finally:
+            pool.end_forward()
+
+    def _build_metadata(self, req_rows, seq_lens, new_lens, out_loc, decode: bool) -> ForwardMetadata:
+        pool, s, r = self.pool, self.pool.sink, self.pool.recent
+        dev = pool.k_win[0].device
         rows_d = req_rows.to(dev, non_blocking=True)
         starts = seq_lens - new_lens
         int2_hi = seq_lens - r
@@ -193,7 +202,7 @@ class OscarAttnBackend(AttentionBackend):
         owner, pos = _ranges(starts, new_lens)
         keep = (pos < s) | (pos >= seq_lens[owner] - r)
         src, dst = (first[owner] + pos - starts[owner])[keep], pool.window_rows(req_rows[owner], pos)[keep]
-        stash_src, stash_dst = self._stash_divergence_windows(req_rows.tolist(), starts, seq_lens, first, out_loc)
+        stash_src, stash_dst = self._retain_chunk_ends(req_rows.tolist(), starts, seq_lens, first, out_loc)
         for row, n in zip(req_rows.tolist(), seq_lens.tolist()):
             pool.row_len[row] = n
         return ForwardMetadata(out_loc, None, _indptr(new_lens).to(dev), int2_indptr, int2_indices,
@@ -207,28 +216,38 @@ class OscarAttnBackend(AttentionBackend):
         for row, a in zip(req_rows, starts):
             if a > 0 and pool.row_len[row] != a:
                 pool.copy_rows(*pool.fill_rows(row, self.req_to_token[row, :a], a))
+                pool.row_len[row] = a
 
-    def _stash_divergence_windows(self, req_rows: list[int], starts, seq_lens, first, out_loc):
-        """A request whose prefix hit was shortened (the store lacked the window at the point
-        where it leaves the cached sequence, ``pool.snapshot_at``) recomputes up to that point;
-        its chunk tokens in that window are also written to the store, keyed by their own slots
-        (sglang's cache insert hands them to the tree's slots: ``plugin._release_kv``)."""
+    def _retain_chunk_ends(self, req_rows: list[int], starts, seq_lens, first, out_loc):
+        """Every chunk keeps the window at its end in the store (the next chunk, a repeat of the
+        same prompt or a request leaving the cache there can hit it), and a request whose prefix
+        hit was shortened (``pool.snapshot_at``: the store lacked the window where it leaves the
+        cached sequence) keeps the window there too. Rows are keyed by the request's own slots
+        (sglang's cache insert hands them to the tree's slots: ``plugin._release_kv``); positions
+        before the chunk are copied from the request window now, the chunk's own are written after
+        attention (returned as (chunk token, retained row))."""
         pool, empty = self.pool, torch.zeros(0, dtype=torch.int64)
         src, dst = [empty], [empty]
+        out_host = None
         for b, row in enumerate(req_rows):
-            m = pool.snapshot_at.get(row)
-            if m is None:
-                continue
             a, e = int(starts[b]), int(seq_lens[b])
-            sinks, ring = pool.window_positions(m)
-            pos = torch.tensor([p for p in (*sinks, *ring) if a <= p < e], dtype=torch.int64)
-            if pos.numel():
-                tok = int(first[b]) + pos - a
-                rows = pool.retain_rows(out_loc[tok.to(out_loc.device)])
+            ends = [e]
+            m = pool.snapshot_at.get(row)
+            if m is not None and m > a:
+                ends.append(m)
+            if m is not None and m <= e:
+                del pool.snapshot_at[row]
+            wanted = sorted({p for end in ends for p in pool.retained_positions(end)})
+            old = [p for p in wanted if p < a]
+            new = torch.tensor([p for p in wanted if a <= p < e], dtype=torch.int64)
+            if old:
+                pool.retain_from_request(row, old, self.req_to_token[row, old])
+            if new.numel():
+                out_host = out_loc.cpu() if out_host is None else out_host
+                tok = int(first[b]) + new - a
+                rows = pool.retain_rows(out_host[tok])
                 src.append(tok[rows >= 0])
                 dst.append(rows[rows >= 0])
-            if e >= m:
-                del pool.snapshot_at[row]
         return torch.cat(src), torch.cat(dst)
 
     def init_forward_metadata(self, forward_batch):

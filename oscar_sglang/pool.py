@@ -41,6 +41,7 @@ from oscar_sglang.kernels.codec import RowLayout
 from oscar_sglang.windows import WindowPlan
 
 logger = logging.getLogger(__name__)
+_NO_FORWARD = 2**62
 
 
 class OscarKVPool(MHATokenToKVPool):
@@ -75,6 +76,7 @@ class OscarKVPool(MHATokenToKVPool):
         self.slot_of_ret = torch.full((plan.retained_rows,), -1, dtype=torch.int64)
         self.ret_used = torch.zeros(plan.retained_rows, dtype=torch.int64)  # LRU clock of each retained row
         self.clock = 0
+        self.forward_clock = _NO_FORWARD  # rows used since then belong to the forward being planned
         self.fill_misses = 0  # window rows a prefix hit needed but the store had lost (must stay 0)
         super().__init__(
             size,
@@ -169,11 +171,20 @@ class OscarKVPool(MHATokenToKVPool):
         ok = (c[s_hi] == s_hi) & (c[m] - c[r_lo] == m - r_lo)
         return int(m[ok].max())
 
+    def begin_forward(self) -> None:
+        """While a forward's metadata is built, rows it takes are not reclaimed by the same forward
+        (two tokens of one forward would write one row)."""
+        self.clock += 1
+        self.forward_clock = self.clock
+
+    def end_forward(self) -> None:
+        self.forward_clock = _NO_FORWARD
+
     def _take_rows(self, n: int) -> torch.Tensor:
         """n retained rows, reclaiming the least recently used ones when none are free."""
         short = n - len(self.ret_free)
-        if short > 0:
-            owned = (self.slot_of_ret >= 0).nonzero().squeeze(1)
+        if short > 0:  # never rows taken since begin_forward: their data is still being written
+            owned = ((self.slot_of_ret >= 0) & (self.ret_used < self.forward_clock)).nonzero().squeeze(1)
             victims = owned[self.ret_used[owned].argsort()[:short]]
             self.release_slots(self.slot_of_ret[victims])
         return torch.tensor([self.ret_free.pop() for _ in range(min(n, len(self.ret_free)))], dtype=torch.int64)
@@ -201,18 +212,30 @@ class OscarKVPool(MHATokenToKVPool):
         self.ret_of_slot[dst_slots[move]] = rows[move]
         self.slot_of_ret[rows[move]] = dst_slots[move]
 
-    def retain_request(self, req_row: int, slots_by_pos: torch.Tensor) -> None:
-        """Copy request row ``req_row``'s window into the store, keyed by its slots
-        (``slots_by_pos[p]`` = slot of position p, the request's first row_len tokens)."""
-        n = min(self.row_len[req_row], slots_by_pos.numel())
-        if n <= 0:
+    def retained_positions(self, end: int) -> list[int]:
+        """Positions whose rows make prefix ends ``end`` and ``end - 1`` usable: the sinks and
+        the last ``recent`` tokens (exactly what a request window holds after ``end`` tokens)."""
+        return [*range(min(self.sink, end)), *range(max(self.sink, end - self.recent), end)]
+
+    def retain_from_request(self, req_row: int, positions: list[int], slots: torch.Tensor) -> None:
+        """Copy request row ``req_row``'s window rows of these positions into the store, keyed by
+        their slots. Only positions its window holds now (sinks, the last ``recent``) are valid."""
+        n = self.row_len[req_row]
+        keep = [i for i, p in enumerate(positions) if p < self.sink or n - self.recent <= p < n]
+        if not keep:
             return
-        sinks, ring = self.window_positions(n)  # the window a query at position n reads
-        pos = torch.tensor([*sinks, *ring], dtype=torch.int64)
-        dst = self.retain_rows(slots_by_pos.cpu()[pos])
+        pos = torch.tensor([positions[i] for i in keep], dtype=torch.int64)
+        dst = self.retain_rows(slots.cpu()[keep])
         src = self.window_rows(torch.full_like(pos, req_row), pos)
-        keep = dst >= 0
-        self.copy_rows(dst[keep], src[keep])
+        self.copy_rows(dst[dst >= 0], src[dst >= 0])
+
+    def retain_request(self, req_row: int, slots_by_pos: torch.Tensor) -> None:
+        """Keep request row ``req_row``'s window at its end in the store (``slots_by_pos[p]``:
+        the slot of position p, for at least its first ``row_len`` tokens)."""
+        n = min(self.row_len[req_row], slots_by_pos.numel())
+        if n > 0:
+            pos = self.retained_positions(n)
+            self.retain_from_request(req_row, pos, slots_by_pos.cpu()[pos])
 
     def fill_rows(self, req_row: int, slots_by_pos: torch.Tensor, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(dst, src) window rows that give request row ``req_row`` the window of its cached

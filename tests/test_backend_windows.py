@@ -125,20 +125,19 @@ def test_requests_in_one_batch_never_share_window_rows():
 
 
 def test_a_prefix_hit_equals_the_cold_run():
-    """Request A writes 10 tokens and is cached (its window retained); request B on another row
-    shares those slots and computes 4 more: equal to the cold run of all 14 tokens."""
+    """Request A writes 10 tokens (its chunk end's window is retained) and leaves; request B on
+    another row shares those slots and computes 4 more: equal to the cold run of all 14 tokens."""
     backend, layer = _backend()
     _table(backend, [0, 1])
     backend.req_to_token[1, :10] = backend.req_to_token[0, :10]
     q, k, v = _inputs()
-    _run(backend, layer, [0], [(0, 10)], q, k, v)
     pool = backend.pool
     shared = backend.req_to_token[0, :10]
     assert pool.usable_prefix(shared, 1) == 0  # nothing retained yet: no hit
-    pool.retain_request(0, shared)
+    _run(backend, layer, [0], [(0, 10)], q, k, v)
     pool.release_request(0)
-    assert pool.usable_prefix(shared, 1) == 10
-    assert pool.usable_prefix(shared[:8], 1) == SINK  # no window kept at 8: a hit there would recompute
+    assert pool.usable_prefix(shared, 1) == 10 and pool.usable_prefix(shared[:9], 1) == 9
+    assert pool.usable_prefix(shared[:8], 1) == SINK  # no window kept at 8: a hit there recomputes 2..7
     warm = _run(backend, layer, [1], [(10, 14)], q, k, v)
     torch.testing.assert_close(warm, _rule(backend, q, k, v)[10:], atol=3e-3, rtol=3e-3)
     assert pool.fill_misses == 0

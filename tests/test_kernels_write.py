@@ -64,6 +64,8 @@ CPU_CASES = [  # t, h, d, dtype, clip ratio, per-head rotation, slot dtype
     (97, 2, 128, torch.float16, 0.96, True, torch.int64),
     (33, 1, 128, torch.float16, 1.0, False, torch.int64),
     (5, 1, 32, torch.float16, 0.92, False, torch.int64),
+    (6, 2, 16, torch.float16, 0.96, True, torch.int32),  # D=16: quarter-planes padded to 16 columns
+    (19, 2, 128, torch.bfloat16, 0.92, True, torch.int32),  # V clip: 11 rank passes over 4 planes
 ]
 
 
@@ -94,6 +96,22 @@ def test_write_nonfinite_rows_match_reference():
     assert torch.isfinite(dequantize_rows(rk, RowLayout(d))).all()
 
 
+def test_write_clip_rank_ties_across_planes():
+    """Few distinct |values|, repeated in every quarter-plane: the clip threshold's rank
+    count must combine the four planes (ties counted) exactly like sort(|x|)."""
+    t, h, d = 12, 1, 128
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randint(-3, 4, (t, h, d), generator=gen).to(torch.float16) * 0.5
+    x[0, 0] = 0.0  # all-zero row: scale 0, codes 0
+    x[1, 0, ::32] = 40.0  # one outlier per plane, exactly at the 0.96 rank boundary
+    for ratio in (0.96, 0.92, 1.0):
+        rot = signed_permutation(d, 0, gen)
+        (rk, wk), (rr, wr) = run_both(x, rot, ratio, RowLayout(d), torch.arange(t), torch.arange(t),
+                                      t, t, torch.float16, DEV)
+        assert torch.equal(rk, rr), f"ratio {ratio}: {(rk != rr).sum()} bytes differ"
+        assert torch.equal(wk, wr)
+
+
 def check_rotated_close(rk, rr, wk, wr, layout, win_dtype):
     """Real rotation: the kernel's fp32 rotation may differ from torch's in the last bit,
     so a code can flip at a rounding boundary; values must agree to one quantization step."""
@@ -108,8 +126,9 @@ def check_rotated_close(rk, rr, wk, wr, layout, win_dtype):
     torch.testing.assert_close(wk.float(), wr.float(), rtol=tol, atol=tol)
 
 
-def test_write_real_rotation_close():
-    t, h, d = 40, 2, 64
+@pytest.mark.parametrize("d", [64, 128])
+def test_write_real_rotation_close(d):
+    t, h = 40, 2
     x, _, wslots, gen = make_inputs(t, h, d, torch.float16, seed=11)
     rot = torch.stack([random_orthogonal(d, gen) for _ in range(h)])
     layout = RowLayout(d)

@@ -92,10 +92,10 @@ def test_retained_windows_follow_slot_lifetime_and_nothing_leaks(page_size):
     free0 = alloc.available_size()
     slots = alloc.alloc(16)
     pool.row_len[1] = 16
-    pool.retain_request(1, slots)  # sinks 0-3 and the ring 9-15 (what a query at 16 reads)
+    pool.retain_request(1, slots)  # sinks 0-3 and the ring 8-15 (what queries at 15 and 16 read)
     have = pool.retained(slots)
-    assert have.tolist() == [True] * 4 + [False] * 5 + [True] * 7
-    assert pool.usable_prefix(slots, page_size) == 16 and pool.free_window_rows() == 24 - 11
+    assert have.tolist() == [True] * 4 + [False] * 4 + [True] * 8
+    assert pool.usable_prefix(slots, page_size) == 16 and pool.free_window_rows() == 24 - 12
     # freeing the request's slots returns its retained rows (hooked allocator free)
     alloc.free(slots)
     assert pool.free_window_rows() == 24 and (pool.ret_of_slot[slots] == -1).all()
@@ -109,10 +109,10 @@ def test_store_reclaims_least_recently_used_windows_and_matches_shrink_never_lie
     a, b = torch.arange(1, 17), torch.arange(21, 37)
     pool.row_len[0] = pool.row_len[1] = 16
     pool.retain_request(0, a)
-    assert pool.usable_prefix(a, 1) == 16
+    assert pool.usable_prefix(a, 1) == 16 and pool.usable_prefix(a[:15], 1) == 15
     pool.retain_request(1, b)  # takes a's rows
     assert pool.usable_prefix(b, 1) == 16 and pool.usable_prefix(a, 1) == 0
-    assert pool.free_window_rows() == 0  # reclaimed only what b needed: 10 of a's 11 rows
+    assert pool.free_window_rows() == 0  # b's window took all 12 rows
 
 
 def test_tree_slots_inherit_retained_rows_of_duplicates():
