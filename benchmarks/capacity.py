@@ -1,11 +1,21 @@
-"""KV token capacity at the same memory budget: sglang's max_total_num_tokens, BF16 vs --oscar.
+"""KV token capacity at the same memory budget, BF16 vs --oscar, with default flags.
 
-Starts sglang.Engine twice with the same --mem-fraction-static (dummy weights of a real
-model's attention geometry; MLP and vocabulary shrunk so the weights stay small) and
-reads the capacity sglang sized from its (hooked) per-token cell size. Appends a row to
-benchmarks/results/capacity.csv.
+Two modes, one arithmetic:
 
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/cpu_standin python3 benchmarks/capacity.py --device cpu
+* ``--engine``: starts sglang.Engine twice (dummy weights of a real model's attention
+  geometry; MLP and vocabulary shrunk) at the same ``--mem-fraction-static`` and reads the
+  capacity sglang sized through the plugin's hooks (packed cell size, BF16 windows from
+  ``oscar_sglang.windows.plan_windows`` with ``--max-running-requests`` unset). The budget
+  is inferred from the BF16 run (tokens x BF16 cell), and the same budget is also fed to the
+  calculator below: the row says whether the two agree.
+* default: the calculator for card classes. KV budget = ``frac x card - weights`` (the
+  assumption is stated in each row), BF16 tokens = budget // BF16 cell, OSCAR tokens =
+  (budget - planned windows) // OSCAR cell: exactly the steps the hooked sglang sizing takes.
+
+Appends rows to benchmarks/results/capacity.csv and prints a markdown table.
+
+    python3 benchmarks/capacity.py                                  # card classes
+    python3 benchmarks/capacity.py --engine --shape qwen3-8b        # real sglang sizing (CPU ok)
 """
 
 from __future__ import annotations
@@ -26,50 +36,116 @@ SHAPES = {  # attention geometry of real models; hidden/MLP/vocab shrunk (capaci
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_size=576),
     "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_size=512),
+    "llama-3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_size=512),
+    "qwen2.5-32b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_hidden_layers=64,
+                        num_attention_heads=40, num_key_value_heads=8, head_dim=128, hidden_size=640),
 }
+WEIGHTS_GB = {"smollm2-135m": 0.27, "qwen3-8b": 16.4, "llama-3-8b": 16.1, "qwen2.5-32b": 65.5}  # BF16 checkpoints
+CARDS = {"24 GB (RTX 4090)": (24, 0.85), "80 GB (H100)": (80, 0.88), "141 GB (H200)": (141, 0.88)}
+SINK, RECENT, BF16 = 64, 256, 2
 
 
-def _capacity(model: Path, device: str, mem_fraction: float, extra: dict) -> int:
+def cells(shape: str) -> tuple[int, int]:
+    """(BF16, OSCAR) bytes per token: sglang's MHA cell, and the plugin's packed one."""
+    from oscar_sglang.kernels.codec import RowLayout
+    from oscar_sglang.plugin import oscar_cell_size
+
+    g = SHAPES[shape]
+    layers, heads, d = g["num_hidden_layers"], g["num_key_value_heads"], g["head_dim"]
+    return 2 * layers * heads * d * BF16, oscar_cell_size(RowLayout(d).row_bytes, heads, layers)
+
+
+def calculate(shape: str, budget: int, max_running: int | None = None) -> dict:
+    from oscar_sglang.windows import plan_windows
+
+    g = SHAPES[shape]
+    bf16_cell, oscar_cell = cells(shape)
+    plan = plan_windows(sink=SINK, recent=RECENT, head_dim=g["head_dim"], kv_heads=g["num_key_value_heads"],
+                        layers=g["num_hidden_layers"], itemsize=BF16, budget_bytes=budget,
+                        max_running_requests=max_running)
+    bf16, oscar = budget // bf16_cell, (budget - plan.total_bytes) // oscar_cell
+    return {"shape": shape, "kv_budget_gib": round(budget / 2**30, 2), "bf16_tokens": bf16, "oscar_tokens": oscar,
+            "ratio": round(oscar / bf16, 3), "max_running_requests": plan.max_running_requests,
+            "retained_prefix_ends": plan.retained_sets, "window_gib": round(plan.total_bytes / 2**30, 3),
+            "window_share": round(plan.total_bytes / budget, 4)}
+
+
+def _engine_capacity(model: Path, device: str, mem_fraction: float, extra: dict) -> dict:
     code = (
         "import json, sglang as sgl\n"
         f"e = sgl.Engine(model_path={str(model)!r}, load_format='dummy', skip_tokenizer_init=True, device={device!r},"
-        f" disable_overlap_schedule=True, mem_fraction_static={mem_fraction}, max_running_requests=64,"
+        f" disable_overlap_schedule=True, mem_fraction_static={mem_fraction},"
         f" dtype='bfloat16', log_level='error', **{extra!r})\n"
-        "print('CAPACITY', e.get_server_info()['max_total_num_tokens'])\n"
+        "i = e.get_server_info()\n"
+        "print('CAPACITY', json.dumps({'tokens': i['max_total_num_tokens'], 'running': i['max_running_requests']}))\n"
         "e.shutdown()\n"
     )
-    out = subprocess.run([sys.executable, "-c", f"if __name__ == '__main__':\n" + "".join(
+    out = subprocess.run([sys.executable, "-c", "if __name__ == '__main__':\n" + "".join(
         "    " + line + "\n" for line in code.splitlines())], capture_output=True, text=True, timeout=900)
     for line in out.stdout.splitlines():
         if line.startswith("CAPACITY"):
-            return int(line.split()[1])
+            return json.loads(line.split(maxsplit=1)[1])
     raise RuntimeError(out.stderr[-3000:])
+
+
+def engine_row(shape: str, device: str, mem_fraction: float) -> dict:
+    """Real sglang sizing, BF16 and --oscar at one --mem-fraction-static, default flags."""
+    from support import write_rotations, write_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_tiny_model(Path(tmp) / "m", intermediate_size=256, vocab_size=1024, **SHAPES[shape])
+        rot = write_rotations(Path(tmp) / "rot.safetensors", model, sink=SINK, recent=RECENT)
+        bf16 = _engine_capacity(model, device, mem_fraction, {"attention_backend": "torch_native"})
+        oscar = _engine_capacity(model, device, mem_fraction,
+                                 {"attention_backend": "oscar", "quantization_param_path": str(rot)})
+    budget = bf16["tokens"] * cells(shape)[0]
+    calc = calculate(shape, budget)
+    return {"mode": f"engine {device} mem_fraction {mem_fraction}", "card": "", "shape": shape,
+            "kv_budget_gib": calc["kv_budget_gib"], "bf16_tokens": bf16["tokens"], "oscar_tokens": oscar["tokens"],
+            "ratio": round(oscar["tokens"] / bf16["tokens"], 3), "max_running_requests": oscar["running"],
+            "retained_prefix_ends": calc["retained_prefix_ends"], "window_gib": calc["window_gib"],
+            "window_share": calc["window_share"], "calculator_oscar_tokens": calc["oscar_tokens"]}
+
+
+def card_rows() -> list[dict]:
+    rows = []
+    for card, (gb, frac) in CARDS.items():
+        for shape in ("qwen3-8b", "llama-3-8b", "qwen2.5-32b"):
+            budget = int((frac * gb - WEIGHTS_GB[shape]) * 1e9)
+            base = {"mode": f"calculator: budget = {frac} x {gb} GB - {WEIGHTS_GB[shape]} GB weights", "card": card}
+            if budget <= 0:
+                rows.append(base | {"shape": shape, "kv_budget_gib": 0, "bf16_tokens": 0, "oscar_tokens": 0,
+                                    "ratio": "", "max_running_requests": "", "retained_prefix_ends": "",
+                                    "window_gib": "", "window_share": ""})
+                continue
+            rows.append(base | calculate(shape, budget))
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--shape", choices=list(SHAPES), default="smollm2-135m")
-    p.add_argument("--mem-fraction", type=float, default=0.05)
+    p.add_argument("--engine", action="store_true", help="real sglang sizing instead of the card-class calculator")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--shape", choices=list(SHAPES), default="qwen3-8b")
+    p.add_argument("--mem-fraction", type=float, default=0.1)
     args = p.parse_args()
-    from support import write_rotations, write_tiny_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_tiny_model(Path(tmp) / "m", intermediate_size=256, vocab_size=1024, **SHAPES[args.shape])
-        rot = write_rotations(Path(tmp) / "rot.safetensors", model)
-        bf16 = _capacity(model, args.device, args.mem_fraction, {"attention_backend": "torch_native"})
-        oscar = _capacity(model, args.device, args.mem_fraction,
-                          {"attention_backend": "oscar", "quantization_param_path": str(rot)})
-    row = {"shape": args.shape, "device": args.device, "mem_fraction_static": args.mem_fraction,
-           "bf16_tokens": bf16, "oscar_tokens": oscar, "ratio": round(oscar / bf16, 3)}
-    print(json.dumps(row))
+    rows = [engine_row(args.shape, args.device, args.mem_fraction)] if args.engine else card_rows()
+    fields = ["mode", "card", "shape", "kv_budget_gib", "bf16_tokens", "oscar_tokens", "ratio", "max_running_requests",
+              "retained_prefix_ends", "window_gib", "window_share", "calculator_oscar_tokens"]
     out = ROOT / "benchmarks" / "results" / "capacity.csv"
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
+    new = not out.exists() or out.read_text().splitlines()[:1] != [",".join(fields)]
+    with out.open("w" if new else "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
-        w.writerow(row)
+        w.writerows(rows)
+    print("| card | model | KV budget GiB | BF16 tokens | OSCAR tokens | ratio | running (derived) | window share |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        share = f"{100 * r['window_share']:.1f}%" if r["window_share"] != "" else ""
+        print(f"| {r['card'] or r['mode']} | {r['shape']} | {r['kv_budget_gib']} | {r['bf16_tokens']:,} | "
+              f"{r['oscar_tokens']:,} | {r['ratio']} | {r['max_running_requests']} | {share} |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Starts one sglang server per configuration, each with ``--max-total-tokens`` derived from
 the SAME ``--kv-budget-mb`` and the true bytes per token: BF16 cell = 2 * layers *
 kv_heads * head_dim * 2 B; OSCAR cell = ``plugin.oscar_cell_size`` after the BF16 windows
-(``plugin.window_reservation_bytes``) are charged against the budget. For each number of
+(``windows.plan_windows``) are charged against the budget. For each number of
 documents D in ``--docs`` it flushes the cache and drives the workload of rag_workload.py
 (D documents x ``--questions`` questions, Zipf popularity, ``--concurrency`` streaming
 clients), then writes ``rag_prefix_<device>.csv`` and ``.png`` (hit rate, prefill tokens
@@ -63,8 +63,7 @@ class Config:
     cell_bytes: int
     window_bytes: int  # charged against the budget (0 for BF16)
     max_total_tokens: int
-    ring_blocks: int = 0
-    sink_sets: int = 0  # distinct cached sequence starts that keep BF16 sinks (4 per ring block)
+    retained_sets: int = 0  # cached prefix ends whose BF16 window the store keeps (LRU)
 
 
 def kv_geometry(model_dir: Path) -> tuple[int, int, int]:
@@ -79,23 +78,26 @@ def budget_split(budget_bytes: int, model_dir: Path, rotations: Path, max_runnin
     """Per configuration: cell bytes, window reservation and --max-total-tokens for one budget."""
     from transformers import AutoConfig
 
-    from oscar_sglang.plugin import oscar_cell_size, window_reservation_bytes, window_shape
-    from oscar_sglang.settings import load_settings
+    from oscar_sglang.plugin import oscar_cell_size
+    from oscar_sglang.settings import OscarError, load_settings
+    from oscar_sglang.windows import plan_windows
 
     layers, kv_heads, head_dim = kv_geometry(model_dir)
     settings, _ = load_settings(SimpleNamespace(quantization_param_path=str(rotations)),
                                 AutoConfig.from_pretrained(model_dir))
     bf16_cell = 2 * layers * kv_heads * head_dim * BF16_BYTES
     cell = oscar_cell_size(settings.layout.row_bytes, kv_heads, layers)
-    req_slots = max_running + 1  # sglang's ReqToTokenPool has one padding row: the pool sizes its rings from it
-    window = window_reservation_bytes(settings, kv_heads, layers, req_slots, BF16_BYTES)
-    ring_blocks, sink_rows = window_shape(settings, req_slots)
-    if window >= budget_bytes:
-        raise SystemExit(f"--kv-budget-mb too small: the OSCAR windows alone take {window / 2**20:.1f} MiB")
+    try:  # the plugin's own window plan for this budget and --max-running-requests
+        plan = plan_windows(sink=settings.sink, recent=settings.recent, head_dim=head_dim, kv_heads=kv_heads,
+                            layers=layers, itemsize=BF16_BYTES, budget_bytes=budget_bytes,
+                            max_running_requests=max_running)
+    except OscarError as e:
+        raise SystemExit(f"--kv-budget-mb too small: {e}") from None
+    window = plan.total_bytes
     return {
         "bf16": dict(cell_bytes=bf16_cell, window_bytes=0, max_total_tokens=budget_bytes // bf16_cell),
         "oscar": dict(cell_bytes=cell, window_bytes=window, max_total_tokens=(budget_bytes - window) // cell,
-                      ring_blocks=ring_blocks, sink_sets=sink_rows // settings.sink),
+                      retained_sets=plan.retained_sets),
     }
 
 
@@ -190,8 +192,7 @@ def drive_server(cfg: Config, args: argparse.Namespace, srv, workloads: dict[int
                "window_mib_allocated": window_mib if window_mib is not None else "",
                "token_bytes": cfg.max_total_tokens * cfg.cell_bytes,
                "max_total_tokens_set": cfg.max_total_tokens, "capacity_tokens": capacity,
-               "docs_resident": round(capacity / wl.prefix_tokens, 2), "sink_sets": cfg.sink_sets or "",
-               "sink_fallback": (d > cfg.sink_sets) if cfg.sink_sets else "",
+               "docs_resident": round(capacity / wl.prefix_tokens, 2), "retained_sets": cfg.retained_sets or "",
                **summarize(stats, wall), "commit": git_commit()}
         print({k: row[k] for k in ("config", "num_docs", "capacity_tokens", "hit_rate",
                                    "prefill_tokens_computed", "requests_per_s", "ttft_p50_ms", "itl_p50_ms")})

@@ -50,7 +50,7 @@ HOOKED_TARGETS = (
     "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend",
     *health.HOOKED_TARGETS,
 )
-_PLAN_ATTR = "_oscar_window_plan"  # on the KVCacheConfigurator: the plan its pool sizing chose
+_PLAN_ATTR = "_oscar_window_plan"  # on the ModelConfig of the KVCacheConfigurator: the plan its sizing chose
 _POOL_ATTR = "_oscar_kv_pool"  # on the ReqToTokenPool: the OSCAR pool whose request windows its rows own
 _SNAPSHOT_ATTR = "_oscar_snapshot_at"  # on a Req: the cached prefix end whose window it recomputes
 
@@ -127,7 +127,7 @@ def _build_token_to_kv_pool(original, kvc, *, sizes, is_dsa_model, is_dsv4_model
     args = _window_args(kvc)
     # one request window per row of the table sglang built (row 0 is its padding row)
     plan = window_plan_for(args, req_to_token_pool.req_to_token.shape[0] - 1)
-    chosen = getattr(kvc, _PLAN_ATTR, None)
+    chosen = getattr(kvc.model_config, _PLAN_ATTR, None)
     if chosen is not None and chosen.retained_sets > plan.retained_sets:
         plan = msgspec.structs.replace(plan, retained_sets=chosen.retained_sets)
     pool = OscarKVPool(
@@ -181,7 +181,7 @@ def _size_pool(original, poolcfg, available_bytes: int, page_size: int):
     budget = max(available_bytes - poolcfg._fixed_overhead_bytes, 0)
     running = kvc.server_args.max_running_requests
     plan = plan_windows(**_window_args(kvc), budget_bytes=budget, max_running_requests=running)
-    setattr(kvc, _PLAN_ATTR, plan)
+    setattr(kvc.model_config, _PLAN_ATTR, plan)
     logger.info("OSCAR windows: %d running requests (%s), %d retained prefix ends: %.1f MiB = %.1f%% of the "
                 "%.1f MiB KV budget", plan.max_running_requests, "--max-running-requests" if running else "derived",
                 plan.retained_sets, plan.total_bytes / 2**20, 100 * plan.total_bytes / max(budget, 1), budget / 2**20)
@@ -191,7 +191,7 @@ def _size_pool(original, poolcfg, available_bytes: int, page_size: int):
 def _cap_running_requests(original, kvc, token_capacity: int) -> int:
     """sglang's running-request count never exceeds the window plan's."""
     result = original(kvc, token_capacity)
-    plan = getattr(kvc, _PLAN_ATTR, None)
+    plan = getattr(kvc.model_config, _PLAN_ATTR, None)
     return result if plan is None else min(result, plan.max_running_requests)
 
 

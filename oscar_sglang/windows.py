@@ -8,7 +8,9 @@ model-dtype elements (K and V, all layers):
 - request windows: ``sink + recent`` rows for every row of sglang's request table
   (``max_running_requests + 1``: row 0 is its padding row), owned by that row alone;
 - the retained store: windows of cached prefix ends, keyed by slot, least recently used
-  first out. Losing one costs a recompute at the next hit, never precision.
+  first out. Losing one costs a recompute at the next hit, never precision. Each cached
+  prefix end that later requests leave the cache at costs one window (sink + recent rows,
+  about 7x as many INT2 tokens), so short shared prefixes gain less than long ones.
 
 With ``--max-running-requests`` unset, the running count is derived so that the windows
 take at most ``WINDOW_SHARE`` of the KV budget (at most ``MAX_DERIVED_RUNNING``); set, the
@@ -23,6 +25,8 @@ from oscar_sglang.settings import OscarError
 
 WINDOW_SHARE = 0.10  # of the KV budget, when the running count is derived
 MAX_DERIVED_RUNNING = 64  # beyond this, ask for it with --max-running-requests
+RETAINED_SHARE = 0.05  # of the KV budget for the retained store (at least 2 windows, at most 32)
+MAX_RETAINED_SETS = 32
 _MAP_BYTES = 8  # int64 window-map entry per retained row (host side, charged anyway)
 
 
@@ -51,10 +55,12 @@ class WindowPlan(msgspec.Struct, frozen=True, kw_only=True):
         return rows * self.row_bytes + self.retained_rows * _MAP_BYTES
 
 
-def plan_for(sink: int, recent: int, row_bytes: int, running: int) -> WindowPlan:
-    """The plan for exactly ``running`` concurrent requests."""
-    return WindowPlan(sink=sink, recent=recent, request_rows=running + 1,
-                      retained_sets=max(1, running // 4), row_bytes=row_bytes)
+def plan_for(sink: int, recent: int, row_bytes: int, running: int, budget_bytes: int = 0) -> WindowPlan:
+    """The plan for exactly ``running`` concurrent requests (and a store sized from the budget)."""
+    set_bytes = (sink + recent) * row_bytes
+    retained = min(MAX_RETAINED_SETS, max(2, running // 2, int(RETAINED_SHARE * budget_bytes) // set_bytes))
+    return WindowPlan(sink=sink, recent=recent, request_rows=running + 1, retained_sets=retained,
+                      row_bytes=row_bytes)
 
 
 def plan_windows(*, sink: int, recent: int, head_dim: int, kv_heads: int, layers: int, itemsize: int,
@@ -63,7 +69,7 @@ def plan_windows(*, sink: int, recent: int, head_dim: int, kv_heads: int, layers
     row_bytes = 2 * layers * kv_heads * head_dim * itemsize
     gib = 2**30
     if max_running_requests is not None:
-        plan = plan_for(sink, recent, row_bytes, max_running_requests)
+        plan = plan_for(sink, recent, row_bytes, max_running_requests, budget_bytes)
         if plan.total_bytes >= budget_bytes:
             raise OscarError(
                 f"--oscar: BF16 windows for --max-running-requests {max_running_requests} need "
@@ -71,10 +77,10 @@ def plan_windows(*, sink: int, recent: int, head_dim: int, kv_heads: int, layers
                 "lower --max-running-requests or raise --mem-fraction-static.")
         return plan
     running = 1
-    while running < MAX_DERIVED_RUNNING and plan_for(sink, recent, row_bytes, running + 1).total_bytes \
+    while running < MAX_DERIVED_RUNNING and plan_for(sink, recent, row_bytes, running + 1, budget_bytes).total_bytes \
             <= WINDOW_SHARE * budget_bytes:
         running += 1
-    plan = plan_for(sink, recent, row_bytes, running)
+    plan = plan_for(sink, recent, row_bytes, running, budget_bytes)
     if plan.total_bytes >= budget_bytes / 2:
         raise OscarError(
             f"--oscar: BF16 windows for one request need {plan.total_bytes / gib:.2f} GiB, half or more of the "
