@@ -26,13 +26,13 @@ L, D = 2, 32
 
 
 def _reference(method: Method, layer: int, q, k, v, scaling: float, starts: torch.Tensor) -> torch.Tensor:
-    """Query by query: key j is quantized iff lo <= j < quant_end(start of the query's chunk)."""
+    """Query by query: key j is quantized iff lo <= j < quant_end(the query, the start of its chunk)."""
     kq, vq = method.quantize(layer, k, v, k.shape[1])
     kq, vq = torch.cat([kq, k[:, kq.shape[1]:]], 1), torch.cat([vq, v[:, vq.shape[1]:]], 1)  # kivi: whole groups
     g = q.shape[0] // k.shape[0]
     out = torch.empty_like(q)
     for i in range(q.shape[1]):
-        end = int(method.quant_end(starts[i : i + 1])[0])
+        end = int(method.quant_end(starts[i : i + 1], torch.tensor([i]))[0])
         use_q = (torch.arange(i + 1) >= method.lo) & (torch.arange(i + 1) < end)
         kk = torch.where(use_q[None, :, None], kq[:, : i + 1], k[:, : i + 1]).repeat_interleave(g, 0)
         vv = torch.where(use_q[None, :, None], vq[:, : i + 1], v[:, : i + 1]).repeat_interleave(g, 0)
@@ -64,7 +64,9 @@ def test_chunked_attention_matches_per_query_reference(method, chunk, prompt):
     exact = attend(Method("x", "row", method.rot, sink=t) if method.rot else Method("x", "kivi", recent=t, group=D),
                    1, q, k, v, 0.2, starts)
     err = (got - exact).abs().max()
-    assert err > 1e-3 if prompt > chunk else err == 0  # quantization is only seen across chunks
+    # rotated rows follow the position rule (old keys are INT2 inside one chunk too); KIVI's residual
+    # is chunk-aligned, so it sees quantization only across chunks
+    assert err > 1e-3 if prompt > chunk or method.kind == "row" else err == 0
 
 
 def test_kivi_keys_are_quantized_per_channel_over_token_groups():

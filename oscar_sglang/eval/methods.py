@@ -12,12 +12,11 @@ A :class:`Method` says which cached keys/values a query sees quantized and how t
   quantized (values over the same span).
 - ``exact``: BF16 (nothing quantized).
 
-Serving semantics (what ``--chunked-prefill-size C`` does in sglang): a query in the chunk that starts
-at ``c0`` attends exactly to the keys of its own chunk, to the sink positions ``< sink`` and to the
-recent positions ``>= c0 - recent``; every other earlier key comes from the INT2 cache (the backend
-attends before it writes a chunk). A decode step writes its token first, so its recent window is
-the ``recent`` tokens ending with itself: it counts as a chunk starting at ``i + 1``. ``starts[i]``
-(c0 of query i) describes any schedule (:func:`chunk_starts`).
+Serving semantics (the backend's position rule): the query at position t reads key j exactly iff
+``j < sink`` or ``j > t - recent``, and from the INT2 cache otherwise, whatever the prefill chunking
+and the cache history. KIVI keeps chunk semantics: its residual is counted from the start ``c0`` of
+the query's chunk (``starts[i]``; a decode step counts as a chunk starting at ``i + 1``;
+:func:`chunk_starts` describes any schedule).
 
 :func:`simulate` switches a model to the ``"oscar_eval"`` attention function for a block; the
 method and ``starts`` travel as the forward kwarg ``oscar_sim`` (a :class:`SimSpec`), so nothing
@@ -53,12 +52,16 @@ class Method:
     recent: int = 0
     group: int | None = None  # kivi key token-group (default: head_dim)
 
-    def quant_end(self, starts: torch.Tensor) -> torch.Tensor:
-        """int64 [n]: keys in [lo, end) are read quantized by a query whose chunk starts at ``starts``."""
+    def quant_end(self, starts: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """int64 [n]: keys in [lo, end) are read quantized by the query at ``pos`` whose chunk starts
+        at ``starts``. Rotated rows follow the server's position rule (key j exact iff j < sink or
+        j > pos - recent, whatever the chunking); KIVI's residual is chunk-aligned groups."""
         if self.kind == "exact":
             return torch.zeros_like(starts)
+        if self.kind == "row":
+            return (pos - self.recent + 1).clamp_min(0)
         end = (starts - self.recent).clamp_min(0)
-        return end if self.kind == "row" else end // self.group * self.group
+        return end // self.group * self.group
 
     @property
     def lo(self) -> int:
@@ -108,11 +111,11 @@ def attend(method: Method, layer: int, q: torch.Tensor, k: torch.Tensor, v: torc
     """q [H_q, T, D], k/v [H_kv, T, D] -> attention output [H_q, T, D] (fp32) under ``method``."""
     t = q.shape[1]
     lo = method.lo
-    end = torch.maximum(method.quant_end(starts.to(q.device)), torch.tensor(lo))  # [T]; quant region [lo, end)
+    pos = torch.arange(t, device=q.device)
+    end = torch.maximum(method.quant_end(starts.to(q.device), pos), torch.tensor(lo))  # [T]; quant region [lo, end)
     qmax = int(end.max())
     kq, vq = method.quantize(layer, k, v, qmax) if qmax > lo else (k, v)
     kf, vf = k.float(), v.float()
-    pos = torch.arange(t, device=q.device)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for b0, b1 in _blocks(starts):
         e = end[b0:b1, None]
