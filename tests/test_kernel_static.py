@@ -1,6 +1,7 @@
-"""Static kernel checks (CPU, no GPU): every Triton kernel compiles for sm_80/86/89/90 at
-D=128 (Qwen3-8B heads) within that arch's per-block shared-memory limit, with no register
-spills on sm_90, and the decode inner loops are found in the SASS.
+"""Static kernel checks (CPU, no GPU): the Triton kernels compile at D=128 (Qwen3-8B heads)
+for the arches of CORE within that arch's per-block shared-memory limit, with no register
+spills on sm_90, and the decode inner loops are found in the SASS (~40 s on 2 idle cores;
+``python3 benchmarks/kernel_static.py`` covers every kernel x sm_80/86/89/90 x model).
 
 tests/conftest.py selects the Triton interpreter for this process, under which @triton.jit
 kernels are InterpretedFunctions that cannot be compiled; benchmarks/kernel_static.py
@@ -16,8 +17,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
-CORE = ("write_k", "write_v", "decode_split", "decode_merge")  # must compile; extend may be skipped
+# The --ci subset (benchmarks/kernel_static.py CI_JOBS; the full run covers every arch and shape):
+# kernels that must compile, and the arches checked for each. extend may be reported skipped.
+CORE = {
+    "write_k": ("sm_86", "sm_89", "sm_90"),
+    "write_v": ("sm_86", "sm_89", "sm_90"),
+    "decode_split": ("sm_80", "sm_86", "sm_89", "sm_90"),
+    "decode_merge": ("sm_80", "sm_86", "sm_89", "sm_90"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,7 @@ def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("kernel_static") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "kernel_static.py"), "--quick", "--no-csv", "--jobs", "2",
+        [sys.executable, str(REPO / "benchmarks" / "kernel_static.py"), "--ci", "--no-csv", "--jobs", "2",
          "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -38,8 +45,8 @@ def _get(rows, kernel, arch):
 
 
 def test_core_kernels_compile_within_smem_limit_on_every_arch(rows):
-    for kernel in CORE:
-        for arch in ARCHS:
+    for kernel, archs in CORE.items():
+        for arch in archs:
             got = _get(rows, kernel, arch)
             assert got, f"{kernel} {arch}: not reported"
             for r in got:
