@@ -2,8 +2,8 @@
 
 Two modes, one arithmetic:
 
-* ``--engine``: starts sglang.Engine twice (dummy weights of a real model's attention
-  geometry; MLP and vocabulary shrunk) at the same ``--mem-fraction-static`` and reads the
+* ``--engine``: starts sglang.Engine (dummy weights of a real model's attention geometry;
+  MLP and vocabulary shrunk), BF16 and --oscar at the same ``--mem-fraction-static``, and reads the
   capacity sglang sized through the plugin's hooks (packed cell size, BF16 windows from
   ``oscar_sglang.windows.plan_windows`` with ``--max-running-requests`` unset). The budget
   is inferred from the BF16 run (tokens x BF16 cell), and the same budget is also fed to the
@@ -15,7 +15,7 @@ Two modes, one arithmetic:
 Appends rows to benchmarks/results/capacity.csv and prints a markdown table.
 
     python3 benchmarks/capacity.py                                  # card classes
-    python3 benchmarks/capacity.py --engine --shape qwen3-8b        # real sglang sizing (CPU ok)
+    python3 benchmarks/capacity.py --engine --shape qwen3-8b --budget-gib 2   # real sglang sizing (CPU ok)
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def _engine_capacity(model: Path, device: str, mem_fraction: float, extra: dict)
         f" disable_overlap_schedule=True, mem_fraction_static={mem_fraction},"
         f" dtype='bfloat16', log_level='error', **{extra!r})\n"
         "i = e.get_server_info()\n"
-        "print('CAPACITY', json.dumps({'tokens': i['max_total_num_tokens'], 'running': i['max_running_requests']}))\n"
+        "running = i['internal_states'][0]['effective_max_running_requests_per_dp']\n"
+        "print('CAPACITY', json.dumps({'tokens': i['max_total_num_tokens'], 'running': running}))\n"
         "e.shutdown()\n"
     )
     out = subprocess.run([sys.executable, "-c", "if __name__ == '__main__':\n" + "".join(
@@ -89,19 +90,27 @@ def _engine_capacity(model: Path, device: str, mem_fraction: float, extra: dict)
     raise RuntimeError(out.stderr[-3000:])
 
 
-def engine_row(shape: str, device: str, mem_fraction: float) -> dict:
-    """Real sglang sizing, BF16 and --oscar at one --mem-fraction-static, default flags."""
+def engine_row(shape: str, device: str, budget_bytes: int) -> dict:
+    """Real sglang sizing, BF16 and --oscar at one --mem-fraction-static (default flags) chosen so
+    that the KV budget is about ``budget_bytes``: a first BF16 start measures how the fraction
+    maps to a budget on this machine, the second uses the rescaled fraction."""
+    import psutil
+
     from support import write_rotations, write_tiny_model
 
+    bf16_cell = cells(shape)[0]
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_model(Path(tmp) / "m", intermediate_size=256, vocab_size=1024, **SHAPES[shape])
         rot = write_rotations(Path(tmp) / "rot.safetensors", model, sink=SINK, recent=RECENT)
-        bf16 = _engine_capacity(model, device, mem_fraction, {"attention_backend": "torch_native"})
-        oscar = _engine_capacity(model, device, mem_fraction,
+        bf16_args = {"attention_backend": "torch_native"}
+        guess = budget_bytes / psutil.virtual_memory().available
+        probe = _engine_capacity(model, device, guess, bf16_args)["tokens"] * bf16_cell
+        fraction = round(guess * budget_bytes / probe, 4)
+        bf16 = _engine_capacity(model, device, fraction, bf16_args)
+        oscar = _engine_capacity(model, device, fraction,
                                  {"attention_backend": "oscar", "quantization_param_path": str(rot)})
-    budget = bf16["tokens"] * cells(shape)[0]
-    calc = calculate(shape, budget)
-    return {"mode": f"engine {device} mem_fraction {mem_fraction}", "card": "", "shape": shape,
+    calc = calculate(shape, bf16["tokens"] * bf16_cell)
+    return {"mode": f"engine {device} mem_fraction {fraction}", "card": "", "shape": shape,
             "kv_budget_gib": calc["kv_budget_gib"], "bf16_tokens": bf16["tokens"], "oscar_tokens": oscar["tokens"],
             "ratio": round(oscar["tokens"] / bf16["tokens"], 3), "max_running_requests": oscar["running"],
             "retained_prefix_ends": calc["retained_prefix_ends"], "window_gib": calc["window_gib"],
@@ -128,9 +137,9 @@ def main() -> None:
     p.add_argument("--engine", action="store_true", help="real sglang sizing instead of the card-class calculator")
     p.add_argument("--device", default="cpu")
     p.add_argument("--shape", choices=list(SHAPES), default="qwen3-8b")
-    p.add_argument("--mem-fraction", type=float, default=0.1)
+    p.add_argument("--budget-gib", type=float, default=2.0, help="--engine: the KV budget to aim at")
     args = p.parse_args()
-    rows = [engine_row(args.shape, args.device, args.mem_fraction)] if args.engine else card_rows()
+    rows = [engine_row(args.shape, args.device, int(args.budget_gib * 2**30))] if args.engine else card_rows()
     fields = ["mode", "card", "shape", "kv_budget_gib", "bf16_tokens", "oscar_tokens", "ratio", "max_running_requests",
               "retained_prefix_ends", "window_gib", "window_share", "calculator_oscar_tokens"]
     out = ROOT / "benchmarks" / "results" / "capacity.csv"

@@ -22,6 +22,8 @@ CASES = {
     "speculative decoding": (["--speculative-algorithm", "NGRAM"], {}, None, "speculative decoding"),
     "fp8 kv cache": (["--kv-cache-dtype", "fp8_e4m3"], {}, None, "drop --kv-cache-dtype"),
     "split backends": (["--decode-attention-backend", "torch_native"], {}, None, "serve both prefill and decode"),
+    "host offload": (["--enable-hierarchical-cache"], {}, None, "drop --enable-hierarchical-cache"),
+    "PD disaggregation": (["--disaggregation-mode", "prefill"], {}, None, "drop --disaggregation-mode"),
 }
 
 
