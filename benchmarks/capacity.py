@@ -152,6 +152,9 @@ def main() -> None:
     print("| card | model | KV budget GiB | BF16 tokens | OSCAR tokens | ratio | running (derived) | window share |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if not r["bf16_tokens"]:
+            print(f"| {r['card']} | {r['shape']} | BF16 weights do not fit | | | | | |")
+            continue
         share = f"{100 * r['window_share']:.1f}%" if r["window_share"] != "" else ""
         print(f"| {r['card'] or r['mode']} | {r['shape']} | {r['kv_budget_gib']} | {r['bf16_tokens']:,} | "
               f"{r['oscar_tokens']:,} | {r['ratio']} | {r['max_running_requests']} | {share} |")

@@ -122,8 +122,9 @@ def prepare_model(name: str, work: Path) -> tuple[Path, list[str]]:
     return model, extra
 
 
-def make_rotations(model: Path, real_weights: bool, out: Path) -> Path:
-    """Calibrated rotations for real weights (small setting); random orthogonal ones for dummy weights."""
+def make_rotations(model: Path, real_weights: bool, out: Path, sink: int = 64, recent: int = 256) -> Path:
+    """Calibrated rotations for real weights (small setting); random orthogonal ones for dummy weights
+    (with these BF16 windows)."""
     if real_weights:
         from oscar_sglang.calib.__main__ import main as calibrate
 
@@ -132,7 +133,7 @@ def make_rotations(model: Path, real_weights: bool, out: Path) -> Path:
         return out
     from support import write_rotations
 
-    return write_rotations(out, model)
+    return write_rotations(out, model, sink=sink, recent=recent)
 
 
 def corpus_tokens(need: int) -> tuple[list[int], list[int], list[list[int]], int]:

@@ -231,23 +231,21 @@ class OscarAttnBackend(AttentionBackend):
         out_host = None
         for b, row in enumerate(req_rows):
             a, e = int(starts[b]), int(seq_lens[b])
-            ends = [e]
             m = pool.snapshot_at.get(row)
-            if m is not None and m > a:
-                ends.append(m)
             if m is not None and m <= e:
                 del pool.snapshot_at[row]
-            wanted = sorted({p for end in ends for p in pool.retained_positions(end)})
-            old = [p for p in wanted if p < a]
-            new = torch.tensor([p for p in wanted if a <= p < e], dtype=torch.int64)
-            if old:
-                pool.retain_from_request(row, old, self.req_to_token[row, old])
-            if new.numel():
-                out_host = out_loc.cpu() if out_host is None else out_host
-                tok = int(first[b]) + new - a
-                rows = pool.retain_rows(out_host[tok])
-                src.append(tok[rows >= 0])
-                dst.append(rows[rows >= 0])
+            for end, proven in ((e, False), *(((m, True),) if m is not None and m > a else ())):
+                wanted = pool.retained_positions(end)
+                old = [p for p in wanted if p < a]
+                new = torch.tensor([p for p in wanted if a <= p < e], dtype=torch.int64)
+                if old:  # from the request window (what it no longer holds was kept by an earlier chunk)
+                    pool.retain_from_request(row, old, self.req_to_token[row, old], proven)
+                if new.numel():
+                    out_host = out_loc.cpu() if out_host is None else out_host
+                    tok = int(first[b]) + new - a
+                    rows = pool.retain_rows(out_host[tok], proven)
+                    src.append(tok[rows >= 0])
+                    dst.append(rows[rows >= 0])
         return torch.cat(src), torch.cat(dst)
 
     def init_forward_metadata(self, forward_batch):

@@ -41,7 +41,6 @@ from oscar_sglang.kernels.codec import RowLayout
 from oscar_sglang.windows import WindowPlan
 
 logger = logging.getLogger(__name__)
-_NO_FORWARD = 2**62
 
 
 class OscarKVPool(MHATokenToKVPool):
@@ -76,7 +75,8 @@ class OscarKVPool(MHATokenToKVPool):
         self.slot_of_ret = torch.full((plan.retained_rows,), -1, dtype=torch.int64)
         self.ret_used = torch.zeros(plan.retained_rows, dtype=torch.int64)  # LRU clock of each retained row
         self.clock = 0
-        self.forward_clock = _NO_FORWARD  # rows used since then belong to the forward being planned
+        self.in_forward = False
+        self.busy = torch.zeros(plan.retained_rows, dtype=torch.bool)  # taken by the forward being planned
         self.fill_misses = 0  # window rows a prefix hit needed but the store had lost (must stay 0)
         super().__init__(
             size,
@@ -174,33 +174,42 @@ class OscarKVPool(MHATokenToKVPool):
     def begin_forward(self) -> None:
         """While a forward's metadata is built, rows it takes are not reclaimed by the same forward
         (two tokens of one forward would write one row)."""
-        self.clock += 1
-        self.forward_clock = self.clock
+        self.in_forward = True
 
     def end_forward(self) -> None:
-        self.forward_clock = _NO_FORWARD
+        self.in_forward = False
+        self.busy.zero_()
 
     def _take_rows(self, n: int) -> torch.Tensor:
         """n retained rows, reclaiming the least recently used ones when none are free."""
         short = n - len(self.ret_free)
-        if short > 0:  # never rows taken since begin_forward: their data is still being written
-            owned = ((self.slot_of_ret >= 0) & (self.ret_used < self.forward_clock)).nonzero().squeeze(1)
-            victims = owned[self.ret_used[owned].argsort()[:short]]
+        if short > 0:
+            owned = ((self.slot_of_ret >= 0) & ~self.busy).nonzero().squeeze(1)
+            victims = owned[self.ret_used[owned].argsort(stable=True)[:short]]
             self.release_slots(self.slot_of_ret[victims])
-        return torch.tensor([self.ret_free.pop() for _ in range(min(n, len(self.ret_free)))], dtype=torch.int64)
+        rows = torch.tensor([self.ret_free.pop() for _ in range(min(n, len(self.ret_free)))], dtype=torch.int64)
+        if self.in_forward:
+            self.busy[rows] = True
+        return rows
 
-    def retain_rows(self, slots: torch.Tensor) -> torch.Tensor:
-        """Retained rows (global window-row ids) for these distinct slots, allocated where missing."""
+    def retain_rows(self, slots: torch.Tensor, proven: bool) -> torch.Tensor:
+        """Retained rows (global window-row ids) for these distinct slots, allocated where missing.
+        ``proven``: a window a request is known to leave the cache at (used now, kept longest);
+        otherwise a guess (a chunk or request end): new rows go first when the store is full."""
         slots = slots.cpu().long()
         rows = self.ret_of_slot[slots]
         need = rows < 0
         got = self._take_rows(int(need.sum()))
-        rows[need.nonzero().squeeze(1)[: got.numel()]] = got
+        fresh = need.nonzero().squeeze(1)[: got.numel()]
+        rows[fresh] = got
         keep = rows >= 0  # a store smaller than one window keeps what it can
         self.ret_of_slot[slots[keep]] = rows[keep]
         self.slot_of_ret[rows[keep]] = slots[keep]
         self.clock += 1
-        self.ret_used[rows[keep]] = self.clock
+        if proven:
+            self.ret_used[rows[keep]] = self.clock
+        else:
+            self.ret_used[got] = 0
         return torch.where(keep, rows + self.ret_base, -1)
 
     def move_retained(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
@@ -217,7 +226,8 @@ class OscarKVPool(MHATokenToKVPool):
         the last ``recent`` tokens (exactly what a request window holds after ``end`` tokens)."""
         return [*range(min(self.sink, end)), *range(max(self.sink, end - self.recent), end)]
 
-    def retain_from_request(self, req_row: int, positions: list[int], slots: torch.Tensor) -> None:
+    def retain_from_request(self, req_row: int, positions: list[int], slots: torch.Tensor,
+                            proven: bool = False) -> None:
         """Copy request row ``req_row``'s window rows of these positions into the store, keyed by
         their slots. Only positions its window holds now (sinks, the last ``recent``) are valid."""
         n = self.row_len[req_row]
@@ -225,7 +235,7 @@ class OscarKVPool(MHATokenToKVPool):
         if not keep:
             return
         pos = torch.tensor([positions[i] for i in keep], dtype=torch.int64)
-        dst = self.retain_rows(slots.cpu()[keep])
+        dst = self.retain_rows(slots.cpu()[keep], proven)
         src = self.window_rows(torch.full_like(pos, req_row), pos)
         self.copy_rows(dst[dst >= 0], src[dst >= 0])
 

@@ -3,8 +3,8 @@
 A small configuration of benchmarks/rag_prefix.py's workload driver (dummy-weight 4-layer
 model with SmolLM2's tokenizer and head_dim 64; 5 documents of 1024 tokens; 6 questions
 per document on average, Zipf-ordered; 2 streaming clients, 1 running request; prefill
-only). The 4 MiB budget holds 2 documents in BF16 and 6 as 2-bit rows after the BF16
-windows are charged, so:
+only; BF16 windows 4 + 16). The 4 MiB budget holds 2 documents in BF16 and more than 5 as
+2-bit rows after the BF16 windows (request windows and the retained store) are charged, so:
 - each server sizes exactly the capacity derived from the budget (OSCAR >= 3x BF16) and
   OSCAR's windows take no more than was charged;
 - OSCAR's prefix-cache hit rate is high (<= 1 - 1/Q by construction) and BF16's is low,
@@ -35,7 +35,9 @@ def test_rag_prefix_hit_rate_and_frontend_program(tmp_path):
         "--concurrency", "2", "--max-running", "1", "--kv-budget-mb", "4", "--max-new-tokens", "1",
         "--out-dir", str(tmp_path)])
     model, extra = rag_prefix.prepare_model(args.model, tmp_path)
-    rot = rag_prefix.make_rotations(model, real_weights=False, out=tmp_path / "rot.safetensors")
+    # Small windows: every document's end needs its own BF16 window (sink + recent rows) to be hit
+    # exactly, so with 64 + 256 a 4 MiB budget would hold only two such windows.
+    rot = rag_prefix.make_rotations(model, real_weights=False, out=tmp_path / "rot.safetensors", sink=4, recent=16)
     workloads = rag_prefix.build_workloads(args)
     bf16_cfg, oscar_cfg = rag_prefix.build_configs(args, model, rot, extra)
     with ExitStack() as stack, ThreadPoolExecutor(2) as pool:  # start both servers at once (startup dominates)
