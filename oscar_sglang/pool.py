@@ -180,11 +180,13 @@ class OscarKVPool(MHATokenToKVPool):
         self.in_forward = False
         self.busy.zero_()
 
-    def _take_rows(self, n: int) -> torch.Tensor:
-        """n retained rows, reclaiming the least recently used ones when none are free."""
+    def _take_rows(self, n: int, keep: torch.Tensor) -> torch.Tensor:
+        """n retained rows, reclaiming the least recently used ones (never ``keep``) when none are free."""
         short = n - len(self.ret_free)
         if short > 0:
-            owned = ((self.slot_of_ret >= 0) & ~self.busy).nonzero().squeeze(1)
+            spare = (self.slot_of_ret >= 0) & ~self.busy
+            spare[keep] = False
+            owned = spare.nonzero().squeeze(1)
             victims = owned[self.ret_used[owned].argsort(stable=True)[:short]]
             self.release_slots(self.slot_of_ret[victims])
         rows = torch.tensor([self.ret_free.pop() for _ in range(min(n, len(self.ret_free)))], dtype=torch.int64)
@@ -199,7 +201,7 @@ class OscarKVPool(MHATokenToKVPool):
         slots = slots.cpu().long()
         rows = self.ret_of_slot[slots]
         need = rows < 0
-        got = self._take_rows(int(need.sum()))
+        got = self._take_rows(int(need.sum()), keep=rows[~need])
         fresh = need.nonzero().squeeze(1)[: got.numel()]
         rows[fresh] = got
         keep = rows >= 0  # a store smaller than one window keeps what it can

@@ -146,3 +146,18 @@ def test_backend_rotations_preserve_logits_and_invert_values(per_head):
     v = torch.randn(3, hkv, D)
     out_rot = rotate(v, r[1]).repeat_interleave(group, 1)  # attention output in the rotated basis
     assert torch.allclose(backend._unrotate_out(out_rot, 1), v.repeat_interleave(group, 1), atol=1e-4)
+
+
+def test_reclaiming_never_takes_a_row_of_the_window_being_kept():
+    """A window whose sinks are already retained reclaims other rows, never its own sinks."""
+    pool = _pool(retained_sets=1)  # 12 rows
+    a, b = torch.arange(1, 17), torch.arange(21, 37)
+    b[:4] = a[:4]  # b shares a's first four slots (its sinks)
+    pool.row_len[0] = pool.row_len[1] = 16
+    pool.retain_request(0, a)
+    pool.retain_request(1, b)
+    from oscar_sglang.health import window_health
+
+    h = window_health(pool, torch.empty(0, dtype=torch.int64))
+    assert h["window_map_mismatches"] == 0 and h["retained_rows_lost"] == 0, h
+    assert pool.usable_prefix(b, 1) == 16
