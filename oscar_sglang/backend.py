@@ -1,10 +1,11 @@
 """The ``oscar`` attention backend: rotated INT2 KV with BF16 sink/recent windows.
 
-Per forward:
 The position rule: the query at position t reads key j in full precision iff ``j < sink``
 or ``j > t - recent``, else from its INT2 row, in decode and extend, for a chunk's own
 tokens and for cached ones. The quantized model is then one function of the token
 sequence: cached == uncached, any chunk size == any other, batched == alone.
+
+Per forward:
 
 1. ``init_forward_metadata`` splits every request's keys into an INT2 segment (slots of
    sglang's request table) and a window segment (its own request-window rows, ``pool.py``),
@@ -25,7 +26,8 @@ the rank's KV heads.
 
 CUDA graphs (decode): ``init_cuda_graph_state`` allocates fixed-size metadata buffers;
 ``init_forward_metadata_out_graph`` (outside the graph, before capture and before each
-replay) builds the batch's segments and copies them into those buffers; the captured layers read only the buffers and a fixed split count.
+replay) builds the batch's segments and copies them into those buffers; the captured layers
+read only the buffers and a fixed split count.
 """
 
 from __future__ import annotations
