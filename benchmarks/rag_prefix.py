@@ -162,7 +162,7 @@ def server_env(device: str) -> dict[str, str]:
 
 
 def window_mib_from_log(log: Path) -> float | None:
-    m = re.search(r"OSCAR KV pool: \d+ tokens, \d+ B/row, windows \d+\+\d+ \(([\d.]+) MiB\)", log.read_text())
+    m = re.search(r"OSCAR KV pool: \d+ tokens, \d+ B/row; BF16 windows .* \(([\d.]+) MiB\)", log.read_text())
     return float(m.group(1)) if m else None
 
 

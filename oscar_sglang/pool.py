@@ -38,7 +38,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from oscar_sglang.kernels import ops
 from oscar_sglang.kernels.codec import RowLayout
-from oscar_sglang.windows import WindowPlan
+from oscar_sglang.windows import SLACK, WindowPlan
 
 logger = logging.getLogger(__name__)
 
@@ -224,9 +224,10 @@ class OscarKVPool(MHATokenToKVPool):
         self.slot_of_ret[rows[move]] = dst_slots[move]
 
     def retained_positions(self, end: int) -> list[int]:
-        """Positions whose rows make prefix ends ``end`` and ``end - 1`` usable: the sinks and
-        the last ``recent`` tokens (exactly what a request window holds after ``end`` tokens)."""
-        return [*range(min(self.sink, end)), *range(max(self.sink, end - self.recent), end)]
+        """Positions whose rows make the prefix ends ``end - SLACK - 1 .. end`` usable: the sinks and
+        the last ``recent + SLACK`` tokens (a request that retokenizes the same text may leave
+        the cache a few tokens early). A request window holds only the last ``recent``."""
+        return [*range(min(self.sink, end)), *range(max(self.sink, end - self.recent - SLACK), end)]
 
     def retain_from_request(self, req_row: int, positions: list[int], slots: torch.Tensor,
                             proven: bool = False) -> None:

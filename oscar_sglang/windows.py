@@ -27,6 +27,7 @@ WINDOW_SHARE = 0.10  # of the KV budget, when the running count is derived
 MAX_DERIVED_RUNNING = 64  # beyond this, ask for it with --max-running-requests
 RETAINED_SHARE = 0.05  # of the KV budget for the retained store (at least 2 windows, at most 32)
 MAX_RETAINED_SETS = 32
+SLACK = 16  # a retained window also covers prefix ends up to this many tokens earlier (retokenized text)
 _MAP_BYTES = 8  # int64 window-map entry per retained row (host side, charged anyway)
 
 
@@ -47,17 +48,17 @@ class WindowPlan(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def retained_rows(self) -> int:
-        return self.retained_sets * self.rows_per_set
+        return self.retained_sets * (self.rows_per_set + SLACK)
 
     @property
     def total_bytes(self) -> int:
-        rows = (self.request_rows + self.retained_sets) * self.rows_per_set
+        rows = self.request_rows * self.rows_per_set + self.retained_rows
         return rows * self.row_bytes + self.retained_rows * _MAP_BYTES
 
 
 def plan_for(sink: int, recent: int, row_bytes: int, running: int, budget_bytes: int = 0) -> WindowPlan:
     """The plan for exactly ``running`` concurrent requests (and a store sized from the budget)."""
-    set_bytes = (sink + recent) * row_bytes
+    set_bytes = (sink + recent + SLACK) * row_bytes
     retained = min(MAX_RETAINED_SETS, max(2, running // 2, int(RETAINED_SHARE * budget_bytes) // set_bytes))
     return WindowPlan(sink=sink, recent=recent, request_rows=running + 1, retained_sets=retained,
                       row_bytes=row_bytes)

@@ -95,24 +95,26 @@ def test_retained_windows_follow_slot_lifetime_and_nothing_leaks(page_size):
     pool.retain_request(1, slots)  # sinks 0-3 and the ring 8-15 (what queries at 15 and 16 read)
     have = pool.retained(slots)
     assert have.tolist() == [True] * 4 + [False] * 4 + [True] * 8
-    assert pool.usable_prefix(slots, page_size) == 16 and pool.free_window_rows() == 24 - 12
+    assert pool.usable_prefix(slots, page_size) == 16 and pool.free_window_rows() == pool.plan.retained_rows - 12
     # freeing the request's slots returns its retained rows (hooked allocator free)
     alloc.free(slots)
-    assert pool.free_window_rows() == 24 and (pool.ret_of_slot[slots] == -1).all()
+    assert pool.free_window_rows() == pool.plan.retained_rows and (pool.ret_of_slot[slots] == -1).all()
     assert alloc.available_size() == free0
     alloc.clear()  # flush: every slot and every window row is free again
-    assert pool.free_window_rows() == 24 and (pool.ret_of_slot == -1).all() and (pool.slot_of_ret == -1).all()
+    assert pool.free_window_rows() == pool.plan.retained_rows and (pool.ret_of_slot == -1).all() and (pool.slot_of_ret == -1).all()
 
 
 def test_store_reclaims_least_recently_used_windows_and_matches_shrink_never_lie():
-    pool = _pool(retained_sets=1)  # 12 rows: one window
-    a, b = torch.arange(1, 17), torch.arange(21, 37)
-    pool.row_len[0] = pool.row_len[1] = 16
+    pool = _pool(retained_sets=1)  # 28 rows: two 12-row windows fit, a third reclaims the oldest
+    a, b, c = torch.arange(1, 17), torch.arange(21, 37), torch.arange(41, 57)
+    pool.row_len[0] = 16
     pool.retain_request(0, a)
     assert pool.usable_prefix(a, 1) == 16 and pool.usable_prefix(a[:15], 1) == 15
-    pool.retain_request(1, b)  # takes a's rows
-    assert pool.usable_prefix(b, 1) == 16 and pool.usable_prefix(a, 1) == 0
-    assert pool.free_window_rows() == 0  # b's window took all 12 rows
+    pool.retain_request(0, b)
+    assert pool.usable_prefix(b, 1) == 16  # b's match touched its rows: a is now the oldest
+    pool.retain_request(0, c)
+    assert pool.usable_prefix(c, 1) == 16 and pool.usable_prefix(b, 1) == 16 and pool.usable_prefix(a, 1) == 0
+    assert pool.free_window_rows() == 0
 
 
 def test_tree_slots_inherit_retained_rows_of_duplicates():
@@ -149,13 +151,14 @@ def test_backend_rotations_preserve_logits_and_invert_values(per_head):
 
 
 def test_reclaiming_never_takes_a_row_of_the_window_being_kept():
-    """A window whose sinks are already retained reclaims other rows, never its own sinks."""
-    pool = _pool(retained_sets=1)  # 12 rows
-    a, b = torch.arange(1, 17), torch.arange(21, 37)
+    """A full store: a window whose sinks are already retained reclaims other rows, never its own sinks."""
+    pool = _pool(retained_sets=1)  # 28 rows
+    a, x, b = torch.arange(1, 17), torch.arange(41, 57), torch.arange(21, 37)
     b[:4] = a[:4]  # b shares a's first four slots (its sinks)
-    pool.row_len[0] = pool.row_len[1] = 16
+    pool.row_len[0] = 16
     pool.retain_request(0, a)
-    pool.retain_request(1, b)
+    pool.retain_request(0, x)
+    pool.retain_request(0, b)  # needs 8 rows, 4 free: reclaims the oldest, which include a's sinks
     from oscar_sglang.health import window_health
 
     h = window_health(pool, torch.empty(0, dtype=torch.int64))

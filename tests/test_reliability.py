@@ -60,13 +60,13 @@ def test_kv_health_detects_window_row_leaks():
     from oscar_sglang.health import LEAK_FIELDS, free_slots, window_health
     from test_pool import _allocator, _pool
 
-    pool = _pool(retained_sets=2)  # sink 4, recent 8, two retained windows of 12 rows
+    pool = _pool(retained_sets=2)  # sink 4, recent 8: a store of 2 x 28 rows; a request end keeps 12
     alloc = _allocator(pool, 1)
     slots = alloc.alloc(16)
     pool.row_len[1] = 16
     pool.retain_request(1, slots)
     h = window_health(pool, free_slots(alloc))
-    assert (h["retained_owned"], h["retained_free"]) == (12, 12) and not any(h[k] for k in LEAK_FIELDS)
+    assert (h["retained_owned"], h["retained_free"]) == (12, 44) and not any(h[k] for k in LEAK_FIELDS)
     alloc.free_pages = torch.cat([alloc.free_pages, slots[:2]])  # freed behind the pool's back (no hook)
     pool.ret_free.pop()  # a retained row lost
     pool.ret_of_slot[slots[9]] = int(pool.ret_of_slot[slots[10]])  # two slots claim one row
