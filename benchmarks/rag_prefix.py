@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,12 @@ def drive_server(cfg: Config, args: argparse.Namespace, srv, workloads: dict[int
     window_mib = window_mib_from_log(srv.log)
     rows = []
     for d, wl in workloads.items():
-        requests.post(f"{srv.url}/flush_cache", timeout=60).raise_for_status()
+        for _ in range(60):  # sglang refuses a flush until it is idle (e.g. still on its warm-up request)
+            if requests.post(f"{srv.url}/flush_cache", timeout=60).status_code == 200:
+                break
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"{srv.url}/flush_cache refused for 60 s")
         stats, wall = drive(srv.url, wl, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens,
                             desc=f"{cfg.name} D={d}")
         row = {"config": cfg.name, "device": args.device, "model": args.model, "num_docs": d,
