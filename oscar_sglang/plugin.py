@@ -179,6 +179,8 @@ def _size_pool(original, poolcfg, available_bytes: int, page_size: int):
     if kvc is None:
         return original(poolcfg, available_bytes, page_size)
     budget = max(available_bytes - poolcfg._fixed_overhead_bytes, 0)
+    if kvc.server_args.max_total_tokens:  # a capped pool: the windows' share follows the cap
+        budget = min(budget, kvc.server_args.max_total_tokens * poolcfg._cell_size)
     running = kvc.server_args.max_running_requests
     plan = plan_windows(**_window_args(kvc), budget_bytes=budget, max_running_requests=running)
     setattr(kvc.model_config, _PLAN_ATTR, plan)
