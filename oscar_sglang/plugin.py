@@ -179,10 +179,10 @@ def _size_pool(original, poolcfg, available_bytes: int, page_size: int):
     if kvc is None:
         return original(poolcfg, available_bytes, page_size)
     budget = max(available_bytes - poolcfg._fixed_overhead_bytes, 0)
-    if kvc.server_args.max_total_tokens:  # a capped pool: the windows' share follows the cap
-        budget = min(budget, kvc.server_args.max_total_tokens * poolcfg._cell_size)
+    cap = kvc.server_args.max_total_tokens  # a capped pool: the windows' shares follow the cap
     running = kvc.server_args.max_running_requests
-    plan = plan_windows(**_window_args(kvc), budget_bytes=budget, max_running_requests=running)
+    plan = plan_windows(**_window_args(kvc), budget_bytes=budget, max_running_requests=running,
+                        share_of=min(budget, cap * poolcfg._cell_size) if cap else None)
     setattr(kvc.model_config, _PLAN_ATTR, plan)
     logger.info("OSCAR windows: %d running requests (%s), %d retained prefix ends: %.1f MiB = %.1f%% of the "
                 "%.1f MiB KV budget", plan.max_running_requests, "--max-running-requests" if running else "derived",

@@ -65,16 +65,19 @@ def plan_for(sink: int, recent: int, row_bytes: int, running: int, budget_bytes:
 
 
 def plan_windows(*, sink: int, recent: int, head_dim: int, kv_heads: int, layers: int, itemsize: int,
-                 budget_bytes: int, max_running_requests: int | None) -> WindowPlan:
-    """The window reservation for this budget; raises OscarError when it cannot fit."""
+                 budget_bytes: int, max_running_requests: int | None, share_of: int | None = None) -> WindowPlan:
+    """The window reservation for this budget; raises OscarError when it cannot fit. The shares
+    (derived running count, store size) are of ``share_of`` when given (a pool capped by
+    --max-total-tokens), else of the budget."""
+    fit, budget_bytes = budget_bytes, share_of or budget_bytes
     row_bytes = 2 * layers * kv_heads * head_dim * itemsize
     gib = 2**30
     if max_running_requests is not None:
         plan = plan_for(sink, recent, row_bytes, max_running_requests, budget_bytes)
-        if plan.total_bytes >= budget_bytes:
+        if plan.total_bytes >= fit:
             raise OscarError(
                 f"--oscar: BF16 windows for --max-running-requests {max_running_requests} need "
-                f"{plan.total_bytes / gib:.2f} GiB, more than the {budget_bytes / gib:.2f} GiB KV budget: "
+                f"{plan.total_bytes / gib:.2f} GiB, more than the {fit / gib:.2f} GiB KV budget: "
                 "lower --max-running-requests or raise --mem-fraction-static.")
         return plan
     running = 1
@@ -82,8 +85,8 @@ def plan_windows(*, sink: int, recent: int, head_dim: int, kv_heads: int, layers
             <= WINDOW_SHARE * budget_bytes:
         running += 1
     plan = plan_for(sink, recent, row_bytes, running, budget_bytes)
-    if plan.total_bytes >= budget_bytes / 2:
+    if plan.total_bytes >= fit / 2:
         raise OscarError(
             f"--oscar: BF16 windows for one request need {plan.total_bytes / gib:.2f} GiB, half or more of the "
-            f"{budget_bytes / gib:.2f} GiB KV budget: raise --mem-fraction-static.")
+            f"{fit / gib:.2f} GiB KV budget: raise --mem-fraction-static.")
     return plan
