@@ -15,6 +15,7 @@ recent 32: a 400-token document is mostly INT2). Three servers, started at once,
 from __future__ import annotations
 
 import random
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,8 +24,6 @@ import pytest
 
 from oscar_sglang.launch import serve
 from support import write_rotations, write_tiny_model
-
-import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import stress  # noqa: E402
