@@ -38,7 +38,7 @@ def model_dir(tmp_path_factory):
 def _engine(model_dir, **kw):
     import sglang as sgl
 
-    return sgl.Engine(model_path=str(model_dir), **ENGINE_ARGS, **kw)
+    return sgl.Engine(model_path=str(model_dir), **{**ENGINE_ARGS, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,8 @@ def test_windows_covering_everything_match_bf16(model_dir, tmp_path, bf16_tokens
 def test_int2_prefix_cache_hits_and_determinism(model_dir, tmp_path, bf16_tokens):
     """Tiny windows (4 + 8): most of each prompt is read back from INT2 rows."""
     rot = write_rotations(tmp_path / "rot.safetensors", model_dir, sink=4, recent=8)
-    engine = _engine(model_dir, attention_backend="oscar", quantization_param_path=str(rot))
+    # a pool large enough that its 5% store share keeps the windows of every prompt's end
+    engine = _engine(model_dir, attention_backend="oscar", quantization_param_path=str(rot), max_total_tokens=65536)
     try:
         first, cached = _generate(engine, PROMPTS)
         assert cached == [0, 0, 0]
