@@ -18,7 +18,7 @@ import msgspec
 
 from oscar_sglang import health
 from oscar_sglang.settings import BACKEND_NAME, OscarError, is_enabled, load_settings
-from oscar_sglang.windows import WindowPlan, plan_for, plan_windows
+from oscar_sglang.windows import plan_for, plan_windows, window_row_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +101,10 @@ def _decode_only_cuda_graphs(result, server_args):
 
 
 # ----------------------------------------------------------------- the pool
-def _window_args(kvc) -> dict:
+def _window_args(kvc, settings) -> dict:
+    """The window geometry (``windows.plan_windows`` keywords) of this rank's pool."""
     from sglang.srt.runtime_context import get_parallel
 
-    settings, _ = load_settings(kvc.server_args, kvc.model_config.hf_config)
     parallel = get_parallel()
     return dict(sink=settings.sink, recent=settings.recent, head_dim=settings.head_dim,
                 kv_heads=kvc.model_config.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size),
@@ -124,9 +124,9 @@ def _build_token_to_kv_pool(original, kvc, *, sizes, is_dsa_model, is_dsv4_model
     if kvc.is_hybrid_swa or kvc.mambaish_config is not None:
         raise OscarError("--oscar serves full-attention models only (this one is hybrid SWA/linear/mamba).")
     settings, _ = load_settings(kvc.server_args, kvc.model_config.hf_config)
-    args = _window_args(kvc)
+    args = _window_args(kvc, settings)
     # one request window per row of the table sglang built (row 0 is its padding row)
-    plan = window_plan_for(args, req_to_token_pool.req_to_token.shape[0] - 1)
+    plan = plan_for(args["sink"], args["recent"], window_row_bytes(**args), req_to_token_pool.req_to_token.shape[0] - 1)
     chosen = getattr(kvc.model_config, _PLAN_ATTR, None)
     if chosen is not None and chosen.retained_sets > plan.retained_sets:
         plan = msgspec.structs.replace(plan, retained_sets=chosen.retained_sets)
@@ -153,11 +153,6 @@ def _build_token_to_kv_pool(original, kvc, *, sizes, is_dsa_model, is_dsv4_model
     return pool
 
 
-def window_plan_for(args: dict, running: int) -> WindowPlan:
-    row_bytes = 2 * args["layers"] * args["kv_heads"] * args["head_dim"] * args["itemsize"]
-    return plan_for(args["sink"], args["recent"], row_bytes, running)
-
-
 def oscar_cell_size(row_bytes: int, kv_heads: int, num_layers: int) -> int:
     """Bytes one token slot costs: K and V storage rows in every layer + its retained-window map entry."""
     return 2 * num_layers * kv_heads * row_bytes + 8
@@ -168,20 +163,21 @@ def _size_cells(result, poolcfg, kvc):
     if not is_enabled(kvc.server_args) or poolcfg._cell_size == 0:
         return
     settings, _ = load_settings(kvc.server_args, kvc.model_config.hf_config)
-    args = _window_args(kvc)
+    args = _window_args(kvc, settings)
     poolcfg._cell_size = oscar_cell_size(settings.layout.row_bytes, args["kv_heads"], args["layers"])
-    poolcfg._oscar_kvc = kvc
+    poolcfg._oscar_window_args, poolcfg._oscar_kvc = args, kvc
 
 
 def _size_pool(original, poolcfg, available_bytes: int, page_size: int):
     """Take the BF16 windows (``windows.plan_windows``) out of the KV budget before sglang sizes the pool."""
-    kvc = getattr(poolcfg, "_oscar_kvc", None)
-    if kvc is None:
+    args = getattr(poolcfg, "_oscar_window_args", None)
+    if args is None:
         return original(poolcfg, available_bytes, page_size)
+    kvc = poolcfg._oscar_kvc
     budget = max(available_bytes - poolcfg._fixed_overhead_bytes, 0)
     cap = kvc.server_args.max_total_tokens  # a capped pool: the windows' shares follow the cap
     running = kvc.server_args.max_running_requests
-    plan = plan_windows(**_window_args(kvc), budget_bytes=budget, max_running_requests=running,
+    plan = plan_windows(**args, budget_bytes=budget, max_running_requests=running,
                         share_of=min(budget, cap * poolcfg._cell_size) if cap else None)
     setattr(kvc.model_config, _PLAN_ATTR, plan)
     logger.info("OSCAR windows: %d running requests (%s), %d retained prefix ends: %.1f MiB = %.1f%% of the "

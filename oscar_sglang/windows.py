@@ -56,6 +56,11 @@ class WindowPlan(msgspec.Struct, frozen=True, kw_only=True):
         return rows * self.row_bytes + self.retained_rows * _MAP_BYTES
 
 
+def window_row_bytes(*, head_dim: int, kv_heads: int, layers: int, itemsize: int, **_) -> int:
+    """Bytes of one window row: K and V, every layer, model dtype."""
+    return 2 * layers * kv_heads * head_dim * itemsize
+
+
 def plan_for(sink: int, recent: int, row_bytes: int, running: int, budget_bytes: int = 0) -> WindowPlan:
     """The plan for exactly ``running`` concurrent requests (and a store sized from the budget)."""
     set_bytes = (sink + recent + SLACK) * row_bytes
@@ -69,24 +74,24 @@ def plan_windows(*, sink: int, recent: int, head_dim: int, kv_heads: int, layers
     """The window reservation for this budget; raises OscarError when it cannot fit. The shares
     (derived running count, store size) are of ``share_of`` when given (a pool capped by
     --max-total-tokens), else of the budget."""
-    fit, budget_bytes = budget_bytes, share_of or budget_bytes
-    row_bytes = 2 * layers * kv_heads * head_dim * itemsize
+    share = share_of or budget_bytes
+    row_bytes = window_row_bytes(head_dim=head_dim, kv_heads=kv_heads, layers=layers, itemsize=itemsize)
     gib = 2**30
     if max_running_requests is not None:
-        plan = plan_for(sink, recent, row_bytes, max_running_requests, budget_bytes)
-        if plan.total_bytes >= fit:
+        plan = plan_for(sink, recent, row_bytes, max_running_requests, share)
+        if plan.total_bytes >= budget_bytes:
             raise OscarError(
                 f"--oscar: BF16 windows for --max-running-requests {max_running_requests} need "
-                f"{plan.total_bytes / gib:.2f} GiB, more than the {fit / gib:.2f} GiB KV budget: "
+                f"{plan.total_bytes / gib:.2f} GiB, more than the {budget_bytes / gib:.2f} GiB KV budget: "
                 "lower --max-running-requests or raise --mem-fraction-static.")
         return plan
     running = 1
-    while running < MAX_DERIVED_RUNNING and plan_for(sink, recent, row_bytes, running + 1, budget_bytes).total_bytes \
-            <= WINDOW_SHARE * budget_bytes:
+    while running < MAX_DERIVED_RUNNING and plan_for(sink, recent, row_bytes, running + 1, share).total_bytes \
+            <= WINDOW_SHARE * share:
         running += 1
-    plan = plan_for(sink, recent, row_bytes, running, budget_bytes)
-    if plan.total_bytes >= fit / 2:
+    plan = plan_for(sink, recent, row_bytes, running, share)
+    if plan.total_bytes >= budget_bytes / 2:
         raise OscarError(
             f"--oscar: BF16 windows for one request need {plan.total_bytes / gib:.2f} GiB, half or more of the "
-            f"{fit / gib:.2f} GiB KV budget: raise --mem-fraction-static.")
+            f"{budget_bytes / gib:.2f} GiB KV budget: raise --mem-fraction-static.")
     return plan
