@@ -49,7 +49,7 @@ SINK, RECENT, BF16 = 64, 256, 2
 def cells(shape: str) -> tuple[int, int]:
     """(BF16, OSCAR) bytes per token: sglang's MHA cell, and the plugin's packed one."""
     from oscar_sglang.kernels.codec import RowLayout
-    from oscar_sglang.plugin import oscar_cell_size
+    from oscar_sglang.windows import oscar_cell_size
 
     g = SHAPES[shape]
     layers, heads, d = g["num_hidden_layers"], g["num_key_value_heads"], g["head_dim"]

@@ -2,7 +2,7 @@
 
 Starts one sglang server per configuration, each with ``--max-total-tokens`` derived from
 the SAME ``--kv-budget-mb`` and the true bytes per token: BF16 cell = 2 * layers *
-kv_heads * head_dim * 2 B; OSCAR cell = ``plugin.oscar_cell_size`` after the BF16 windows
+kv_heads * head_dim * 2 B; OSCAR cell = ``windows.oscar_cell_size`` after the BF16 windows
 (``windows.plan_windows``) are charged against the budget. For each number of
 documents D in ``--docs`` it flushes the cache and drives the workload of rag_workload.py
 (D documents x ``--questions`` questions, Zipf popularity, ``--concurrency`` streaming
@@ -14,7 +14,7 @@ dummy-weight body, so the run is about cache bookkeeping, not CPU matmuls; ``smo
 the real SmolLM2-135M weights (slow on CPU); ``qwen3-8b`` (CUDA default): Qwen3-8B shape,
 dummy weights, no tokenizer (prompts are ``input_ids`` either way).
 
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/cpu_standin python3 benchmarks/rag_prefix.py --device cpu
+    python3 benchmarks/rag_prefix.py --device cpu
     python3 benchmarks/rag_prefix.py --device cuda --out-dir $OUT      # GPU: 16K-token documents
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import re
 import shutil
 import sys
@@ -79,7 +78,7 @@ def budget_split(budget_bytes: int, model_dir: Path, rotations: Path, max_runnin
     """Per configuration: cell bytes, window reservation and --max-total-tokens for one budget."""
     from transformers import AutoConfig
 
-    from oscar_sglang.plugin import oscar_cell_size
+    from oscar_sglang.windows import oscar_cell_size
     from oscar_sglang.settings import OscarError, load_settings
     from oscar_sglang.windows import plan_windows
 
@@ -153,15 +152,6 @@ def corpus_tokens(need: int) -> tuple[list[int], list[int], list[list[int]], int
     return ids, enc(HEADER), [enc(q) for q in question_texts(64)], len(tok)
 
 
-def server_env(device: str) -> dict[str, str]:
-    env = dict(os.environ)
-    if device == "cpu":  # CPU engine + the sgl_kernel test double (see README)
-        env["SGLANG_USE_CPU_ENGINE"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests" / "cpu_standin"), str(ROOT),
-                                                         env.get("PYTHONPATH")) if p)
-    return env
-
-
 def window_mib_from_log(log: Path) -> float | None:
     m = re.search(r"OSCAR KV pool: \d+ tokens, \d+ B/row; BF16 windows .* \(([\d.]+) MiB\)", log.read_text())
     return float(m.group(1)) if m else None
@@ -171,7 +161,7 @@ def start_server(cfg: Config, args: argparse.Namespace, model: Path, work: Path)
     """``serve()`` for one configuration; its log (parsed for the window size) goes to work/<name>.log."""
     from oscar_sglang.launch import serve
 
-    return serve(model, cfg.server_args, device=args.device, env=server_env(args.device),
+    return serve(model, cfg.server_args, device=args.device,
                  log=work / f"{cfg.name}.log", timeout=1800)
 
 

@@ -1,6 +1,6 @@
 """Verbatim recall through a shared, cached document: BF16 (torch_native) vs --oscar.
 
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/cpu_standin python3 benchmarks/recall_probe.py --device cpu \\
+    python3 benchmarks/recall_probe.py --device cpu \\
         --model .cache/smollm2-135m-instruct --oscar ROT [--trials 8 --doc-tokens 1200]
 
 Per trial: a document of essay text (held out from calibration) with ``len(--depths)``

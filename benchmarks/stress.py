@@ -1,6 +1,6 @@
 """Concurrency and eviction stress of a running sglang server (loopback only, bounded in time and requests).
 
-    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/cpu_standin python3 benchmarks/stress.py --device cpu \\
+    python3 benchmarks/stress.py --device cpu \\
         --model MODEL --oscar ROT [--requests 48 --concurrency 16 --max-total-tokens 512]
     # GPU (CUDA graphs on, --tp 1): --device cuda ; a running server: --url http://127.0.0.1:PORT
 

@@ -2,7 +2,8 @@
 
 `fork` runs the questions in parallel; they share the document's prefix, which the
 server's radix cache keeps (with `--oscar`: as 2-bit pages), so the document is
-prefilled once. Works against any sglang server:
+prefilled once. The program is `oscar_sglang.demo.ask_about_document`; it works against
+any sglang server:
 
     python examples/shared_document_qa.py --url http://127.0.0.1:30000 --document FILE
 """
@@ -14,28 +15,16 @@ from pathlib import Path
 
 import sglang as sgl
 
-QUESTIONS = [
-    "Who is the author addressing?",
-    "What is the main claim?",
-    "Name one example the text gives.",
-    "Summarise the text in one sentence.",
-]
+from oscar_sglang.demo import QUESTIONS, ask_about_document
+
+__all__ = ["QUESTIONS", "ask_about_document", "run"]
 
 
-@sgl.function
-def ask_about_document(s, document: str, questions: list[str], max_tokens: int = 24):
-    s += "Read the document and answer the questions.\n\nDocument:\n" + document + "\n\n"
-    forks = s.fork(len(questions))
-    for f, q in zip(forks, questions):
-        f += "Question: " + q + "\nAnswer:" + sgl.gen("answer", max_tokens=max_tokens, temperature=0, stop="\n")
-    s["answers"] = [f["answer"] for f in forks]
-    s["meta"] = [f.get_meta_info("answer") for f in forks]  # prompt_tokens, cached_tokens, ... per answer
-
-
-def run(url: str, document: str, questions: list[str] = QUESTIONS, max_tokens: int = 24) -> list[str]:
-    backend = sgl.RuntimeEndpoint(url)
-    state = ask_about_document.run(document=document, questions=questions, max_tokens=max_tokens, backend=backend)
-    return state["answers"]
+def run(url: str, document: str, questions: list[str] = QUESTIONS, max_tokens: int = 24) -> tuple[list[str], list[dict]]:
+    """The answers, and each answer's meta info (prompt_tokens, cached_tokens, ...)."""
+    state = ask_about_document.run(document=document, questions=questions, max_tokens=max_tokens,
+                                   backend=sgl.RuntimeEndpoint(url))
+    return state["answers"], state["meta"]
 
 
 def main() -> None:
@@ -44,7 +33,7 @@ def main() -> None:
     p.add_argument("--document", type=Path, required=True, help="a text file")
     p.add_argument("--chars", type=int, default=4000, help="use the first N characters of the document")
     args = p.parse_args()
-    for q, a in zip(QUESTIONS, run(args.url, args.document.read_text()[: args.chars])):
+    for q, a in zip(QUESTIONS, run(args.url, args.document.read_text()[: args.chars])[0]):
         print(f"Q: {q}\nA: {a.strip()}\n")
 
 

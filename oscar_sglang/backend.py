@@ -172,13 +172,11 @@ class OscarAttnBackend(AttentionBackend):
         reads. A request whose window row does not hold its prefix (a prefix-cache hit) first
         copies that window from the retained store.
         """
-        pool, s, r = self.pool, self.pool.sink, self.pool.recent
-        dev = pool.k_win[0].device
-        pool.begin_forward()
+        self.pool.begin_forward()
         try:
             return self._build_metadata(req_rows, seq_lens, new_lens, out_loc, decode)
         finally:
-            pool.end_forward()
+            self.pool.end_forward()
 
     def _build_metadata(self, req_rows, seq_lens, new_lens, out_loc, decode: bool) -> ForwardMetadata:
         pool, s, r = self.pool, self.pool.sink, self.pool.recent

@@ -13,6 +13,7 @@
     max_total_num_tokens, available_size, evictable_size, protected_size
     evicted_tokens                  tokens evicted by the radix cache since start
     with an OscarKVPool, also:
+    window_bytes                    bytes of the BF16 windows (request rows + retained store)
     request_rows, retained_rows, retained_free, retained_owned
     window_fill_misses              window rows a prefix hit needed but the store had lost
     window_rows_of_free_slots       retained rows still owned by a slot the allocator holds as free
@@ -91,7 +92,8 @@ def kv_health(scheduler: Any) -> dict[str, int]:
     }
     pool = allocator.get_kvcache()
     if isinstance(pool, OscarKVPool):
-        report |= window_health(pool, free_slots(allocator))
+        slot_map = pool.ret_of_slot.numel() * pool.ret_of_slot.element_size()  # charged in the per-token cell
+        report |= window_health(pool, free_slots(allocator)) | {"window_bytes": int(pool.window_bytes() - slot_map)}
         leaks = {k: report[k] for k in LEAK_FIELDS if report[k]}
         if leaks:
             logger.warning("OSCAR window rows leaked or inconsistent: %s", leaks)

@@ -1,9 +1,10 @@
-"""Start `python -m sglang.launch_server` in a subprocess and wait until it answers.
+"""Start an sglang server in a subprocess and wait until it answers.
 
-Used by the evaluation, the benchmarks and the tests that talk to a real server. The
-environment of the child is the caller's (``env=None``) or exactly ``env``: on a CPU-only
-machine the caller provides ``SGLANG_USE_CPU_ENGINE=1`` (and the `sgl_kernel` stand-in on
-``PYTHONPATH`` where the compiled CPU ops are missing), as for launch_server itself.
+Used by the demo, the evaluation, the benchmarks and the tests that talk to a real server.
+``entry`` picks the command line: ``oscar-serve`` (the default: ``sglang serve`` that also
+sets up sglang's CPU engine for ``--device cpu``, see ``oscar_sglang.serve``), ``sglang serve``
+or ``python -m sglang.launch_server``. The environment of the child is the caller's
+(``env=None``) or exactly ``env``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,18 @@ from pathlib import Path
 
 
 class LaunchError(RuntimeError):
-    """The server exited or did not become ready; carries the tail of its log."""
+    """The server exited or did not become ready; carries the tail of its log (and its path)."""
+
+    def __init__(self, message: str, log: Path):
+        super().__init__(message)
+        self.log = log
+
+
+ENTRIES = {  # entry name -> the command line that starts a server
+    "oscar-serve": [sys.executable, "-m", "oscar_sglang.serve"],
+    "sglang serve": [str(Path(sys.executable).with_name("sglang")), "serve"],  # sglang's console script
+    "launch_server": [sys.executable, "-m", "sglang.launch_server"],
+}
 
 
 @dataclass(frozen=True)
@@ -61,14 +73,15 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
 
 @contextmanager
 def serve(model: str | Path, args: Sequence[str] = (), *, port: int | None = None, device: str | None = None,
-          env: Mapping[str, str] | None = None, timeout: float = 600, log: Path | None = None) -> Iterator[Server]:
-    """Run ``launch_server --model-path MODEL [--device DEVICE] --port PORT ARGS...`` until the block exits.
+          env: Mapping[str, str] | None = None, timeout: float = 600, log: Path | None = None,
+          entry: str = "oscar-serve") -> Iterator[Server]:
+    """Run ``ENTRY --model-path MODEL [--device DEVICE] --port PORT ARGS...`` until the block exits.
 
     Raises LaunchError (with the log tail) if it exits early or is not ready within ``timeout`` s.
     On exit the server gets SIGTERM, then SIGKILL after 30 s.
     """
     port = port or free_port()
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(port), *args]
+    cmd = [*ENTRIES[entry], "--model-path", str(model), "--port", str(port), *args]
     if device:
         cmd += ["--device", device]
     log = log or Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
@@ -79,9 +92,9 @@ def serve(model: str | Path, args: Sequence[str] = (), *, port: int | None = Non
         deadline = time.monotonic() + timeout
         while not _ready(url):
             if proc.poll() is not None:
-                raise LaunchError(f"server exited with {proc.returncode}:\n{_tail(log)}")
+                raise LaunchError(f"server exited with {proc.returncode}:\n{_tail(log)}", log)
             if time.monotonic() > deadline:
-                raise LaunchError(f"server not ready after {timeout:.0f} s:\n{_tail(log)}")
+                raise LaunchError(f"server not ready after {timeout:.0f} s:\n{_tail(log)}", log)
             time.sleep(1)
         yield Server(url=url, process=proc, log=log)
     finally:

@@ -18,7 +18,7 @@ import msgspec
 
 from oscar_sglang import health
 from oscar_sglang.settings import BACKEND_NAME, OscarError, is_enabled, load_settings
-from oscar_sglang.windows import plan_for, plan_windows, window_row_bytes
+from oscar_sglang.windows import oscar_cell_size, plan_for, plan_windows, window_row_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +151,6 @@ def _build_token_to_kv_pool(original, kvc, *, sizes, is_dsa_model, is_dsv4_model
         plan.request_rows, plan.retained_sets, pool.window_bytes() / 2**20,
     )
     return pool
-
-
-def oscar_cell_size(row_bytes: int, kv_heads: int, num_layers: int) -> int:
-    """Bytes one token slot costs: K and V storage rows in every layer + its retained-window map entry."""
-    return 2 * num_layers * kv_heads * row_bytes + 8
 
 
 def _size_cells(result, poolcfg, kvc):

@@ -21,8 +21,10 @@ Full-precision (rotated, model dtype) windows live beside the rows (``windows.py
 * **Retained store** (the rest): the window of a cached prefix end, copied out of a request
   window when sglang caches the request (``retain_request``) and keyed by slot
   (``ret_of_slot``), so a request that hits that prefix copies it into its own window
-  (``fill_rows``). Rows are freed with their slots, or least-recently-used first when the
-  store is full: a lost window only shortens later prefix hits (``usable_prefix``).
+  (``fill_rows``). Rows are freed with their slots; when the store is full, guessed windows
+  (chunk and request ends nobody has hit yet) go first, then proven ones (hit, or where a
+  request left a cached sequence), each class least recently used first. A lost window only
+  shortens later prefix hits (``usable_prefix``).
 
 All bookkeeping is host-side (CPU tensors, python ints): it is read by the scheduler when it
 matches prefixes and by the backend when it builds a forward's metadata, and every data copy
@@ -41,6 +43,9 @@ from oscar_sglang.kernels.codec import RowLayout
 from oscar_sglang.windows import SLACK, WindowPlan
 
 logger = logging.getLogger(__name__)
+
+
+_PROVEN = 1 << 40  # added to the LRU clock of proven retained rows: every guess is older than them
 
 
 class OscarKVPool(MHATokenToKVPool):
@@ -153,11 +158,11 @@ class OscarKVPool(MHATokenToKVPool):
         self.release_slots((page_ids.reshape(-1, 1) * self.page_size + offsets).reshape(-1))
 
     def retained(self, slots: torch.Tensor) -> torch.Tensor:
-        """Bool [n]: which of these slots have a retained window row (and touch them: LRU)."""
+        """Bool [n]: which of these slots have a retained window row (a match proves them: touched)."""
         rows = self.ret_of_slot[slots.cpu().long()]
         have = rows >= 0
         self.clock += 1
-        self.ret_used[rows[have]] = self.clock
+        self.ret_used[rows[have]] = self.clock + _PROVEN
         return have
 
     def usable_prefix(self, slots: torch.Tensor, page_size: int) -> int:
@@ -197,7 +202,7 @@ class OscarKVPool(MHATokenToKVPool):
     def retain_rows(self, slots: torch.Tensor, proven: bool) -> torch.Tensor:
         """Retained rows (global window-row ids) for these distinct slots, allocated where missing.
         ``proven``: a window a request is known to leave the cache at (used now, kept longest);
-        otherwise a guess (a chunk or request end): new rows go first when the store is full."""
+        otherwise a guess (a chunk or request end): its new rows are reclaimed before any proven row."""
         slots = slots.cpu().long()
         rows = self.ret_of_slot[slots]
         need = rows < 0
@@ -209,9 +214,9 @@ class OscarKVPool(MHATokenToKVPool):
         self.slot_of_ret[rows[keep]] = slots[keep]
         self.clock += 1
         if proven:
-            self.ret_used[rows[keep]] = self.clock
+            self.ret_used[rows[keep]] = self.clock + _PROVEN
         else:
-            self.ret_used[got] = 0
+            self.ret_used[got] = self.clock
         return torch.where(keep, rows + self.ret_base, -1)
 
     def move_retained(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:

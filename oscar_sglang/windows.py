@@ -61,6 +61,11 @@ def window_row_bytes(*, head_dim: int, kv_heads: int, layers: int, itemsize: int
     return 2 * layers * kv_heads * head_dim * itemsize
 
 
+def oscar_cell_size(row_bytes: int, kv_heads: int, num_layers: int) -> int:
+    """Bytes one token slot costs: K and V storage rows in every layer + its retained-window map entry."""
+    return 2 * num_layers * kv_heads * row_bytes + _MAP_BYTES
+
+
 def plan_for(sink: int, recent: int, row_bytes: int, running: int, budget_bytes: int = 0) -> WindowPlan:
     """The plan for exactly ``running`` concurrent requests (and a store sized from the budget)."""
     set_bytes = (sink + recent + SLACK) * row_bytes

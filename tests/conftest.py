@@ -2,8 +2,9 @@
 
 - The Triton interpreter must be selected before any kernel module is imported.
 - sglang runs on the CPU engine; the compiled `sgl_kernel` wheel needs libcuda, so
-  the test double in tests/cpu_standin/ (functions that raise if called) is put
-  first on the path of this process and of every subprocess sglang spawns.
+  the installed stand-in of `oscar_sglang.cpu` (functions that raise if called) is put
+  first on the path of this process and of every subprocess it starts, as
+  `oscar-serve --device cpu` does for itself.
 """
 
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-_STANDIN = str(Path(__file__).parent / "cpu_standin")
+_STANDIN = str(Path(__file__).resolve().parent.parent / "oscar_sglang" / "cpu" / "standin")  # oscar_sglang.cpu.STANDIN
 if _STANDIN not in sys.path:
     sys.path.insert(0, _STANDIN)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_STANDIN, os.environ.get("PYTHONPATH")) if p)

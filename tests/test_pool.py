@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from oscar_sglang.kernels.codec import RowLayout, dequantize_rows
-from oscar_sglang.plugin import HOOKED_TARGETS, oscar_cell_size
+from oscar_sglang.plugin import HOOKED_TARGETS
+from oscar_sglang.windows import oscar_cell_size
 from support import make_pool
 
 H, D, LAYERS = 2, 32, 2
@@ -115,6 +116,18 @@ def test_store_reclaims_least_recently_used_windows_and_matches_shrink_never_lie
     pool.retain_request(0, c)
     assert pool.usable_prefix(c, 1) == 16 and pool.usable_prefix(b, 1) == 16 and pool.usable_prefix(a, 1) == 0
     assert pool.free_window_rows() == 0
+
+
+def test_store_reclaims_guesses_before_proven_windows():
+    """A window a match has used outlives later guesses (chunk/request ends nobody hit yet), however old."""
+    pool = _pool(retained_sets=1)  # 28 rows: two 12-row windows
+    a, b, c = torch.arange(1, 17), torch.arange(21, 37), torch.arange(41, 57)
+    pool.row_len[0] = 16
+    pool.retain_request(0, a)
+    assert pool.usable_prefix(a, 1) == 16  # a hit: a is proven
+    pool.retain_request(0, b)
+    pool.retain_request(0, c)  # the store is full: the guess b goes, not the older proven a
+    assert [pool.usable_prefix(s, 1) for s in (a, b, c)] == [16, 0, 16]
 
 
 def test_tree_slots_inherit_retained_rows_of_duplicates():

@@ -1,14 +1,15 @@
 """Every configuration --oscar cannot serve is refused at startup with one clear message
-and a non-zero exit, before any model or server process starts."""
+and a non-zero exit, before any model or server process starts: through
+`python -m sglang.launch_server`, and (two of the cases) `sglang serve` and `oscar-serve`."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from oscar_sglang.launch import ENTRIES
 from support import write_rotations, write_tiny_model
 
 CASES = {
@@ -25,10 +26,19 @@ CASES = {
     "host offload": (["--enable-hierarchical-cache"], {}, None, "drop --enable-hierarchical-cache"),
     "PD disaggregation": (["--disaggregation-mode", "prefill"], {}, None, "drop --disaggregation-mode"),
 }
+OTHER_ENTRIES = {  # name: (entry point, case)
+    "missing file, sglang serve": ("sglang serve", "missing file"),
+    "other model, oscar-serve": ("oscar-serve", "other model"),
+}
+
+
+def _case(name):
+    return OTHER_ENTRIES.get(name, ("launch_server", name))
 
 
 def _command(tmp_path, name):
-    extra, overrides, spoil, _ = CASES[name]
+    entry, case = _case(name)
+    extra, overrides, spoil, _ = CASES[case]
     base = write_tiny_model(tmp_path / "calibrated")
     rot = write_rotations(tmp_path / "rot.safetensors", base)
     if spoil == "missing":
@@ -36,7 +46,7 @@ def _command(tmp_path, name):
     elif spoil == "truncated":
         rot.write_bytes(rot.read_bytes()[:1000])
     model = write_tiny_model(tmp_path / "served", **overrides) if overrides else base
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--load-format", "dummy",
+    cmd = [*ENTRIES[entry], "--model-path", str(model), "--load-format", "dummy",
            "--device", "cpu", "--skip-tokenizer-init", "--oscar", str(rot), "--port", "39999", *extra]
     return cmd
 
@@ -48,16 +58,17 @@ def _launch(cmd):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """All launches run two at a time (each spends ~25 s importing sglang)."""
-    cmds = {name: _command(tmp_path_factory.mktemp(name.replace(" ", "_")), name) for name in CASES}
+    cmds = {name: _command(tmp_path_factory.mktemp(name.replace(" ", "_").replace(",", "")), name)
+            for name in [*CASES, *OTHER_ENTRIES]}
     with ThreadPoolExecutor(2) as ex:
         futures = {name: ex.submit(_launch, cmd) for name, cmd in cmds.items()}
         return {name: f.result() for name, f in futures.items()}
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [*CASES, *OTHER_ENTRIES])
 def test_refused_with_clear_message(results, name):
     proc = results[name]
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert "OscarError" in last and CASES[name][3] in last, proc.stderr[-3000:]
+    assert "OscarError" in last and CASES[_case(name)[1]][3] in last, proc.stderr[-3000:]
     assert "Uvicorn running" not in proc.stderr and "scheduler" not in last.lower()

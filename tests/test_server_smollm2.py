@@ -1,6 +1,7 @@
-"""`python -m sglang.launch_server --oscar` with real SmolLM2-135M weights (CPU, reference ops).
+"""`sglang serve --oscar` with real SmolLM2-135M weights (CPU, reference ops).
 
-One BF16 server (torch_native) and one OSCAR server on the same held-out text:
+One BF16 server (torch_native, `python -m sglang.launch_server`) and one OSCAR server
+(`sglang serve`) on the same held-out text:
 - /generate and /v1/completions answer;
 - input-token logprobs of OSCAR stay close to BF16 (paired per-token NLL difference).
   Prefill runs in 128-token chunks, so every chunk attends to the earlier chunks
@@ -62,10 +63,12 @@ def test_oscar_server_matches_bf16_and_serves_frontend_programs(smollm2_dir, rot
     import shared_document_qa
 
     trials = recall_probe.build_trials(str(smollm2_dir), 1, 700, [0.1, 0.5, 0.9])
-    with serve(smollm2_dir, [*SERVER_ARGS, "--attention-backend", "torch_native"], device="cpu") as bf16:
+    # the two documented entry points: `python -m sglang.launch_server` (BF16) and `sglang serve` (OSCAR)
+    with serve(smollm2_dir, [*SERVER_ARGS, "--attention-backend", "torch_native"], device="cpu",
+               entry="launch_server") as bf16:
         ref = _input_logprobs(bf16.url, held_out_text)
         recall_bf16 = recall_probe.probe(bf16.url, trials)
-    with serve(smollm2_dir, [*SERVER_ARGS, "--oscar", str(rotations)], device="cpu") as oscar:
+    with serve(smollm2_dir, [*SERVER_ARGS, "--oscar", str(rotations)], device="cpu", entry="sglang serve") as oscar:
         url = oscar.url
         # Same input tokens; beyond the first 64 + last 256 positions keys/values are 2-bit.
         assert len(got := _input_logprobs(url, held_out_text)) == len(ref) > 600
@@ -75,17 +78,25 @@ def test_oscar_server_matches_bf16_and_serves_frontend_programs(smollm2_dir, rot
         print(f"\nSmolLM2 held-out NLL: BF16 {nll_bf16:.4f}, OSCAR - BF16 = {mean:+.4f} nats/token over {len(diffs)} tokens")
         assert abs(mean) < 0.05 * nll_bf16  # measured +0.047 of 3.23 nats (default recipe, 2048 calibration tokens)
 
+        # a repeated prompt is read back from the (2-bit) radix cache in full
+        again = requests.post(f"{url}/generate", json={"text": held_out_text, "sampling_params": {"max_new_tokens": 1}},
+                              timeout=300).json()
+        assert again["meta_info"]["cached_tokens"] >= len(ref) - 1
+
         comp = requests.post(f"{url}/v1/completions", json={"model": "default", "prompt": "The capital of France is",
                                                              "max_tokens": 8, "temperature": 0}, timeout=300)
         comp.raise_for_status()
         assert comp.json()["choices"][0]["text"].strip()
 
-        answers = shared_document_qa.run(url, held_out_text[:2000], max_tokens=12)
-        assert len(answers) == len(shared_document_qa.QUESTIONS) and all(isinstance(a, str) for a in answers)
-        # the document was prefilled once and then read back from the (2-bit) radix cache
-        again = requests.post(f"{url}/generate", json={"text": held_out_text, "sampling_params": {"max_new_tokens": 1}},
-                              timeout=300).json()
-        assert again["meta_info"]["cached_tokens"] >= len(ref) - 1
+        # The first run's forks race the commit of the shared document (with BF16 too: some forks
+        # prefill it cold, or from its first chunks). Asked again, every question reads it from the cache.
+        for _ in range(2):
+            answers, metas = shared_document_qa.run(url, held_out_text[:2000], max_tokens=12)
+            assert len(answers) == len(shared_document_qa.QUESTIONS) and all(isinstance(a, str) for a in answers)
+        print(f"QA over a cached document: prompt/cached tokens {[(m['prompt_tokens'], m['cached_tokens']) for m in metas]}")
+        # at least the whole document: a question's own ~10 tokens are recomputed when the store (2 windows
+        # at this budget) no longer holds that question's window from the first run (measured: 491, 483, 492, 493)
+        assert all(m["cached_tokens"] >= m["prompt_tokens"] - 16 for m in metas)
 
         recall = [recall_probe.probe(url, trials) for _ in range(2)]
     rates = {name: recall_probe.summarize(rows)["exact_match"] for name, rows in (("bf16", recall_bf16),

@@ -14,8 +14,8 @@ The defaults fit 20 minutes on 2 CPU cores (one 8K sequence gives PPL at 2K/4K/8
 2K; 2 recall probes). The issue's full matrix (12 needles up to 8K) is
 ``--needle-lengths 1024 2048 4096 8192 --needle-depths 0.2 0.5 0.8 --recall-lengths 1024 4096``.
 
-Served path on a CPU-only machine: run with ``SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/cpu_standin``
-(passed on to the servers unchanged).
+Served path on a CPU-only machine: the servers start through ``oscar-serve --device cpu``, which
+sets up sglang's CPU engine itself (``oscar_sglang.serve``).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ prefix would move the chunk boundaries), the overlap scheduler off, bounded memo
 - :func:`greedy`: ``max_new_tokens`` greedy tokens after ``prompt`` from ``/generate`` (needles).
 - :func:`top1`: the top-1 input token at each answer position (``top_logprobs_num=1``; recall).
 
-The server itself is started by :func:`oscar_sglang.launch.serve`; on a CPU-only machine the caller
-passes ``SGLANG_USE_CPU_ENGINE=1`` and ``PYTHONPATH=tests/cpu_standin`` in its environment.
+The server itself is started by :func:`oscar_sglang.launch.serve` (``oscar-serve``, which also sets up
+sglang's CPU engine for ``--device cpu``).
 """
 
 from __future__ import annotations
