@@ -133,20 +133,16 @@ def measure(side: Side, url: str, document: str, passage: str, max_tokens: int) 
 
 
 # ------------------------------------------------------------------ sizing
-def budget_args(model_dir: Path, rotations: Path, budget: int) -> tuple[list[str], list[str], int, int]:
+def budget_args(cfg, rot, budget: int) -> tuple[list[str], list[str], int, int]:
     """sglang flags that give each server the same KV budget in bytes, and the two cells (B/token).
 
     BF16: ``--max-total-tokens budget // cell``. OSCAR: the window plan the plugin would choose
     for this budget (``windows.plan_windows``), its running count, and the tokens the rest holds.
+    ``cfg``: the model's Hugging Face config; ``rot``: its validated rotations.
     """
-    from transformers import AutoConfig
-
-    from oscar_sglang.calib.rotations import load_rotations
     from oscar_sglang.kernels.codec import RowLayout
     from oscar_sglang.windows import oscar_cell_size, plan_windows, window_row_bytes
 
-    cfg = AutoConfig.from_pretrained(model_dir)
-    rot = load_rotations(rotations)
     shape = {"head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
              "kv_heads": cfg.num_key_value_heads, "layers": cfg.num_hidden_layers, "itemsize": 2}
     bf16_cell = window_row_bytes(**shape)  # one BF16 token is one window row: K and V, every layer
@@ -223,8 +219,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
-    """The model checkpoint and a rotations file validated against it (calibrated if missing)."""
+def prepare(args: argparse.Namespace):
+    """The model checkpoint, its config, a rotations file (calibrated if missing) and its
+    contents, validated against the model."""
     from oscar_sglang.calib.__main__ import main as calibrate
     from oscar_sglang.calib.assets import export_smollm2
     from oscar_sglang.calib.rotations import RotationsError, fingerprint_from_hf_config, load_rotations
@@ -237,11 +234,12 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
         raise DemoError(f"calibration into {rotations} failed (its error is above)")
     from transformers import AutoConfig
 
+    cfg = AutoConfig.from_pretrained(model)
     try:
-        load_rotations(rotations, expect=fingerprint_from_hf_config(AutoConfig.from_pretrained(model)))
+        rot = load_rotations(rotations, expect=fingerprint_from_hf_config(cfg))
     except RotationsError as e:
         raise DemoError(str(e)) from None
-    return model, rotations
+    return model, cfg, rotations, rot
 
 
 def texts() -> tuple[str, str]:
@@ -256,9 +254,9 @@ def texts() -> tuple[str, str]:
 def run(args: argparse.Namespace) -> tuple[Side, Side]:
     from oscar_sglang.launch import serve
 
-    model, rotations = prepare(args)
+    model, cfg, rotations, rot = prepare(args)
     budget = args.kv_budget_mib * 2**20
-    bf16_args, oscar_args, bf16_cell, oscar_cell = budget_args(model, rotations, budget)
+    bf16_args, oscar_args, bf16_cell, oscar_cell = budget_args(cfg, rot, budget)
     document, passage = (t[:n] for t, n in zip(texts(), (args.document_chars, args.passage_chars)))
     common = ["--random-seed", "0", "--log-level", "warning"]
     if args.device == "cpu":
