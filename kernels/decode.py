@@ -19,14 +19,7 @@ that splits carry equal bytes; each split does an online softmax over its part a
 writes a partial (out, lse). Stage 2 merges the splits by LSE. All G query heads of a KV
 head share every loaded row (padded to 16 rows for ``tl.dot``).
 
-INT2 rows are never dequantized element by element: with codes c in 0..3, per-row scale
-s and minimum m (fp16), the plane layout gives four dense quarter dots and
-
-    logit = s * (q . c) + m * sum(q)
-    sum_t p_t v_t = sum_t (p_t s_t) c_t + (sum_t p_t m_t) * 1
-
-(codes are exact in fp16/bf16; p_t s_t is normalized by the block's max scale before the
-fp16 cast so that small scales do not underflow).
+The INT2 and window blocks are the tile helpers of ``tiles.py`` (shared with extend).
 """
 
 from __future__ import annotations
@@ -37,7 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_head_dim, check_index, check_rows, check_window
 from .codec import RowLayout
+from .tiles import _dense_block, _int2_block, _load_q_planes
 
 __all__ = ["DecodeConfig", "plan_num_splits", "decode_attention"]
 
@@ -46,10 +41,12 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Tile sizes and launch knobs (defaults reasoned, not yet measured, for H100/H200, D = 128:
-    ptxas sm_90a gives 161 registers, no spill -> 3 programs of 4 warps per SM)."""
+    """Tile sizes and launch knobs, chosen from the static report (``benchmarks/kernel_static.py``,
+    Qwen3-8B heads, sm_90), not from GPU timings: 128 INT2 rows per step issue 41 SASS
+    instructions per (token, KV head) against 49 at 64 rows (185 registers, no spill: 2 programs
+    of 4 warps per SM, each with two 9 KiB stages of rows in flight); 8 warps issue more (52)."""
 
-    block_n: int = 64  # INT2 rows per loop step
+    block_n: int = 128  # INT2 rows per loop step
     block_w: int = 32  # window rows per loop step
     num_warps: int = 4
     num_stages: int = 2
@@ -64,92 +61,6 @@ def plan_num_splits(batch: int, kv_heads: int, avg_tokens: int, num_sms: int, co
     want = triton.cdiv(config.programs_per_sm * num_sms, max(1, batch * kv_heads))
     by_len = triton.cdiv(max(1, avg_tokens), config.min_split_tokens)
     return int(max(1, min(want, by_len, 256)))
-
-
-@triton.jit
-def _online_update(m_i, l_i, logit):
-    """Online softmax step in log2 units: returns (m_new, alpha, p, l_new)."""
-    m_new = tl.maximum(m_i, tl.max(logit, axis=1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet stays empty
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(logit - m_ref[:, None])
-    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
-def _row_params(row_ptr, row_off, nmask, Q: tl.constexpr):
-    """fp32 (scale, minimum) of each row from one 32-bit load at byte Q (fp16 LE pair)."""
-    word = tl.load((row_ptr + row_off + Q).to(tl.pointer_type(tl.int32), bitcast=True), mask=nmask, other=0)
-    scale = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    minimum = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-    return scale.to(tl.float32), minimum.to(tl.float32)
-
-
-@triton.jit
-def _load_q_planes(qp, mask, Q: tl.constexpr):
-    """The four D/4 quarter-planes of a block of query rows (plane layout) and their row sums."""
-    q0 = tl.load(qp, mask=mask, other=0.0)
-    q1 = tl.load(qp + Q, mask=mask, other=0.0)
-    q2 = tl.load(qp + 2 * Q, mask=mask, other=0.0)
-    q3 = tl.load(qp + 3 * Q, mask=mask, other=0.0)
-    qsum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
-    return q0, q1, q2, q3, qsum
-
-
-@triton.jit
-def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
-                acc0, acc1, acc2, acc3, macc, scale_log2, Q: tl.constexpr, extra_mask):
-    """One block of INT2 rows (row_off: byte offsets [BN]) and an extra [BM or 1, BN]
-    visibility mask (the position rule in extend), folded into the running state."""
-    dt = q0.dtype
-    qc = tl.arange(0, Q)
-    # Rows are 4-byte multiples (codec.RowLayout): lets the compiler use 32-bit loads.
-    row_off = tl.multiple_of(row_off, 4)
-    kb = tl.load(krow_ptr + row_off[:, None] + qc[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-    ks, km = _row_params(krow_ptr, row_off, nmask, Q)
-    qk = tl.dot(q0, tl.trans((kb & 3).to(dt)))
-    qk = tl.dot(q1, tl.trans(((kb >> 2) & 3).to(dt)), qk)
-    qk = tl.dot(q2, tl.trans(((kb >> 4) & 3).to(dt)), qk)
-    qk = tl.dot(q3, tl.trans(((kb >> 6) & 3).to(dt)), qk)
-    logit = (qk * ks[None, :] + qsum[:, None] * km[None, :]) * scale_log2
-    logit = tl.where(nmask[None, :] & extra_mask, logit, float("-inf"))
-    m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
-    vb = tl.load(vrow_ptr + row_off[:, None] + qc[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-    vs, vm = _row_params(vrow_ptr, row_off, nmask, Q)
-    smax = tl.max(vs, axis=0)
-    ps = (p * (vs / tl.where(smax > 0, smax, 1.0))[None, :]).to(dt)
-    a = alpha[:, None]
-    acc0 = acc0 * a + tl.dot(ps, (vb & 3).to(dt)) * smax
-    acc1 = acc1 * a + tl.dot(ps, ((vb >> 2) & 3).to(dt)) * smax
-    acc2 = acc2 * a + tl.dot(ps, ((vb >> 4) & 3).to(dt)) * smax
-    acc3 = acc3 * a + tl.dot(ps, ((vb >> 6) & 3).to(dt)) * smax
-    macc = macc * alpha + tl.sum(p * vm[None, :], axis=1)
-    return m_new, l_i, acc0, acc1, acc2, acc3, macc
-
-
-@triton.jit
-def _dense_block(q0, q1, q2, q3, k_off, v_off, nmask, kw_ptr, vw_ptr, m_i, l_i,
-                 acc0, acc1, acc2, acc3, macc, scale_log2, Q: tl.constexpr, extra_mask):
-    """One block of full-precision rows (element offsets [BN] of column 0) and an extra
-    [BM or 1, BN] visibility mask (causal in extend), folded into the running state."""
-    dt = q0.dtype
-    qc = tl.arange(0, Q)[None, :]
-    kp = kw_ptr + k_off[:, None] + qc
-    m2 = nmask[:, None]
-    qk = tl.dot(q0, tl.trans(tl.load(kp, mask=m2, other=0.0).to(dt)))
-    qk = tl.dot(q1, tl.trans(tl.load(kp + Q, mask=m2, other=0.0).to(dt)), qk)
-    qk = tl.dot(q2, tl.trans(tl.load(kp + 2 * Q, mask=m2, other=0.0).to(dt)), qk)
-    qk = tl.dot(q3, tl.trans(tl.load(kp + 3 * Q, mask=m2, other=0.0).to(dt)), qk)
-    logit = tl.where(nmask[None, :] & extra_mask, qk * scale_log2, float("-inf"))
-    m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
-    vp = vw_ptr + v_off[:, None] + qc
-    pd = p.to(dt)
-    a = alpha[:, None]
-    acc0 = acc0 * a + tl.dot(pd, tl.load(vp, mask=m2, other=0.0).to(dt))
-    acc1 = acc1 * a + tl.dot(pd, tl.load(vp + Q, mask=m2, other=0.0).to(dt))
-    acc2 = acc2 * a + tl.dot(pd, tl.load(vp + 2 * Q, mask=m2, other=0.0).to(dt))
-    acc3 = acc3 * a + tl.dot(pd, tl.load(vp + 3 * Q, mask=m2, other=0.0).to(dt))
-    return m_new, l_i, acc0, acc1, acc2, acc3, macc * alpha
 
 
 @triton.jit
@@ -242,30 +153,6 @@ def _merge_splits_kernel(opart_ptr, lpart_ptr, out_ptr, lse_ptr, num_splits, str
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + cols, o.to(out_ptr.dtype.element_ty))
     lse = tl.where(wsum > 0, (mx_safe + tl.log2(tl.where(wsum > 0, wsum, 1.0))) / 1.4426950408889634, float("-inf"))
     tl.store(lse_ptr + b * H + hq, lse)
-
-
-def check_head_dim(d: int, layout: RowLayout) -> None:
-    if layout.n_groups != 1:
-        raise ValueError("Triton attention kernels support group_size == head_dim only; use the reference")
-    if d != layout.head_dim or d < 64 or d & (d - 1):
-        raise ValueError(f"head_dim {d} must equal layout.head_dim {layout.head_dim} and be a power of two >= 64")
-
-
-def check_rows(name: str, rows: torch.Tensor, hkv: int, layout: RowLayout) -> None:
-    if rows.dtype != torch.uint8 or rows.dim() != 3 or rows.shape[1:] != (hkv, layout.row_bytes):
-        raise ValueError(f"{name} must be uint8 [N, {hkv}, {layout.row_bytes}], got {rows.dtype} {tuple(rows.shape)}")
-    if rows.stride(2) != 1 or rows.stride(1) != layout.row_bytes or rows.stride(0) % 4 or rows.data_ptr() % 4:
-        raise ValueError(f"{name} must be contiguous in its last two dims")
-
-
-def check_index(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in (torch.int32, torch.int64) or t.dim() != 1 or not t.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous 1-D int32/int64 tensor, got {t.dtype} {tuple(t.shape)}")
-
-
-def check_window(name: str, w: torch.Tensor, hkv: int, d: int) -> None:
-    if w.dim() != 3 or w.shape[1:] != (hkv, d) or w.stride(-1) != 1:
-        raise ValueError(f"{name} must be [M, {hkv}, {d}] contiguous in its last dim, got {tuple(w.shape)}")
 
 
 def win_cost(layout: RowLayout, win: torch.Tensor) -> int:

@@ -16,7 +16,7 @@ power of two >= 64, one quantization group per row):
 - returns ``out`` [Tq, Hq, D] (q.dtype, rotated value basis).
 
 One program per (BLOCK_M chunk queries, query head, request), flash-attention style, with
-the same folded INT2 math as decode (``_int2_block``): no prefix is ever dequantized to
+the same folded INT2 math as decode (``tiles._int2_block``): no prefix is ever dequantized to
 memory. Chunked prefill and prefix-cache hits both go through here; a plain prefill is the
 case with empty prefixes.
 """
@@ -29,9 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_head_dim, check_index, check_rows, check_window
 from .codec import RowLayout
-from .decode import (LOG2E, _dense_block, _int2_block, _load_q_planes, check_head_dim, check_index, check_rows,
-                     check_window)
+from .decode import LOG2E
+from .tiles import _dense_block, _int2_block, _load_q_planes
 
 __all__ = ["ExtendConfig", "extend_attention"]
 

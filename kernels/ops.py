@@ -15,17 +15,10 @@ from . import decode as _decode
 from . import extend as _extend
 from . import reference as _reference
 from . import write as _write
+from .checks import triton_supports
 from .codec import RowLayout
 
 __all__ = ["quantize_kv_write", "decode_attention", "extend_attention", "triton_supports"]
-
-
-def triton_supports(layout: RowLayout, attention: bool = True) -> bool:
-    """Whether the Triton kernels handle this layout (else the reference runs, also on GPU)."""
-    d = layout.head_dim
-    if layout.n_groups != 1 or d & (d - 1):
-        return False
-    return d >= 64 if attention else 16 <= d <= 128
 
 
 def quantize_kv_write(

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_head_dim, check_index, check_rows, check_window
 from .codec import RowLayout, clip_index
 
 __all__ = ["quantize_kv_write"]
@@ -209,11 +210,6 @@ def _num_programs_hint(device: torch.device) -> int:
     return 1  # interpreter: program count does not buy parallelism
 
 
-def _check_index(name: str, idx: torch.Tensor, t: int) -> None:
-    if idx.dtype not in (torch.int32, torch.int64) or idx.shape != (t,) or not idx.is_contiguous():
-        raise ValueError(f"{name} must be contiguous int32/int64 [{t}], got {idx.dtype} {tuple(idx.shape)}")
-
-
 def quantize_kv_write(
     x: torch.Tensor,
     rotation: torch.Tensor,
@@ -226,18 +222,10 @@ def quantize_kv_write(
 ) -> None:
     """Quantize x [T, H, D] into rows_out[slots] (and its rotated copy into window_out)."""
     t, h, d = x.shape
-    if layout.n_groups != 1:
-        raise ValueError("Triton write kernel supports group_size == head_dim only; use the reference")
-    if d != layout.head_dim or not 16 <= d <= 128 or d & (d - 1):
-        # D = 256 is neither compiled nor tested here (ops sends it to the reference).
-        raise ValueError(f"head_dim {d} must equal layout.head_dim {layout.head_dim}, a power of two in [16, 128]")
+    check_head_dim(d, layout, attention=False)
     if x.stride(-1) != 1:
         raise ValueError("x must be contiguous in its last dim")
-    if rows_out.dtype != torch.uint8 or rows_out.dim() != 3 or rows_out.shape[1:] != (h, layout.row_bytes):
-        raise ValueError(f"rows_out must be uint8 [N, {h}, {layout.row_bytes}], got {rows_out.dtype} {tuple(rows_out.shape)}")
-    if rows_out.stride(2) != 1 or rows_out.stride(1) != layout.row_bytes or rows_out.stride(0) % 4 \
-            or rows_out.data_ptr() % 4:
-        raise ValueError("rows_out must be 4-byte aligned and contiguous in its last two dims")
+    check_rows("rows_out", rows_out, h, layout)
     if rotation.dtype != torch.float32 or not rotation.is_contiguous():
         raise ValueError("rotation must be contiguous fp32")
     if rotation.shape == (d, d):
@@ -246,14 +234,13 @@ def quantize_kv_write(
         stride_rh = d * d
     else:
         raise ValueError(f"rotation must be [{d}, {d}] or [{h}, {d}, {d}], got {tuple(rotation.shape)}")
-    _check_index("slots", slots, t)
+    check_index("slots", slots, t)
     has_window = window_out is not None
     if has_window:
         if window_slots is None:
             raise ValueError("window_out given without window_slots")
-        _check_index("window_slots", window_slots, t)
-        if window_out.dim() != 3 or window_out.shape[1:] != (h, d) or window_out.stride(-1) != 1:
-            raise ValueError(f"window_out must be [M, {h}, {d}] contiguous in its last dim")
+        check_index("window_slots", window_slots, t)
+        check_window("window_out", window_out, h, d)
     if t == 0:
         return
     # ptxas, 4 warps, no spills on sm_80..90: D=128 block 16: 138-154 regs (block 32 or 8 warps spill);

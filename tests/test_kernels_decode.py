@@ -8,9 +8,11 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from oscar_sglang.kernels import decode, ops, reference
-from oscar_sglang.kernels.codec import RowLayout, quantize_rows
+from oscar_sglang.kernels import decode, ops, reference, tiles
+from oscar_sglang.kernels.codec import RowLayout, pack_codes, quantize_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
 DEV = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -111,6 +113,32 @@ def test_decode_split_merge_is_split_invariant():
     b, lb = run_decode(decode, q, cache, layout, num_splits=5)
     torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+
+
+@triton.jit
+def _planes_kernel(w_ptr, o_ptr, BN: tl.constexpr, W: tl.constexpr, BF16: tl.constexpr):
+    """Writes tiles._code_planes of [BN, W] words as fp32 [BN, 4 planes, 4 W]."""
+    n = tl.arange(0, BN)[:, None]
+    words = tl.load(w_ptr + n * W + tl.arange(0, W)[None, :])
+    cdt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    p0, p1, p2, p3 = tiles._code_planes(words, cdt)
+    Q: tl.constexpr = 4 * W
+    o = o_ptr + n * 4 * Q + tl.arange(0, Q)[None, :]
+    tl.store(o, p0.to(tl.float32))
+    tl.store(o + Q, p1.to(tl.float32))
+    tl.store(o + 2 * Q, p2.to(tl.float32))
+    tl.store(o + 3 * Q, p3.to(tl.float32))
+
+
+@pytest.mark.parametrize("bf16,base", [(False, 1024.0), (True, 128.0)])
+def test_code_planes_are_base_plus_code(bf16, base):
+    """The exponent-trick unpack, exactly, for both dot dtypes (bf16 is checked here without
+    tl.dot, which the interpreter computes wrongly in bf16)."""
+    codes = torch.randint(0, 4, (16, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    words = pack_codes(codes).view(torch.int32).to(DEV)
+    out = torch.empty(16, 128, device=DEV)
+    _planes_kernel[(1,)](words, out, BN=16, W=8, BF16=bf16)
+    assert torch.equal(out.cpu(), codes.float() + base)
 
 
 def test_plan_num_splits():
