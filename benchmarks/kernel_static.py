@@ -127,13 +127,14 @@ def capture(module, call) -> list:
 # ----------------------------------------------------------------------------- kernel specs
 # Each spec: shape (hq, hkv, d) -> launches of its launcher at that shape. Add a kernel by
 # adding a function here; a spec whose call raises is reported as skipped with the reason.
-def _write_launches(clip_ratio: float):
+def _write_launches(clip_ratio: float, rotate: bool = True):
     def spec(shape):
         _, hkv, d = shape
         layout = RowLayout(d)
         t = WRITE_TOKENS
         x = torch.zeros(t, hkv, d, dtype=torch.bfloat16)
-        rot = torch.zeros(hkv, d, d)  # per-KV-head rotations (the calibration default)
+        # per-KV-head rotations (the calibration default); None: values with R_V folded
+        rot = torch.zeros(hkv, d, d) if rotate else None
         rows = torch.zeros(t + 8, hkv, layout.row_bytes, dtype=torch.uint8)
         win = torch.zeros(t + 8, hkv, d, dtype=torch.bfloat16)
         slots = torch.arange(t, dtype=torch.int64)
@@ -175,12 +176,15 @@ def _extend_launches(shape):
 
 
 # CI subset (tests/test_kernel_static.py, ~1 min on 2 cores): D=128 only; the write kernel on the
-# arches where shared memory is tight (86/89) and on sm_90, decode everywhere, extend on sm_86/90.
-CI_JOBS = {"write_v": (86, 89, 90), "write_k": (86, 89, 90), "extend": (86, 90), "decode": (80, 86, 89, 90)}
+# arches where shared memory is tight (86/89) and on sm_90, decode everywhere, extend and the
+# unrotated (folded) V write on sm_86/90.
+CI_JOBS = {"write_v": (86, 89, 90), "write_k": (86, 89, 90), "write_v_folded": (86, 90), "extend": (86, 90),
+           "decode": (80, 86, 89, 90)}
 
 SPECS = {  # in order of compile cost
     "write_v": _write_launches(0.92),  # V clip (OSCAR default 0.92): 11 rank-selection passes at D=128
     "write_k": _write_launches(0.96),  # K clip (0.96): 6 passes
+    "write_v_folded": _write_launches(0.92, rotate=False),  # V when R_V is folded into the weights: no dot
     "decode": _decode_launches,  # -> decode_split, decode_merge
     "extend": _extend_launches,
 }

@@ -32,19 +32,20 @@ import triton.language as tl
 
 from .checks import check_head_dim, check_index, check_rows, check_window
 from .codec import RowLayout
-from .tiles import _dense_block, _int2_block, _load_q_planes
+from .tiles import _dense_block, _int2_block, _load_q_planes, code_bits2
 
 __all__ = ["DecodeConfig", "plan_num_splits", "decode_attention"]
 
 LOG2E = 1.4426950408889634
+MERGE_BLOCK_S = 8  # splits merged per step
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
     """Tile sizes and launch knobs, chosen from the static report (``benchmarks/kernel_static.py``,
-    Qwen3-8B heads, sm_90), not from GPU timings: 128 INT2 rows per step issue 41 SASS
-    instructions per (token, KV head) against 49 at 64 rows (185 registers, no spill: 2 programs
-    of 4 warps per SM, each with two 9 KiB stages of rows in flight); 8 warps issue more (52)."""
+    Qwen3-8B heads, sm_90), not from GPU timings: 128 INT2 rows per step issue 36 SASS
+    instructions per (token, KV head), 64 rows 44 (185 registers, no spill: 2 programs of 4 warps
+    per SM, each with two 9 KiB stages of rows in flight); 8 warps issue more, 2 warps spill."""
 
     block_n: int = 128  # INT2 rows per loop step
     block_w: int = 32  # window rows per loop step
@@ -66,7 +67,7 @@ def plan_num_splits(batch: int, kv_heads: int, avg_tokens: int, num_sms: int, co
 @triton.jit
 def _decode_split_kernel(
     q_ptr, krow_ptr, vrow_ptr, i_indptr, i_idx, kw_ptr, vw_ptr, w_indptr, w_idx,
-    opart_ptr, lpart_ptr, scale_log2, num_splits,
+    opart_ptr, lpart_ptr, scale_log2, code_bits2, num_splits,
     stride_qb, stride_qh, stride_rn, stride_rh,
     stride_kwn, stride_kwh, stride_vwn, stride_vwh,
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
@@ -107,7 +108,7 @@ def _decode_split_kernel(
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
             q0, q1, q2, q3, qsum, slot * stride_rn + hk * stride_rh, nmask, krow_ptr, vrow_ptr,
-            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q, nmask[None, :])
+            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q, nmask[None, :])
     for start in range(w_lo, w_hi, BLOCK_W):
         offs = start + tl.arange(0, BLOCK_W)
         nmask = offs < w_hi
@@ -136,22 +137,31 @@ def _decode_split_kernel(
 @triton.jit
 def _merge_splits_kernel(opart_ptr, lpart_ptr, out_ptr, lse_ptr, num_splits, stride_ob, stride_oh, H,
                          D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One program per (request, query head): LSE-weighted merge of the split partials."""
+    """One program per (request, query head): LSE-weighted merge of the split partials, BLOCK_S
+    splits per step with a running max (any split count in the same registers: no spills)."""
     hq = tl.program_id(0)
     b = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    smask = s < num_splits
     base = (b * H + hq).to(tl.int64) * num_splits
-    lse2 = tl.load(lpart_ptr + base + s, mask=smask, other=float("-inf"))
-    mx = tl.max(lse2, axis=0)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp2(lse2 - mx_safe)
-    wsum = tl.sum(w, axis=0)
     cols = tl.arange(0, D)
-    part = tl.load(opart_ptr + (base + s)[:, None] * D + cols[None, :], mask=smask[:, None], other=0.0)
-    o = tl.sum(part * w[:, None], axis=0) / tl.where(wsum > 0, wsum, 1.0)
+    mx = float("-inf")
+    wsum = 0.0
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < num_splits
+        lse2 = tl.load(lpart_ptr + base + s, mask=smask, other=float("-inf"))
+        mx_new = tl.maximum(mx, tl.max(lse2, axis=0))
+        ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+        w = tl.exp2(lse2 - ref)
+        keep = tl.exp2(mx - ref)
+        part = tl.load(opart_ptr + (base + s)[:, None] * D + cols[None, :], mask=smask[:, None], other=0.0)
+        acc = acc * keep + tl.sum(part * w[:, None], axis=0)
+        wsum = wsum * keep + tl.sum(w, axis=0)
+        mx = mx_new
+    o = acc / tl.where(wsum > 0, wsum, 1.0)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + cols, o.to(out_ptr.dtype.element_ty))
-    lse = tl.where(wsum > 0, (mx_safe + tl.log2(tl.where(wsum > 0, wsum, 1.0))) / 1.4426950408889634, float("-inf"))
+    ref = tl.where(mx == float("-inf"), 0.0, mx)
+    lse = tl.where(wsum > 0, (ref + tl.log2(tl.where(wsum > 0, wsum, 1.0))) / 1.4426950408889634, float("-inf"))
     tl.store(lse_ptr + b * H + hq, lse)
 
 
@@ -212,7 +222,7 @@ def decode_attention(
     lpart = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(hkv, num_splits, bsz)](
         q, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices,
-        opart, lpart, sm_scale * LOG2E, num_splits,
+        opart, lpart, sm_scale * LOG2E, code_bits2(q.dtype), num_splits,
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1),
         k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
         G=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
@@ -221,6 +231,6 @@ def decode_attention(
     )
     _merge_splits_kernel[(hq, bsz)](
         opart, lpart, out, lse, num_splits, out.stride(0), out.stride(1), hq,
-        D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        D=d, BLOCK_S=MERGE_BLOCK_S,
     )
     return out, lse

@@ -32,7 +32,7 @@ import triton.language as tl
 from .checks import check_head_dim, check_index, check_rows, check_window
 from .codec import RowLayout
 from .decode import LOG2E
-from .tiles import _dense_block, _int2_block, _load_q_planes
+from .tiles import _dense_block, _int2_block, _load_q_planes, code_bits2
 
 __all__ = ["ExtendConfig", "extend_attention"]
 
@@ -50,7 +50,7 @@ class ExtendConfig:
 @triton.jit
 def _extend_kernel(
     q_ptr, kn_ptr, vn_ptr, qo_indptr, krow_ptr, vrow_ptr, i_indptr, i_idx,
-    kw_ptr, vw_ptr, w_indptr, w_idx, prefix_ptr, o_ptr, scale_log2, sink, recent,
+    kw_ptr, vw_ptr, w_indptr, w_idx, prefix_ptr, o_ptr, scale_log2, code_bits2, sink, recent,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_rn, stride_rh, stride_kwn, stride_kwh, stride_vwn, stride_vwh, stride_ot, stride_oh,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -88,7 +88,7 @@ def _extend_kernel(
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
             q0, q1, q2, q3, qsum, slot * stride_rn + hk * stride_rh, nmask, krow_ptr, vrow_ptr,
-            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q, (sink + offs)[None, :] <= t - recent)
+            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q, (sink + offs)[None, :] <= t - recent)
 
     w_beg = tl.load(w_indptr + b).to(tl.int64)
     n_w = (tl.load(w_indptr + b + 1) - w_beg).to(tl.int32)
@@ -183,7 +183,7 @@ def extend_attention(
     grid = (triton.cdiv(max_q_len, config.block_m), hq, bsz)
     _extend_kernel[grid](
         q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices,
-        k_win, v_win, win_indptr, win_indices, prefix_lens, out, sm_scale * LOG2E, sink, recent,
+        k_win, v_win, win_indptr, win_indices, prefix_lens, out, sm_scale * LOG2E, code_bits2(q.dtype), sink, recent,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_rows.stride(0), k_rows.stride(1), k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
         out.stride(0), out.stride(1),

@@ -23,7 +23,7 @@ __all__ = ["quantize_kv_write", "decode_attention", "extend_attention", "triton_
 
 def quantize_kv_write(
     x: torch.Tensor,
-    rotation: torch.Tensor,
+    rotation: torch.Tensor | None,
     clip_ratio: float,
     layout: RowLayout,
     rows_out: torch.Tensor,

@@ -24,13 +24,16 @@ from .codec import RowLayout, dequantize_rows, quantize_rows, rotate, sanitize
 __all__ = ["quantize_kv_write", "decode_attention", "extend_attention", "rotated_rows"]
 
 
-def rotated_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Sanitized, rotated fp32 rows [T, H, D]: ``sanitize(sanitize(x) @ R)``.
+def rotated_rows(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """Sanitized, rotated fp32 rows [T, H, D]: ``sanitize(sanitize(x) @ R)``; ``sanitize(x)``
+    for ``rotation=None`` (x already in the rotated basis: R_V folded into the weights).
 
     Sanitizing before the rotation keeps one inf element from poisoning the whole
     row (inf * 0 = NaN inside the matmul); sanitizing after keeps the row in the
     fp16 range. This is exactly what the write kernel stores and quantizes.
     """
+    if rotation is None:
+        return sanitize(x)
     if rotation.dim() == 3 and rotation.shape[0] != x.shape[1]:
         raise ValueError(f"per-head rotation has {rotation.shape[0]} heads, x has {x.shape[1]}")
     return sanitize(rotate(sanitize(x), rotation))
@@ -38,7 +41,7 @@ def rotated_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 def quantize_kv_write(
     x: torch.Tensor,
-    rotation: torch.Tensor,
+    rotation: torch.Tensor | None,
     clip_ratio: float,
     layout: RowLayout,
     rows_out: torch.Tensor,

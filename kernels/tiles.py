@@ -19,6 +19,7 @@ per row and per key, never per element.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -69,28 +70,29 @@ def _code_value(dt):
     return 128.0 if dt == tl.bfloat16 else 1024.0
 
 
-@triton.constexpr_function
-def _code_bits2(dt):
-    """The bits of B in both 16-bit halves of a 32-bit word."""
-    bits = 0x4300 if dt == tl.bfloat16 else 0x6400
+def code_bits2(dtype: torch.dtype) -> int:
+    """Launcher argument ``code_bits2``: the bits of B (``_code_value``) in both 16-bit halves of
+    a 32-bit word, for queries of ``dtype``. A runtime argument on purpose: held in a register,
+    the mask-and-or of ``_plane`` is one LOP3 (two immediates take two: 9% more SASS in the
+    INT2 loop, ``benchmarks/kernel_static.py``)."""
+    bits = 0x4300 if dtype == torch.bfloat16 else 0x6400
     return bits | bits << 16
 
 
 @triton.jit
-def _code_planes(words, cdt: tl.constexpr):
+def _code_planes(words, cdt: tl.constexpr, base2):
     """[BN, Q/4] int32 words of plane-layout codes -> the four [BN, Q] planes as ``cdt`` values
     B + c (exponent trick: one shift and one mask-or per two codes, no int->float conversion).
 
     A word holds bytes 4i..4i+3; bits 2p..2p+1 of byte j are element j of plane p. Shifting the
     word right by 2p (bytes 0, 2) or 8 + 2p (bytes 1, 3) and masking with 0x00030003 leaves two
     codes in the two 16-bit halves, and or-ing the base's bits into both makes them two numbers."""
-    base2: tl.constexpr = _code_bits2(cdt)
     return (_plane(words, 0, base2, cdt), _plane(words, 2, base2, cdt), _plane(words, 4, base2, cdt),
             _plane(words, 6, base2, cdt))
 
 
 @triton.jit
-def _plane(words, shift: tl.constexpr, base2: tl.constexpr, cdt: tl.constexpr):
+def _plane(words, shift: tl.constexpr, base2, cdt: tl.constexpr):
     e02 = ((words >> shift) & 0x00030003) | base2  # halves: bytes 0 and 2 of each word
     e13 = ((words >> (shift + 8)) & 0x00030003) | base2  # bytes 1 and 3
     x0 = e02.to(tl.int16).to(cdt, bitcast=True)
@@ -103,7 +105,7 @@ def _plane(words, shift: tl.constexpr, base2: tl.constexpr, cdt: tl.constexpr):
 
 @triton.jit
 def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
-                acc0, acc1, acc2, acc3, macc, scale_log2, Q: tl.constexpr, extra_mask):
+                acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q: tl.constexpr, extra_mask):
     """One block of INT2 rows (row_off: byte offsets [BN]) and an extra [BM or 1, BN]
     visibility mask (the position rule in extend), folded into the running state.
 
@@ -115,7 +117,7 @@ def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l
     row_off = tl.multiple_of(row_off, 4)
     wc = tl.arange(0, Q // 4)[None, :]
     kp = (krow_ptr + row_off[:, None]).to(tl.pointer_type(tl.int32), bitcast=True)
-    k0, k1, k2, k3 = _code_planes(tl.load(kp + wc, mask=nmask[:, None], other=0), cdt)
+    k0, k1, k2, k3 = _code_planes(tl.load(kp + wc, mask=nmask[:, None], other=0), cdt, code_bits2)
     ks, km = _row_params(krow_ptr, row_off, nmask, Q)
     qk = tl.dot(q0.to(cdt), tl.trans(k0))
     qk = tl.dot(q1.to(cdt), tl.trans(k1), qk)
@@ -125,7 +127,7 @@ def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l
     logit = tl.where(nmask[None, :] & extra_mask, logit, float("-inf"))
     m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
     vp = (vrow_ptr + row_off[:, None]).to(tl.pointer_type(tl.int32), bitcast=True)
-    v0, v1, v2, v3 = _code_planes(tl.load(vp + wc, mask=nmask[:, None], other=0), cdt)
+    v0, v1, v2, v3 = _code_planes(tl.load(vp + wc, mask=nmask[:, None], other=0), cdt, code_bits2)
     vs, vm = _row_params(vrow_ptr, row_off, nmask, Q)
     smax = tl.max(vs, axis=0)
     ps = (p * (vs / tl.where(smax > 0, smax, 1.0))[None, :]).to(cdt)

@@ -4,7 +4,8 @@ Inputs (T new tokens, H KV heads, D head_dim; D a power of two in [16, 128], one
 quantization group per row; other layouts: use the reference, as ``ops`` does):
 
 - ``x``          [T, H, D] fp16/bf16/fp32, post-RoPE k or v, NOT rotated; last dim contiguous.
-- ``rotation``   fp32 [D, D] (per layer) or [H, D, D] (per KV head); row-vector convention x @ R.
+- ``rotation``   fp32 [D, D] (per layer) or [H, D, D] (per KV head); row-vector convention x @ R;
+  None: x is already in the rotated basis (V with R_V folded into the weights), no dot at all.
 - ``rows_out``   uint8 [N, H, row_bytes], codec.py storage rows; last two dims contiguous.
 - ``slots``      int32/int64 [T] destination row per token, -1 = padding (skipped).
 - ``window_out`` optional [M, H, D] (bf16/fp16/fp32), receives the rotated full-precision row
@@ -126,7 +127,7 @@ def _quantize_write_kernel(
     stride_xt, stride_xh, stride_rh,
     stride_on, stride_oh, stride_wn, stride_wh,
     D: tl.constexpr, CLIP_IDX: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, ROTATE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Per token block: the rotated row as four quarter-planes x @ R[:, jQ:(j+1)Q], each
     accumulated over KC-row slices of R, so no dot operand is larger than [KC, PQ] (R is
@@ -149,19 +150,28 @@ def _quantize_write_kernel(
         tok = t0 + tl.arange(0, BLOCK_T)
         tmask = tok < t_end
         slot = tl.load(slots_ptr + tok, mask=tmask, other=-1).to(tl.int64)
-        xp = x_ptr + tok[:, None].to(tl.int64) * stride_xt + h * stride_xh + cols[None, :]
-        x0 = tl.zeros([BLOCK_T, PQ], tl.float32)
-        x1 = tl.zeros([BLOCK_T, PQ], tl.float32)
-        x2 = tl.zeros([BLOCK_T, PQ], tl.float32)
-        x3 = tl.zeros([BLOCK_T, PQ], tl.float32)
-        # x @ R as four quarter-planes, accumulated over KC-row slices of R (and KC-column
-        # slices of x): every dot operand is at most [KC, PQ] / [BLOCK_T, KC] fp32.
-        for k0 in tl.static_range(0, D, KC):
-            xk = _sanitize(tl.load(xp + k0, mask=tmask[:, None], other=0.0).to(tl.float32))
-            x0 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 0, D, Q), x0, input_precision=PRECISION)
-            x1 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 1, D, Q), x1, input_precision=PRECISION)
-            x2 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 2, D, Q), x2, input_precision=PRECISION)
-            x3 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 3, D, Q), x3, input_precision=PRECISION)
+        xrow = x_ptr + tok[:, None].to(tl.int64) * stride_xt + h * stride_xh
+        if ROTATE:
+            xp = xrow + cols[None, :]
+            x0 = tl.zeros([BLOCK_T, PQ], tl.float32)
+            x1 = tl.zeros([BLOCK_T, PQ], tl.float32)
+            x2 = tl.zeros([BLOCK_T, PQ], tl.float32)
+            x3 = tl.zeros([BLOCK_T, PQ], tl.float32)
+            # x @ R as four quarter-planes, accumulated over KC-row slices of R (and KC-column
+            # slices of x): every dot operand is at most [KC, PQ] / [BLOCK_T, KC] fp32.
+            for k0 in tl.static_range(0, D, KC):
+                xk = _sanitize(tl.load(xp + k0, mask=tmask[:, None], other=0.0).to(tl.float32))
+                x0 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 0, D, Q), x0, input_precision=PRECISION)
+                x1 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 1, D, Q), x1, input_precision=PRECISION)
+                x2 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 2, D, Q), x2, input_precision=PRECISION)
+                x3 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 3, D, Q), x3, input_precision=PRECISION)
+        else:  # already rotated: the planes are x's own quarters
+            xm = tmask[:, None] & pmask[None, :]
+            xp = xrow + pcols[None, :]
+            x0 = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
+            x1 = tl.load(xp + Q, mask=xm, other=0.0).to(tl.float32)
+            x2 = tl.load(xp + 2 * Q, mask=xm, other=0.0).to(tl.float32)
+            x3 = tl.load(xp + 3 * Q, mask=xm, other=0.0).to(tl.float32)
         x0 = _sanitize(x0)
         x1 = _sanitize(x1)
         x2 = _sanitize(x2)
@@ -212,7 +222,7 @@ def _num_programs_hint(device: torch.device) -> int:
 
 def quantize_kv_write(
     x: torch.Tensor,
-    rotation: torch.Tensor,
+    rotation: torch.Tensor | None,
     clip_ratio: float,
     layout: RowLayout,
     rows_out: torch.Tensor,
@@ -226,9 +236,11 @@ def quantize_kv_write(
     if x.stride(-1) != 1:
         raise ValueError("x must be contiguous in its last dim")
     check_rows("rows_out", rows_out, h, layout)
-    if rotation.dtype != torch.float32 or not rotation.is_contiguous():
+    if rotation is None:
+        stride_rh = 0
+    elif rotation.dtype != torch.float32 or not rotation.is_contiguous():
         raise ValueError("rotation must be contiguous fp32")
-    if rotation.shape == (d, d):
+    elif rotation.shape == (d, d):
         stride_rh = 0
     elif rotation.shape == (h, d, d):
         stride_rh = d * d
@@ -252,12 +264,12 @@ def quantize_kv_write(
     win = window_out if has_window else rows_out
     wslots = window_slots if has_window else slots
     _quantize_write_kernel[grid](
-        x, rotation, rows_out, slots, win, wslots,
+        x, x if rotation is None else rotation, rows_out, slots, win, wslots,
         t, per_prog,
         x.stride(0), x.stride(1), stride_rh,
         rows_out.stride(0), rows_out.stride(1),
         win.stride(0) if has_window else 0, win.stride(1) if has_window else 0,
         D=d, CLIP_IDX=min(clip_index(clip_ratio, d), d), BLOCK_T=block_t,
-        HAS_WINDOW=has_window, PRECISION="tf32x3",
+        HAS_WINDOW=has_window, ROTATE=rotation is not None, PRECISION="tf32x3",
         num_warps=4, num_stages=1,
     )

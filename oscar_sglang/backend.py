@@ -41,7 +41,6 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from oscar_sglang.fold import attention_blocks, fold_values, forbid_weight_reloads, local_kv_heads
 from oscar_sglang.kernels import ops
 from oscar_sglang.kernels.decode import plan_num_splits
-from oscar_sglang.kernels.codec import sanitize
 from oscar_sglang.kernels.reference import rotated_rows
 from oscar_sglang.pool import OscarKVPool
 from oscar_sglang.settings import OscarError, OscarSettings
@@ -79,6 +78,13 @@ class GraphBuffers:
     win_indices: torch.Tensor  # [max_bs * (sink + recent)] int32
 
 
+def _up(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Host -> device without a stream sync. A blocking copy synchronizes the stream (torch's
+    memcpy_and_sync), which would stall sglang's overlap scheduler at every forward; from
+    pageable memory the driver stages the bytes before returning, so ``t`` may be reused at once."""
+    return t.to(dev, non_blocking=True)
+
+
 def _indptr(counts: torch.Tensor) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
@@ -94,11 +100,11 @@ def _gather_slots(req_to_token, req_rows_dev, starts: torch.Tensor, lens: torch.
     on the device from sglang's request table (host-known sizes: no device sync)."""
     dev = req_to_token.device
     total = int(lens.sum())
-    lens_d, starts_d = lens.to(dev, non_blocking=True), starts.to(dev, non_blocking=True)
+    lens_d, starts_d = _up(lens, dev), _up(starts, dev)
     owner = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens_d, output_size=total)
     first = (lens_d.cumsum(0) - lens_d)[owner]
     pos = starts_d[owner] + torch.arange(total, device=dev) - first
-    return _indptr(lens).to(dev), req_to_token[req_rows_dev[owner], pos].to(torch.int64)
+    return _up(_indptr(lens), dev), req_to_token[req_rows_dev[owner], pos].to(torch.int64)
 
 
 def _window_segments(pool: OscarKVPool, req_rows: torch.Tensor, sink_hi: torch.Tensor, ring_lo: torch.Tensor,
@@ -137,8 +143,8 @@ class OscarAttnBackend(AttentionBackend):
             forbid_weight_reloads(model_runner.model)
         logger.info("OSCAR: R_V %s", "folded into the V/output projections" if self.values_folded
                     else "applied at runtime (model layout not foldable)")
-        eye = torch.eye(self.layout.head_dim, device=dev)
-        self.rot_v = eye.expand(*rot_v.shape).contiguous() if self.values_folded else rot_v.to(dev, torch.float32)
+        # Folded: values arrive rotated, nothing rotates them again (None: the write skips its dot).
+        self.rot_v = None if self.values_folded else rot_v.to(dev, torch.float32)
         self.forward_metadata: ForwardMetadata | None = None
         self.graph: GraphBuffers | None = None
         self.graph_metadata: dict[int, ForwardMetadata] = {}
@@ -181,7 +187,7 @@ class OscarAttnBackend(AttentionBackend):
     def _build_metadata(self, req_rows, seq_lens, new_lens, out_loc, decode: bool) -> ForwardMetadata:
         pool, s, r = self.pool, self.pool.sink, self.pool.recent
         dev = pool.k_win[0].device
-        rows_d = req_rows.to(dev, non_blocking=True)
+        rows_d = _up(req_rows, dev)
         starts = seq_lens - new_lens
         int2_hi = seq_lens - r
         int2_indptr, int2_indices = _gather_slots(self.req_to_token, rows_d, torch.full_like(seq_lens, s),
@@ -192,8 +198,8 @@ class OscarAttnBackend(AttentionBackend):
             written = pool.window_rows(req_rows, seq_lens - 1)
             for row, n in zip(req_rows.tolist(), seq_lens.tolist()):
                 pool.row_len[row] = n
-            return ForwardMetadata(out_loc, written.to(dev), _indptr(new_lens).to(dev), int2_indptr, int2_indices,
-                                   win_indptr.to(dev), win_rows.to(dev))
+            return ForwardMetadata(out_loc, _up(written, dev), _up(_indptr(new_lens), dev), int2_indptr, int2_indices,
+                                   _up(win_indptr, dev), _up(win_rows, dev))
         win_indptr, win_rows = _window_segments(pool, req_rows, starts.clamp(max=s),
                                                 (starts - r + 1).clamp(min=s), starts)
         self._fill_prefix_windows(req_rows.tolist(), starts.tolist())
@@ -205,9 +211,9 @@ class OscarAttnBackend(AttentionBackend):
         stash_src, stash_dst = self._retain_chunk_ends(req_rows.tolist(), starts, seq_lens, first, out_loc)
         for row, n in zip(req_rows.tolist(), seq_lens.tolist()):
             pool.row_len[row] = n
-        return ForwardMetadata(out_loc, None, _indptr(new_lens).to(dev), int2_indptr, int2_indices,
-                               win_indptr.to(dev), win_rows.to(dev), starts.to(dev),
-                               torch.cat([src, stash_src]).to(dev), torch.cat([dst, stash_dst]).to(dev))
+        return ForwardMetadata(out_loc, None, _up(_indptr(new_lens), dev), int2_indptr, int2_indices,
+                               _up(win_indptr, dev), _up(win_rows, dev), _up(starts, dev),
+                               _up(torch.cat([src, stash_src]), dev), _up(torch.cat([dst, stash_dst]), dev))
 
     def _fill_prefix_windows(self, req_rows: list[int], starts: list[int]) -> None:
         """Requests starting on a cached prefix whose window their row does not hold: copy it
@@ -336,9 +342,12 @@ class OscarAttnBackend(AttentionBackend):
         hkv = r.shape[0]
         return torch.einsum("thge,hde->thgd", o.float().view(t, hkv, hq // hkv, d), r).reshape(t, hq, d)
 
+    def _rot_v(self, lid: int) -> torch.Tensor | None:
+        return None if self.rot_v is None else self.rot_v[lid]
+
     def _write(self, k3, v3, lid: int, win_rows) -> None:
         md = self.forward_metadata
-        self.pool.write_rows(lid, md.out_loc, k3, v3, win_rows, self.rot_k[lid], self.rot_v[lid],
+        self.pool.write_rows(lid, md.out_loc, k3, v3, win_rows, self.rot_k[lid], self._rot_v(lid),
                              self.settings.clip_k[lid], self.settings.clip_v[lid])
 
     def _views(self, q, k, v, layer):
@@ -366,7 +375,7 @@ class OscarAttnBackend(AttentionBackend):
         # The chunk attends to its own k/v exactly as stored (sanitized, rotated): one non-finite
         # value must not turn the whole chunk NaN through 0 * NaN in the masked attention.
         kr = rotated_rows(k3, self.rot_k[lid]).to(qr.dtype)
-        vr = (sanitize(v3) if self.values_folded else rotated_rows(v3, self.rot_v[lid])).to(qr.dtype)
+        vr = rotated_rows(v3, self._rot_v(lid)).to(qr.dtype)
         out = ops.extend_attention(
             qr, kr, vr, md.qo_indptr, *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
             *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, md.prefix_lens,

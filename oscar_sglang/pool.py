@@ -277,7 +277,8 @@ class OscarKVPool(MHATokenToKVPool):
 
     # ----------------------------------------------------------------- writes
     def write_rows(self, layer_id, slots, k, v, win_rows, rot_k, rot_v, clip_k: float, clip_v: float) -> None:
-        """Rotate, quantize and store k/v [T, H, D] at slots; rotated BF16 copies at win_rows (None: none)."""
+        """Rotate, quantize and store k/v [T, H, D] at slots; rotated BF16 copies at win_rows (None: none).
+        ``rot_v`` None: v is already rotated (R_V folded into the weights)."""
         lid = layer_id - self.start_layer
         kw, vw = (None, None) if win_rows is None else (self.k_win[lid], self.v_win[lid])
         ops.quantize_kv_write(k, rot_k, clip_k, self.layout, self.k_buffer[lid], slots, kw, win_rows)

@@ -58,7 +58,7 @@ def _rule(backend, q, k, v):
     from oscar_sglang.kernels.codec import dequantize_rows, quantize_rows
     from oscar_sglang.kernels.reference import rotated_rows
 
-    rk, rv = backend.rot_k[0], backend.rot_v[0]
+    rk, rv = backend.rot_k[0], backend._rot_v(0)
     kr, vr = rotated_rows(k, rk), rotated_rows(v, rv)
     kq = dequantize_rows(quantize_rows(kr, backend.layout, backend.settings.clip_k[0]), backend.layout)
     vq = dequantize_rows(quantize_rows(vr, backend.layout, backend.settings.clip_v[0]), backend.layout)

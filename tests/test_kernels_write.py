@@ -53,7 +53,8 @@ def run_both(x, rot, ratio, layout, slots, wslots, n_rows, n_win, win_dtype, dev
     for impl in (write, reference):
         rows = torch.full((n_rows, h, layout.row_bytes), 0xAB, dtype=torch.uint8, device=dev)
         win = torch.full((n_win, h, layout.head_dim), -7.0, dtype=win_dtype, device=dev)
-        impl.quantize_kv_write(x.to(dev), rot.to(dev), ratio, layout, rows, slots.to(dev), win, wslots.to(dev))
+        r = None if rot is None else rot.to(dev)
+        impl.quantize_kv_write(x.to(dev), r, ratio, layout, rows, slots.to(dev), win, wslots.to(dev))
         outs.append((rows.cpu(), win.cpu()))
     return outs
 
@@ -94,6 +95,20 @@ def test_write_nonfinite_rows_match_reference():
     assert torch.equal(rk, rr)
     assert torch.equal(wk, wr)
     assert torch.isfinite(dequantize_rows(rk, RowLayout(d))).all()
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_write_without_rotation(d):
+    """rotation=None (R_V folded: values arrive rotated): no dot, the same bytes as the reference
+    and as an identity rotation, non-finite values sanitized."""
+    t, h = 11, 2
+    x, slots, wslots, gen = make_inputs(t, h, d, torch.float16, seed=d)
+    x[2, 1, 3] = float("inf")
+    x[4, 0, :] = float("nan")
+    (rn, wn), (rr, wr) = run_both(x, None, 0.92, RowLayout(d), slots, wslots, t + 5, t + 3, torch.float16, DEV)
+    (re, we), _ = run_both(x, torch.eye(d), 0.92, RowLayout(d), slots, wslots, t + 5, t + 3, torch.float16, DEV)
+    assert torch.equal(rn, rr) and torch.equal(wn, wr)
+    assert torch.equal(rn, re) and torch.equal(wn, we)
 
 
 def test_write_clip_rank_ties_across_planes():
