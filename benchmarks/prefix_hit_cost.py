@@ -1,6 +1,6 @@
 """What a prefix hit costs under the position rule: a short question over a cached long document.
 
-    python3 benchmarks/prefix_hit_cost.py [--doc-tokens 4096 --question-tokens 64 --device cpu]
+    python3 benchmarks/prefix_hit_cost.py [--doc-tokens 4096 4000 --question-tokens 64 --device cpu]
 
 One BF16 server (torch_native on CPU) and one ``--oscar`` server (SmolLM2-135M, the demo's
 calibration), the same flags otherwise. For each, two request orders over one document:
@@ -9,7 +9,9 @@ calibration), the same flags otherwise. For each, two request orders over one do
   document + question requests;
 - ``stream``: three document + question requests straight away (a RAG stream with no commit).
   Under --oscar the radix match is used only up to a prefix end whose BF16 window the
-  retained store holds, so the second question recomputes back to such an end once.
+  retained store holds, so the second question recomputes back to such an end once: none
+  when a prefill chunk ended at the document's end (4096 tokens at sglang's CPU chunk size
+  4096), the whole document when none did (4000 tokens).
 
 Reported per request: prompt tokens, ``cached_tokens``, tokens prefilled (prompt − cached) and
 the request's latency with one new token (≈ time to first token). Written to
@@ -56,7 +58,8 @@ def drive(url: str, doc: list[int], questions: list[list[int]], order: str, side
         meta = stress.generate(url, doc + q, 1)["meta_info"]
         seconds = time.perf_counter() - t0
         prompt = len(doc) + len(q)
-        rows.append(dict(side=side, order=order, request=i + 1, prompt=prompt, cached=meta["cached_tokens"],
+        rows.append(dict(side=side, doc_tokens=len(doc), order=order, request=i + 1, prompt=prompt,
+                         cached=meta["cached_tokens"],
                          prefilled=prompt - meta["cached_tokens"], seconds=round(seconds, 3)))
         print(rows[-1], flush=True)
     return rows
@@ -64,7 +67,7 @@ def drive(url: str, doc: list[int], questions: list[list[int]], order: str, side
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--doc-tokens", type=int, default=4096)
+    p.add_argument("--doc-tokens", type=int, nargs="+", default=[4096, 4000])
     p.add_argument("--question-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--calib-tokens", type=int, default=8192)
@@ -73,14 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.rotations = None
     model, _, rotations, _ = demo.prepare(args)
-    doc, questions = token_ids(model, args.doc_tokens, args.question_tokens, 3)
-    common = ["--skip-tokenizer-init", "--max-total-tokens", str(4 * (args.doc_tokens + 256)), "--random-seed", "0"]
+    docs = [token_ids(model, n, args.question_tokens, 3) for n in args.doc_tokens]
+    common = ["--skip-tokenizer-init", "--max-total-tokens", str(4 * (max(args.doc_tokens) + 256)),
+              "--random-seed", "0"]
     bf16 = ["--attention-backend", "torch_native"] if args.device == "cpu" else []
     rows = []
     for side, extra in (("bf16", bf16), ("oscar", ["--oscar", str(rotations)])):
         with serve(model, [*common, *extra], device=args.device, timeout=900) as srv:
-            for order in ("committed", "stream"):
-                rows += drive(srv.url, doc, questions, order, side)
+            for doc, questions in docs:
+                for order in ("committed", "stream"):
+                    rows += drive(srv.url, doc, questions, order, side)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

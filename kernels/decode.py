@@ -34,7 +34,7 @@ from .checks import check_head_dim, check_index, check_rows, check_window
 from .codec import RowLayout
 from .tiles import _dense_block, _int2_block, _load_q_planes, code_bits2
 
-__all__ = ["DecodeConfig", "plan_num_splits", "decode_attention"]
+__all__ = ["DecodeConfig", "plan_num_splits", "decode_attention", "merge_splits"]
 
 LOG2E = 1.4426950408889634
 MERGE_BLOCK_S = 8  # splits merged per step
@@ -229,8 +229,15 @@ def decode_attention(
         BLOCK_N=config.block_n, BLOCK_W=config.block_w, WIN_COST=win_cost(layout, k_win),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    _merge_splits_kernel[(hq, bsz)](
-        opart, lpart, out, lse, num_splits, out.stride(0), out.stride(1), hq,
-        D=d, BLOCK_S=MERGE_BLOCK_S,
-    )
+    merge_splits(opart, lpart, out, lse)
     return out, lse
+
+
+def merge_splits(opart: torch.Tensor, lpart: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+    """out [R, H, D] (and lse [R, H], natural log) from split partials opart [R, H, S, D] and
+    their log2-sum-exps lpart [R, H, S] (R: decode requests or extend tokens)."""
+    rows, h, splits, d = opart.shape
+    if lse is None:
+        lse = torch.empty(rows, h, dtype=torch.float32, device=out.device)
+    _merge_splits_kernel[(h, rows)](
+        opart, lpart, out, lse, splits, out.stride(0), out.stride(1), h, D=d, BLOCK_S=MERGE_BLOCK_S)

@@ -15,10 +15,13 @@ power of two >= 64, one quantization group per row):
   its INT2 row.
 - returns ``out`` [Tq, Hq, D] (q.dtype, rotated value basis).
 
-One program per (BLOCK_M chunk queries, query head, request), flash-attention style, with
-the same folded INT2 math as decode (``tiles._int2_block``): no prefix is ever dequantized to
-memory. Chunked prefill and prefix-cache hits both go through here; a plain prefill is the
-case with empty prefixes.
+One program per (BLOCK_M chunk tokens x the G query heads of one KV head, request, split),
+flash-attention style, with the same folded INT2 math as decode (``tiles._int2_block``): every
+K/V block loaded serves the whole query group, and no prefix is ever dequantized to memory.
+A short chunk over a long cached prefix (a question over a document) splits the INT2 prefix
+across programs (``plan_extend_splits``) and merges the partials with decode's merge kernel.
+Chunked prefill and prefix-cache hits both go through here; a plain prefill is the case with
+empty prefixes.
 """
 
 from __future__ import annotations
@@ -31,93 +34,124 @@ import triton.language as tl
 
 from .checks import check_head_dim, check_index, check_rows, check_window
 from .codec import RowLayout
-from .decode import LOG2E
+from .decode import LOG2E, merge_splits
 from .tiles import _dense_block, _int2_block, _load_q_planes, code_bits2
 
-__all__ = ["ExtendConfig", "extend_attention"]
+__all__ = ["ExtendConfig", "plan_extend_splits", "extend_attention"]
 
 
 @dataclass(frozen=True)
 class ExtendConfig:
-    """Tile sizes (D=128, bf16, sm_90a: 224 registers, no spill at 8 warps; 4 warps spill)."""
+    """Tile sizes and split-KV knobs (registers and spills: ``benchmarks/kernel_static.py``)."""
 
-    block_m: int = 64
+    block_rows: int = 64  # query rows per program: BLOCK_M chunk tokens x the G (padded) heads of a KV head
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 2
+    min_split_tokens: int = 512  # never split a prefix finer than this (merge overhead)
+    programs_per_sm: int = 4
+    max_splits: int = 64
+
+
+def plan_extend_splits(programs: int, int2_tokens: int, num_sms: int, config: ExtendConfig = ExtendConfig()) -> int:
+    """Splits of each request's INT2 prefix, from host-known sizes only: enough programs to fill
+    the GPU ``programs_per_sm`` times, never splits shorter than ``min_split_tokens``."""
+    want = triton.cdiv(config.programs_per_sm * num_sms, max(1, programs))
+    by_len = triton.cdiv(max(1, int2_tokens), config.min_split_tokens)
+    return int(max(1, min(want, by_len, config.max_splits)))
 
 
 @triton.jit
 def _extend_kernel(
     q_ptr, kn_ptr, vn_ptr, qo_indptr, krow_ptr, vrow_ptr, i_indptr, i_idx,
-    kw_ptr, vw_ptr, w_indptr, w_idx, prefix_ptr, o_ptr, scale_log2, code_bits2, sink, recent,
+    kw_ptr, vw_ptr, w_indptr, w_idx, prefix_ptr, o_ptr, opart_ptr, lpart_ptr,
+    scale_log2, code_bits2, sink, recent, num_splits, H,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_rn, stride_rh, stride_kwn, stride_kwh, stride_vwn, stride_vwh, stride_ot, stride_oh,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
+    """Program (token block, KV head, request x split). Its rows are BLOCK_M chunk tokens x the
+    G query heads of the KV head (padded to GP), so every K/V block it loads serves the whole
+    group. Split sp takes one share of the INT2 prefix; split 0 also takes the window and the
+    chunk. With SPLIT, each split writes a partial (out, log2-sum-exp) that the merge combines."""
     mb = tl.program_id(0)
-    hq = tl.program_id(1)
-    b = tl.program_id(2)
-    hk = hq // G
+    hk = tl.program_id(1)
+    b = tl.program_id(2) // num_splits
+    sp = tl.program_id(2) % num_splits
     Q: tl.constexpr = D // 4
     q_beg = tl.load(qo_indptr + b).to(tl.int64)
     q_len = (tl.load(qo_indptr + b + 1) - q_beg).to(tl.int32)
     m0 = mb * BLOCK_M
     if m0 >= q_len:
         return
-    rows = m0 + tl.arange(0, BLOCK_M)
-    rmask = rows < q_len
+    r = tl.arange(0, BLOCK_M * GP)
+    tok = m0 + r // GP
+    hq = hk * G + r % GP
+    rmask = (tok < q_len) & (r % GP < G)
     a = tl.load(prefix_ptr + b).to(tl.int32)  # the chunk's first position
-    t = (a + rows)[:, None]  # query positions; key p is exact iff p < sink or p > t - recent
-    qp = q_ptr + (q_beg + rows)[:, None] * stride_qt + hq * stride_qh + tl.arange(0, Q)[None, :]
+    t = (a + tok)[:, None]  # query positions; key p is exact iff p < sink or p > t - recent
+    qp = q_ptr + (q_beg + tok)[:, None] * stride_qt + hq[:, None] * stride_qh + tl.arange(0, Q)[None, :]
     q0, q1, q2, q3, qsum = _load_q_planes(qp, rmask[:, None], Q)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    macc = tl.zeros([BLOCK_M], tl.float32)
-    acc0 = tl.zeros([BLOCK_M, Q], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, Q], tl.float32)
-    acc2 = tl.zeros([BLOCK_M, Q], tl.float32)
-    acc3 = tl.zeros([BLOCK_M, Q], tl.float32)
+    m_i = tl.full([BLOCK_M * GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M * GP], tl.float32)
+    macc = tl.zeros([BLOCK_M * GP], tl.float32)
+    acc0 = tl.zeros([BLOCK_M * GP, Q], tl.float32)
+    acc1 = tl.zeros([BLOCK_M * GP, Q], tl.float32)
+    acc2 = tl.zeros([BLOCK_M * GP, Q], tl.float32)
+    acc3 = tl.zeros([BLOCK_M * GP, Q], tl.float32)
 
     i_beg = tl.load(i_indptr + b).to(tl.int64)
     n_i = (tl.load(i_indptr + b + 1) - i_beg).to(tl.int32)
-    for start in range(0, n_i, BLOCK_N):
+    share = tl.cdiv(tl.cdiv(n_i, num_splits), BLOCK_N) * BLOCK_N
+    i_lo = sp * share
+    i_hi = tl.minimum(i_lo + share, n_i)
+    for start in range(i_lo, i_hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
-        nmask = offs < n_i
+        nmask = offs < i_hi
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
             q0, q1, q2, q3, qsum, slot * stride_rn + hk * stride_rh, nmask, krow_ptr, vrow_ptr,
             m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q, (sink + offs)[None, :] <= t - recent)
 
-    w_beg = tl.load(w_indptr + b).to(tl.int64)
-    n_w = (tl.load(w_indptr + b + 1) - w_beg).to(tl.int32)
-    n_sink = tl.minimum(tl.minimum(a, sink), n_w)  # window = the sinks, then the ring ending at a
-    for start in range(0, n_w, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        nmask = offs < n_w
-        pos = tl.where(offs < n_sink, offs, a - n_w + offs)[None, :]
-        slot = tl.load(w_idx + w_beg + offs, mask=nmask, other=0).to(tl.int64)
-        m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
-            q0, q1, q2, q3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
-            nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q,
-            (pos < sink) | (pos > t - recent))
+    if sp == 0:
+        w_beg = tl.load(w_indptr + b).to(tl.int64)
+        n_w = (tl.load(w_indptr + b + 1) - w_beg).to(tl.int32)
+        n_sink = tl.minimum(tl.minimum(a, sink), n_w)  # window = the sinks, then the ring ending at a
+        for start in range(0, n_w, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            nmask = offs < n_w
+            pos = tl.where(offs < n_sink, offs, a - n_w + offs)[None, :]
+            slot = tl.load(w_idx + w_beg + offs, mask=nmask, other=0).to(tl.int64)
+            m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
+                q0, q1, q2, q3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
+                nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q,
+                (pos < sink) | (pos > t - recent))
+        # The chunk itself, causal: only key blocks up to this query block's last token.
+        for start in range(0, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            nmask = offs < q_len
+            ktok = (q_beg + offs).to(tl.int64)
+            m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
+                q0, q1, q2, q3, ktok * stride_knt + hk * stride_knh, ktok * stride_vnt + hk * stride_vnh,
+                nmask, kn_ptr, vn_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q,
+                (offs[None, :] <= tok[:, None]) & (((a + offs)[None, :] < sink) | ((a + offs)[None, :] > t - recent)))
 
-    # The chunk itself, causal: only key blocks up to this query block's last row.
-    for start in range(0, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        nmask = offs < q_len
-        tok = (q_beg + offs).to(tl.int64)
-        m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
-            q0, q1, q2, q3, tok * stride_knt + hk * stride_knh, tok * stride_vnt + hk * stride_vnh,
-            nmask, kn_ptr, vn_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q,
-            (offs[None, :] <= rows[:, None]) & (((a + offs)[None, :] < sink) | ((a + offs)[None, :] > t - recent)))
-
-    inv = (1.0 / tl.where(l_i > 0, l_i, 1.0))[:, None]
+    nonempty = l_i > 0
+    inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)[:, None]
     mterm = macc[:, None]
-    op = o_ptr + (q_beg + rows)[:, None] * stride_ot + hq * stride_oh + tl.arange(0, Q)[None, :]
-    dt = o_ptr.dtype.element_ty
+    oc = tl.arange(0, Q)[None, :]
     om = rmask[:, None]
+    if SPLIT:  # partial [token, head, split] rows of D, as decode's merge reads them
+        row = ((q_beg + tok) * H + hq) * num_splits + sp
+        op = opart_ptr + row[:, None] * D + oc
+        dt = opart_ptr.dtype.element_ty
+        lse2 = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(lpart_ptr + row, lse2, mask=rmask)
+    else:
+        op = o_ptr + (q_beg + tok)[:, None] * stride_ot + hq[:, None] * stride_oh + oc
+        dt = o_ptr.dtype.element_ty
     tl.store(op, ((acc0 + mterm) * inv).to(dt), mask=om)
     tl.store(op + Q, ((acc1 + mterm) * inv).to(dt), mask=om)
     tl.store(op + 2 * Q, ((acc2 + mterm) * inv).to(dt), mask=om)
@@ -144,10 +178,12 @@ def extend_attention(
     layout: RowLayout,
     out: torch.Tensor | None = None,
     max_q_len: int | None = None,
+    num_splits: int | None = None,
     config: ExtendConfig = ExtendConfig(),
 ) -> torch.Tensor:
     """Extend attention. ``max_q_len`` (longest chunk, host int) avoids a device sync;
-    None reads it from ``qo_indptr``."""
+    None reads it from ``qo_indptr``. ``num_splits`` of each INT2 prefix: None plans it from
+    host-known sizes (``plan_extend_splits``)."""
     tq, hq, d = q.shape
     hkv = k_new.shape[1]
     check_head_dim(d, layout)
@@ -180,14 +216,29 @@ def extend_attention(
         max_q_len = int((qo_indptr[1:] - qo_indptr[:-1]).max())
     if max_q_len <= 0:
         return out
-    grid = (triton.cdiv(max_q_len, config.block_m), hq, bsz)
-    _extend_kernel[grid](
+    group = hq // hkv
+    gp = triton.next_power_of_2(group)
+    block_m = max(1, config.block_rows // gp)
+    programs = triton.cdiv(max_q_len, block_m) * hkv * bsz
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    if num_splits is None:
+        num_splits = plan_extend_splits(programs, int2_indices.numel() // bsz, sms, config)
+    split = num_splits > 1
+    if split:  # partials in decode's layout, merged by its kernel ([token, head] as its [request, head])
+        opart = torch.empty(tq, hq, num_splits, d, dtype=torch.float32, device=q.device)
+        lpart = torch.empty(tq, hq, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        opart = lpart = out
+    _extend_kernel[(triton.cdiv(max_q_len, block_m), hkv, bsz * num_splits)](
         q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices,
-        k_win, v_win, win_indptr, win_indices, prefix_lens, out, sm_scale * LOG2E, code_bits2(q.dtype), sink, recent,
+        k_win, v_win, win_indptr, win_indices, prefix_lens, out, opart, lpart,
+        sm_scale * LOG2E, code_bits2(q.dtype), sink, recent, num_splits, hq,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_rows.stride(0), k_rows.stride(1), k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
         out.stride(0), out.stride(1),
-        G=hq // hkv, D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        G=group, GP=gp, D=d, BLOCK_M=block_m, BLOCK_N=config.block_n, SPLIT=split,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if split:
+        merge_splits(opart, lpart, out)
     return out

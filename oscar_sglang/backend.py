@@ -63,6 +63,8 @@ class ForwardMetadata:
     win_src: torch.Tensor | None = None  # extend: chunk tokens whose window rows are written after attention
     win_dst: torch.Tensor | None = None  # extend: ... and those rows (request windows, retained store)
     num_splits: int | None = None  # decode split-KV count, fixed under CUDA graphs
+    max_q_len: int | None = None  # extend: the longest chunk (host int: no sync per layer)
+    chunk_rows: torch.Tensor | None = None  # extend: arange(T), the chunk tokens' rows in the rotated scratch
 
 
 @dataclass(frozen=True)
@@ -211,9 +213,12 @@ class OscarAttnBackend(AttentionBackend):
         stash_src, stash_dst = self._retain_chunk_ends(req_rows.tolist(), starts, seq_lens, first, out_loc)
         for row, n in zip(req_rows.tolist(), seq_lens.tolist()):
             pool.row_len[row] = n
+        total = int(new_lens.sum())
         return ForwardMetadata(out_loc, None, _up(_indptr(new_lens), dev), int2_indptr, int2_indices,
                                _up(win_indptr, dev), _up(win_rows, dev), _up(starts, dev),
-                               _up(torch.cat([src, stash_src]), dev), _up(torch.cat([dst, stash_dst]), dev))
+                               _up(torch.cat([src, stash_src]), dev), _up(torch.cat([dst, stash_dst]), dev),
+                               max_q_len=int(new_lens.max()) if total else 0,
+                               chunk_rows=torch.arange(total, device=dev))
 
     def _fill_prefix_windows(self, req_rows: list[int], starts: list[int]) -> None:
         """Requests starting on a cached prefix whose window their row does not hold: copy it
@@ -345,10 +350,10 @@ class OscarAttnBackend(AttentionBackend):
     def _rot_v(self, lid: int) -> torch.Tensor | None:
         return None if self.rot_v is None else self.rot_v[lid]
 
-    def _write(self, k3, v3, lid: int, win_rows) -> None:
+    def _write(self, k3, v3, lid: int, win_rows, rotated=None) -> None:
         md = self.forward_metadata
         self.pool.write_rows(lid, md.out_loc, k3, v3, win_rows, self.rot_k[lid], self._rot_v(lid),
-                             self.settings.clip_k[lid], self.settings.clip_v[lid])
+                             self.settings.clip_k[lid], self.settings.clip_v[lid], rotated)
 
     def _views(self, q, k, v, layer):
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
@@ -369,17 +374,21 @@ class OscarAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         md, lid = self.forward_metadata, layer.layer_id
         q3, k3, v3 = self._views(q, k, v, layer)
-        if save_kv_cache:  # INT2 rows first: queries far enough into the chunk read its older tokens there
-            self._write(k3, v3, lid, None)
         qr = self._rotate_q(q3, lid)
-        # The chunk attends to its own k/v exactly as stored (sanitized, rotated): one non-finite
-        # value must not turn the whole chunk NaN through 0 * NaN in the masked attention.
-        kr = rotated_rows(k3, self.rot_k[lid]).to(qr.dtype)
-        vr = rotated_rows(v3, self._rot_v(lid)).to(qr.dtype)
+        # The chunk attends to its own k/v exactly as stored (sanitized, rotated: one non-finite
+        # value must not turn the whole chunk NaN through 0 * NaN in the masked attention). The
+        # write returns them (its rotation, done once); INT2 rows are written first: queries far
+        # enough into the chunk read its older tokens there.
+        kr, vr = (torch.empty(k3.shape, dtype=qr.dtype, device=qr.device) for _ in range(2))
+        if save_kv_cache:
+            self._write(k3, v3, lid, None, rotated=(kr, vr, md.chunk_rows))
+        else:
+            kr.copy_(rotated_rows(k3, self.rot_k[lid]))
+            vr.copy_(rotated_rows(v3, self._rot_v(lid)))
         out = ops.extend_attention(
             qr, kr, vr, md.qo_indptr, *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
             *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, md.prefix_lens,
-            self.pool.sink, self.pool.recent, layer.scaling, self.layout,
+            self.pool.sink, self.pool.recent, layer.scaling, self.layout, max_q_len=md.max_q_len,
         )
         if save_kv_cache:  # window rows after attention: see _metadata
             self.pool.write_windows(lid, md.win_dst, kr[md.win_src], vr[md.win_src])

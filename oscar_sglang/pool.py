@@ -276,11 +276,19 @@ class OscarKVPool(MHATokenToKVPool):
             buf[dst] = buf[src]
 
     # ----------------------------------------------------------------- writes
-    def write_rows(self, layer_id, slots, k, v, win_rows, rot_k, rot_v, clip_k: float, clip_v: float) -> None:
-        """Rotate, quantize and store k/v [T, H, D] at slots; rotated BF16 copies at win_rows (None: none).
-        ``rot_v`` None: v is already rotated (R_V folded into the weights)."""
+    def write_rows(self, layer_id, slots, k, v, win_rows, rot_k, rot_v, clip_k: float, clip_v: float,
+                   rotated=None) -> None:
+        """Rotate, quantize and store k/v [T, H, D] at slots; their rotated full-precision copies
+        at the window rows ``win_rows``, or, with ``rotated=(k_out, v_out, rows)``, into those
+        scratch tensors instead (extend: the chunk's own k/v). ``rot_v`` None: v is already
+        rotated (R_V folded into the weights)."""
         lid = layer_id - self.start_layer
-        kw, vw = (None, None) if win_rows is None else (self.k_win[lid], self.v_win[lid])
+        if rotated is not None:
+            kw, vw, win_rows = rotated
+        elif win_rows is not None:
+            kw, vw = self.k_win[lid], self.v_win[lid]
+        else:
+            kw = vw = None
         ops.quantize_kv_write(k, rot_k, clip_k, self.layout, self.k_buffer[lid], slots, kw, win_rows)
         ops.quantize_kv_write(v, rot_v, clip_v, self.layout, self.v_buffer[lid], slots, vw, win_rows)
 

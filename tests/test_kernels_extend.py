@@ -54,9 +54,30 @@ def test_extend_matches_reference(d, hkv, group, lens_i, lens_w, lens_q, page, d
 
 
 def test_extend_small_blocks_many_steps():
-    """16-row tiles: several query blocks, causal diagonal inside and across key blocks."""
-    small = extend.ExtendConfig(block_m=16, block_n=16)
+    """16-row tiles (8 tokens x 2 heads): several query blocks, causal diagonal inside and across
+    key blocks."""
+    small = extend.ExtendConfig(block_rows=16, block_n=16)
     check_extend(64, 1, 2, [40, 3], [17, 0], [37, 20], 8, torch.float16, seed=8, config=small)
+
+
+@pytest.mark.parametrize("group,splits", [(3, 3), (4, 5)])
+def test_extend_split_kv_over_the_prefix(group, splits):
+    """Split-KV over the INT2 prefix (more splits than blocks for the short request: empty
+    splits), merged by decode's merge kernel; group 3 pads its heads to 4 rows per token."""
+    cache, layout, gen = make_cache([150, 20], [9, 3], 2, 64, 16, torch.float16, seed=group)
+    q, k_new, v_new, qo = make_chunk([9, 4], 2, group, 64, torch.float16, gen)
+    cfg = extend.ExtendConfig(block_rows=16, block_n=16)
+    out = run_extend(extend, q, k_new, v_new, qo, cache, layout, num_splits=splits, config=cfg)
+    ref = run_extend(reference, q, k_new, v_new, qo, cache, layout)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    one = run_extend(extend, q, k_new, v_new, qo, cache, layout, num_splits=1, config=cfg)
+    torch.testing.assert_close(out.float(), one.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_plan_extend_splits():
+    assert extend.plan_extend_splits(32, 32768, 132) == 17  # a short question over a 32K prefix
+    assert extend.plan_extend_splits(4096, 32768, 132) == 1  # a long prefill fills the GPU by itself
+    assert extend.plan_extend_splits(1, 100, 132) == 1  # short prefixes are never split
 
 
 def test_extend_out_buffer_and_max_q_len():
