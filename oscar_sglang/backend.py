@@ -50,7 +50,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ForwardMetadata:
-    """Index tensors for one forward (on the pool device), graph buffers included (decode)."""
+    """Index tensors for one forward (on the pool device). Under CUDA graphs one instance holds
+    the static decode buffers at the largest batch (``init_cuda_graph_state``), and each captured
+    batch size reads views of them."""
 
     out_loc: torch.Tensor  # [T] slots written this forward
     win_rows: torch.Tensor | None  # decode: [T] their request-window rows; extend: None
@@ -65,19 +67,6 @@ class ForwardMetadata:
     num_splits: int | None = None  # decode split-KV count, fixed under CUDA graphs
     max_q_len: int | None = None  # extend: the longest chunk (host int: no sync per layer)
     chunk_rows: torch.Tensor | None = None  # extend: arange(T), the chunk tokens' rows in the rotated scratch
-
-
-@dataclass(frozen=True)
-class GraphBuffers:
-    """Static decode metadata for CUDA graphs (sliced to the captured batch size)."""
-
-    out_loc: torch.Tensor  # [max_bs] int64
-    win_rows: torch.Tensor  # [max_bs] int64
-    qo_indptr: torch.Tensor  # [max_bs + 1] arange
-    int2_indptr: torch.Tensor  # [max_bs + 1]
-    int2_indices: torch.Tensor  # [max_bs * context_len] int32
-    win_indptr: torch.Tensor  # [max_bs + 1]
-    win_indices: torch.Tensor  # [max_bs * (sink + recent)] int32
 
 
 def _up(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
@@ -148,7 +137,7 @@ class OscarAttnBackend(AttentionBackend):
         # Folded: values arrive rotated, nothing rotates them again (None: the write skips its dot).
         self.rot_v = None if self.values_folded else rot_v.to(dev, torch.float32)
         self.forward_metadata: ForwardMetadata | None = None
-        self.graph: GraphBuffers | None = None
+        self.graph: ForwardMetadata | None = None
         self.graph_metadata: dict[int, ForwardMetadata] = {}
 
     @staticmethod
@@ -283,7 +272,7 @@ class OscarAttnBackend(AttentionBackend):
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         dev, i64 = self.pool.k_win[0].device, torch.int64
-        self.graph = GraphBuffers(
+        self.graph = ForwardMetadata(
             out_loc=torch.zeros(max_bs, dtype=i64, device=dev),
             win_rows=torch.full((max_bs,), -1, dtype=i64, device=dev),
             qo_indptr=torch.arange(max_bs + 1, dtype=i64, device=dev),

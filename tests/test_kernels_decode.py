@@ -184,3 +184,32 @@ def test_decode_gpu_matrix(d, group, dtype, page, splits):
 def test_decode_gpu_large_batch():
     require_gpu()
     check_decode(128, 8, 4, [4096 + i for i in range(64)], [320] * 64, 16, torch.bfloat16, None)
+
+
+@pytest.mark.gpu
+def test_kernels_launch_without_host_syncs():
+    """Issue #13: zero host syncs in the kernel launchers (decode with a fixed split count,
+    extend with max_q_len given, the write): torch raises on any synchronizing call."""
+    require_gpu()
+    from oscar_sglang.kernels import extend, write
+
+    cache, layout, gen = make_cache([300, 40], [20, 7], 2, 128, 16, torch.bfloat16, seed=11)
+    q = torch.randn(2, 8, 128, generator=gen).bfloat16().to(DEV)
+    c = cache
+    x = torch.randn(2, 2, 128, generator=gen).bfloat16().to(DEV)
+    rot = torch.eye(128, device=DEV).expand(2, 128, 128).contiguous()
+    slots = torch.tensor([0, 1], device=DEV)
+    qo = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEV)
+    prefix = (c["int2_indptr"].diff() + c["win_indptr"].diff()).to(torch.int32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_decode(decode, q, cache, layout, num_splits=4)
+        extend.extend_attention(q, x, x, qo, c["k_rows"], c["v_rows"], c["int2_indptr"], c["int2_indices"],
+                                c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"], prefix, 4, 16,
+                                128 ** -0.5, layout, max_q_len=1, num_splits=3)
+        write.quantize_kv_write(x, rot, 0.96, layout, c["k_rows"], slots, c["k_win"], slots)
+        write.quantize_kv_write(x, None, 0.92, layout, c["v_rows"], slots)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
