@@ -46,29 +46,28 @@ CARDS = {"24 GB (RTX 4090)": (24, 0.85), "80 GB (H100)": (80, 0.88), "141 GB (H2
 SINK, RECENT, BF16 = 64, 256, 2
 
 
-def cells(shape: str) -> tuple[int, int]:
-    """(BF16, OSCAR) bytes per token: sglang's MHA cell, and the plugin's packed one."""
-    from oscar_sglang.kernels.codec import RowLayout
-    from oscar_sglang.windows import oscar_cell_size
+def bf16_cell(shape: str) -> int:
+    """sglang's MHA bytes per token (K and V, every layer): one BF16 window row."""
+    from oscar_sglang.windows import window_row_bytes
 
     g = SHAPES[shape]
-    layers, heads, d = g["num_hidden_layers"], g["num_key_value_heads"], g["head_dim"]
-    return 2 * layers * heads * d * BF16, oscar_cell_size(RowLayout(d).row_bytes, heads, layers)
+    return window_row_bytes(head_dim=g["head_dim"], kv_heads=g["num_key_value_heads"], layers=g["num_hidden_layers"],
+                            itemsize=BF16)
 
 
 def calculate(shape: str, budget: int, max_running: int | None = None) -> dict:
-    from oscar_sglang.windows import plan_windows
+    from oscar_sglang.kernels.codec import RowLayout
+    from oscar_sglang.windows import split_budget
 
     g = SHAPES[shape]
-    bf16_cell, oscar_cell = cells(shape)
-    plan = plan_windows(sink=SINK, recent=RECENT, head_dim=g["head_dim"], kv_heads=g["num_key_value_heads"],
-                        layers=g["num_hidden_layers"], itemsize=BF16, budget_bytes=budget,
-                        max_running_requests=max_running)
-    bf16, oscar = budget // bf16_cell, (budget - plan.total_bytes) // oscar_cell
-    return {"shape": shape, "kv_budget_gib": round(budget / 2**30, 2), "bf16_tokens": bf16, "oscar_tokens": oscar,
-            "ratio": round(oscar / bf16, 3), "max_running_requests": plan.max_running_requests,
-            "retained_prefix_ends": plan.retained_sets, "window_gib": round(plan.total_bytes / 2**30, 3),
-            "window_share": round(plan.total_bytes / budget, 4)}
+    split = split_budget(budget_bytes=budget, head_dim=g["head_dim"], kv_heads=g["num_key_value_heads"],
+                         layers=g["num_hidden_layers"], itemsize=BF16, row_bytes=RowLayout(g["head_dim"]).row_bytes,
+                         sink=SINK, recent=RECENT, max_running_requests=max_running)
+    plan = split.plan
+    return {"shape": shape, "kv_budget_gib": round(budget / 2**30, 2), "bf16_tokens": split.bf16_tokens,
+            "oscar_tokens": split.oscar_tokens, "ratio": round(split.oscar_tokens / split.bf16_tokens, 3),
+            "max_running_requests": plan.max_running_requests, "retained_prefix_ends": plan.retained_sets,
+            "window_gib": round(plan.total_bytes / 2**30, 3), "window_share": round(plan.total_bytes / budget, 4)}
 
 
 def _engine_capacity(model: Path, device: str, mem_fraction: float, extra: dict) -> dict:
@@ -98,18 +97,18 @@ def engine_row(shape: str, device: str, budget_bytes: int) -> dict:
 
     from support import write_rotations, write_tiny_model
 
-    bf16_cell = cells(shape)[0]
+    cell = bf16_cell(shape)
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_model(Path(tmp) / "m", intermediate_size=256, vocab_size=1024, **SHAPES[shape])
         rot = write_rotations(Path(tmp) / "rot.safetensors", model, sink=SINK, recent=RECENT)
         bf16_args = {"attention_backend": "torch_native"}
         guess = budget_bytes / psutil.virtual_memory().available
-        probe = _engine_capacity(model, device, guess, bf16_args)["tokens"] * bf16_cell
+        probe = _engine_capacity(model, device, guess, bf16_args)["tokens"] * cell
         fraction = round(guess * budget_bytes / probe, 4)
         bf16 = _engine_capacity(model, device, fraction, bf16_args)
         oscar = _engine_capacity(model, device, fraction,
                                  {"attention_backend": "oscar", "quantization_param_path": str(rot)})
-    calc = calculate(shape, bf16["tokens"] * bf16_cell)
+    calc = calculate(shape, bf16["tokens"] * cell)
     return {"mode": f"engine {device} mem_fraction {fraction}", "card": "", "shape": shape,
             "kv_budget_gib": calc["kv_budget_gib"], "bf16_tokens": bf16["tokens"], "oscar_tokens": oscar["tokens"],
             "ratio": round(oscar["tokens"] / bf16["tokens"], 3), "max_running_requests": oscar["running"],

@@ -18,9 +18,10 @@ Writes benchmarks/results/kernel_static.csv and prints a table.
 
     python3 benchmarks/kernel_static.py [--quick | --ci] [--kernels K,..] [--archs 86,..] [--models M,..]
                                         [--jobs N] [--json PATH] [--no-csv]
+    python3 benchmarks/kernel_static.py --markdown   # the README table, from the CSV
 
 Runs without a GPU and without TRITON_INTERPRET (removed from this process only): ~2 min on
-2 cores for everything (78 rows), ~35 s for --ci.
+2 cores for everything (90 rows), ~40 s for --ci.
 """
 
 from __future__ import annotations
@@ -400,6 +401,29 @@ def print_tables(rows: list[dict]) -> None:
               f"{r['loop_tokens_per_iter']:>8} {r['sass_instr_per_token_kvhead']:>15} {est}")
 
 
+def markdown(path: Path, model: str = "qwen3-8b") -> str:
+    """The README's table from a written CSV: every kernel per arch at one model's heads, with
+    the decode INT2 loop's count and the ESTIMATED issue-bound / HBM-bound ratio."""
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r["model"] == model and r["regs"]]
+    loops = {(r["arch"], r["est_gpu"]): r for r in rows if r["loop"] == "int2"}
+    out = ["| kernel | arch | registers | shared memory (B) | spills st/ld (B) | EST warps/SM | "
+           "INT2 loop SASS / (token, KV head) | EST issue / HBM time |", "|---|---|---|---|---|---|---|---|"]
+    seen = set()
+    for r in rows:
+        if (r["kernel"], r["arch"]) in seen:
+            continue
+        seen.add((r["kernel"], r["arch"]))
+        loop, ratio = "", ""
+        if r["kernel"] == "decode_split":
+            ests = [v for (arch, _), v in loops.items() if arch == r["arch"]]
+            loop = ests[0]["sass_instr_per_token_kvhead"] if ests else ""
+            ratio = ", ".join(f"{v['est_issue_over_hbm']} ({v['est_gpu']})" for v in ests if v["est_gpu"])
+        out.append(f"| {r['kernel']} | {r['arch']} | {r['regs']} | {r['smem_bytes']} | "
+                   f"{r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['est_warps_per_sm']} | {loop} | {ratio} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", default=",".join(SPECS), help=f"comma list of {list(SPECS)}")
@@ -410,7 +434,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--jobs", type=int, default=2, help="compile processes")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--no-csv", action="store_true", help="do not write benchmarks/results/kernel_static.csv")
+    ap.add_argument("--markdown", action="store_true", help="print the README table from the written CSV (no compile)")
     a = ap.parse_args(argv)
+    if a.markdown:
+        print(markdown(RESULTS / "kernel_static.csv"))
+        return []
     models = ["qwen3-8b"] if a.quick or a.ci else a.models.split(",")
     specs, archs = a.kernels.split(","), [int(c) for c in a.archs.split(",")]
     for name, pool in (("kernel", SPECS), ("model", MODELS), ("arch", ARCHS)):

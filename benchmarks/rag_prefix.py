@@ -78,26 +78,22 @@ def budget_split(budget_bytes: int, model_dir: Path, rotations: Path, max_runnin
     """Per configuration: cell bytes, window reservation and --max-total-tokens for one budget."""
     from transformers import AutoConfig
 
-    from oscar_sglang.windows import oscar_cell_size
     from oscar_sglang.settings import OscarError, load_settings
-    from oscar_sglang.windows import plan_windows
+    from oscar_sglang.windows import split_budget
 
     layers, kv_heads, head_dim = kv_geometry(model_dir)
     settings, _ = load_settings(SimpleNamespace(quantization_param_path=str(rotations)),
                                 AutoConfig.from_pretrained(model_dir))
-    bf16_cell = 2 * layers * kv_heads * head_dim * BF16_BYTES
-    cell = oscar_cell_size(settings.layout.row_bytes, kv_heads, layers)
     try:  # the plugin's own window plan for this budget and --max-running-requests
-        plan = plan_windows(sink=settings.sink, recent=settings.recent, head_dim=head_dim, kv_heads=kv_heads,
-                            layers=layers, itemsize=BF16_BYTES, budget_bytes=budget_bytes,
-                            max_running_requests=max_running)
+        split = split_budget(budget_bytes=budget_bytes, head_dim=head_dim, kv_heads=kv_heads, layers=layers,
+                             itemsize=BF16_BYTES, row_bytes=settings.layout.row_bytes, sink=settings.sink,
+                             recent=settings.recent, max_running_requests=max_running)
     except OscarError as e:
         raise SystemExit(f"--kv-budget-mb too small: {e}") from None
-    window = plan.total_bytes
     return {
-        "bf16": dict(cell_bytes=bf16_cell, window_bytes=0, max_total_tokens=budget_bytes // bf16_cell),
-        "oscar": dict(cell_bytes=cell, window_bytes=window, max_total_tokens=(budget_bytes - window) // cell,
-                      retained_sets=plan.retained_sets),
+        "bf16": dict(cell_bytes=split.bf16_cell, window_bytes=0, max_total_tokens=split.bf16_tokens),
+        "oscar": dict(cell_bytes=split.oscar_cell, window_bytes=split.plan.total_bytes,
+                      max_total_tokens=split.oscar_tokens, retained_sets=split.plan.retained_sets),
     }
 
 

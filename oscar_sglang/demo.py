@@ -137,23 +137,21 @@ def budget_args(cfg, rot, budget: int) -> tuple[list[str], list[str], int, int]:
     """sglang flags that give each server the same KV budget in bytes, and the two cells (B/token).
 
     BF16: ``--max-total-tokens budget // cell``. OSCAR: the window plan the plugin would choose
-    for this budget (``windows.plan_windows``), its running count, and the tokens the rest holds.
+    for this budget (``windows.split_budget``), its running count, and the tokens the rest holds.
     ``cfg``: the model's Hugging Face config; ``rot``: its validated rotations.
     """
     from oscar_sglang.kernels.codec import RowLayout
-    from oscar_sglang.windows import oscar_cell_size, plan_windows, window_row_bytes
+    from oscar_sglang.windows import split_budget
 
-    shape = {"head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-             "kv_heads": cfg.num_key_value_heads, "layers": cfg.num_hidden_layers, "itemsize": 2}
-    bf16_cell = window_row_bytes(**shape)  # one BF16 token is one window row: K and V, every layer
-    row_bytes = RowLayout(rot.meta.model.head_dim, rot.meta.group_size).row_bytes
-    oscar_cell = oscar_cell_size(row_bytes, shape["kv_heads"], shape["layers"])
-    plan = plan_windows(sink=rot.meta.windows.sink, recent=rot.meta.windows.recent, budget_bytes=budget,
-                        max_running_requests=None, **shape)
-    oscar_tokens = (budget - plan.total_bytes) // oscar_cell
-    return (["--max-total-tokens", str(budget // bf16_cell)],
-            ["--max-total-tokens", str(oscar_tokens), "--max-running-requests", str(plan.max_running_requests)],
-            bf16_cell, oscar_cell)
+    split = split_budget(
+        budget_bytes=budget, head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        kv_heads=cfg.num_key_value_heads, layers=cfg.num_hidden_layers, itemsize=2,
+        row_bytes=RowLayout(rot.meta.model.head_dim, rot.meta.group_size).row_bytes,
+        sink=rot.meta.windows.sink, recent=rot.meta.windows.recent)
+    return (["--max-total-tokens", str(split.bf16_tokens)],
+            ["--max-total-tokens", str(split.oscar_tokens), "--max-running-requests",
+             str(split.plan.max_running_requests)],
+            split.bf16_cell, split.oscar_cell)
 
 
 # ------------------------------------------------------------------ output

@@ -100,3 +100,26 @@ def plan_windows(*, sink: int, recent: int, head_dim: int, kv_heads: int, layers
             f"--oscar: BF16 windows for one request need {plan.total_bytes / gib:.2f} GiB, half or more of the "
             f"{budget_bytes / gib:.2f} GiB KV budget: raise --mem-fraction-static.")
     return plan
+
+
+class BudgetSplit(msgspec.Struct, frozen=True, kw_only=True):
+    """One KV budget served by BF16 and by --oscar: cells (bytes per token) and tokens."""
+
+    bf16_cell: int
+    oscar_cell: int
+    bf16_tokens: int
+    oscar_tokens: int  # what the budget holds after the window plan
+    plan: WindowPlan
+
+
+def split_budget(*, budget_bytes: int, head_dim: int, kv_heads: int, layers: int, itemsize: int, row_bytes: int,
+                 sink: int, recent: int, max_running_requests: int | None = None) -> BudgetSplit:
+    """The arithmetic of the hooked sglang sizing at one budget (the demo, the capacity and RAG
+    benchmarks): BF16 holds budget / cell tokens; --oscar first takes the window plan out.
+    ``row_bytes``: one INT2 storage row (``codec.RowLayout.row_bytes``)."""
+    shape = dict(head_dim=head_dim, kv_heads=kv_heads, layers=layers, itemsize=itemsize)
+    plan = plan_windows(sink=sink, recent=recent, budget_bytes=budget_bytes,
+                        max_running_requests=max_running_requests, **shape)
+    bf16_cell, oscar_cell = window_row_bytes(**shape), oscar_cell_size(row_bytes, kv_heads, layers)
+    return BudgetSplit(bf16_cell=bf16_cell, oscar_cell=oscar_cell, bf16_tokens=budget_bytes // bf16_cell,
+                       oscar_tokens=(budget_bytes - plan.total_bytes) // oscar_cell, plan=plan)
