@@ -26,8 +26,12 @@ def build(model, prefixes, chunks, dtype, dev, seed):
 
     hq, hkv, d = MODELS[model]
     gen = torch.Generator(device=dev).manual_seed(seed)
-    n_win = [min(n, SINK + RECENT) for n in prefixes]
-    i_ptr, i_idx, n = paged_slots([a - b for a, b in zip(prefixes, n_win)], dev, gen)
+    # The segments the backend builds under the position rule for a chunk at position a: INT2
+    # rows of positions SINK .. a + chunk - RECENT - 1 (the chunk's own older tokens included),
+    # window rows: the sinks, then the ring of positions a - RECENT + 1 .. a - 1.
+    n_win = [min(a, SINK) + max(0, min(RECENT - 1, a - SINK)) for a in prefixes]
+    n_int2 = [max(0, a + c - RECENT - SINK) for a, c in zip(prefixes, chunks)]
+    i_ptr, i_idx, n = paged_slots(n_int2, dev, gen)
     w_ptr, w_idx, m = paged_slots(n_win, dev, gen, page=1)
     tq = sum(chunks)
 
@@ -39,7 +43,8 @@ def build(model, prefixes, chunks, dtype, dev, seed):
         qo_indptr=torch.tensor([0] + chunks, device=dev).cumsum(0).to(torch.int32),
         k_rows=random_rows(n, hkv, d, dev, gen), v_rows=random_rows(n, hkv, d, dev, gen),
         int2_indptr=i_ptr, int2_indices=i_idx, k_win=randn(m, hkv, d), v_win=randn(m, hkv, d),
-        win_indptr=w_ptr, win_indices=w_idx, sm_scale=d**-0.5, layout=RowLayout(d),
+        win_indptr=w_ptr, win_indices=w_idx, prefix_lens=torch.tensor(prefixes, dtype=torch.int32, device=dev),
+        sink=SINK, recent=RECENT, sm_scale=d**-0.5, layout=RowLayout(d),
     )
 
 
@@ -72,8 +77,11 @@ def bf16_baselines(model, prefix, chunk, dev, gen):
     qo = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
     zero = torch.zeros(2, dtype=torch.int32, device=dev)
     rows = torch.zeros(1, hkv, d // 4 + 4, dtype=torch.uint8, device=dev)
+    a = torch.tensor([prefix], dtype=torch.int32, device=dev)
+    # the whole prefix as window rows, every position a "sink": every key read exactly (BF16)
     fns = {"triton_bf16_same_kernel": lambda: extend.extend_attention(
-        q, kn, vn, qo, rows, rows, zero, idx[:0], kb, vb, ptr, idx, d**-0.5, RowLayout(d), max_q_len=chunk)}
+        q, kn, vn, qo, rows, rows, zero, idx[:0], kb, vb, ptr, idx, a, total, RECENT, d**-0.5, RowLayout(d),
+        max_q_len=chunk)}
     q4 = q.transpose(0, 1).unsqueeze(0)
     kd = torch.randn(1, hkv, total, d, device=dev, dtype=bf, generator=gen)
     vd = torch.randn_like(kd)
@@ -101,7 +109,7 @@ def run_gpu(args, dev):
         hq, hkv, d = MODELS[model]
         a = build(model, [prefix], [chunk], torch.bfloat16, dev, seed=0)
         ours = time_cuda(lambda: extend.extend_attention(**a, max_q_len=chunk), args.iters)
-        n_win = min(prefix, SINK + RECENT)
+        n_int2 = max(0, prefix + chunk - RECENT - SINK)
         flops = 4 * chunk * hq * d * (prefix + (chunk + 1) / 2)
         a = None  # free before the baselines allocate
         gen = torch.Generator(device=dev).manual_seed(2)
@@ -114,7 +122,7 @@ def run_gpu(args, dev):
         torch.cuda.empty_cache()
         best = min(base, key=base.get) if base else ""
         rows = [dict(bench="extend", model=model, prefix=prefix, chunk=chunk, impl="oscar_int2", ms=round(ours, 4),
-                     tflops=round(flops / ours / 1e9, 1), int2_prefix=prefix - n_win, best_bf16=best,
+                     tflops=round(flops / ours / 1e9, 1), int2_prefix=n_int2, best_bf16=best,
                      speedup_vs_best_bf16=round(base[best] / ours, 2) if best else "")]
         rows += [dict(bench="extend", model=model, prefix=prefix, chunk=chunk, impl=k, ms=round(ms, 4),
                       tflops=round(flops / ms / 1e9, 1), int2_prefix=0, best_bf16=best, speedup_vs_best_bf16="")
