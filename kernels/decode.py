@@ -44,7 +44,7 @@ MERGE_BLOCK_S = 8  # splits merged per step
 class DecodeConfig:
     """Tile sizes and launch knobs, chosen from the static report (``benchmarks/kernel_static.py``,
     Qwen3-8B heads, sm_90), not from GPU timings: 128 INT2 rows per step issue 36 SASS
-    instructions per (token, KV head), 64 rows 44 (185 registers, no spill: 2 programs of 4 warps
+    instructions per (token, KV head), 64 rows 44 (198 registers, no spill: 2 programs of 4 warps
     per SM, each with two 9 KiB stages of rows in flight); 8 warps issue more, 2 warps spill."""
 
     block_n: int = 128  # INT2 rows per loop step

@@ -1,7 +1,7 @@
 """Triton tile helpers shared by the decode and extend kernels (no launchers here).
 
 A program holds a block of query rows (decode: the G query heads of one KV head, padded to
-16; extend: BLOCK_M chunk queries of one head) as four D/4 quarter-planes (the storage row's
+16; extend: BLOCK_M chunk tokens x the G heads of one KV head) as four D/4 quarter-planes (the storage row's
 plane layout) and folds blocks of keys into an online softmax: ``_int2_block`` over INT2
 storage rows, ``_dense_block`` over full-precision rows (windows, a chunk's own k/v).
 
