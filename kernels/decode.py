@@ -17,7 +17,7 @@ request). Each request's tokens form a virtual sequence [INT2 tokens, window tok
 the window tokens weighted ``WIN_COST`` (~ their byte cost relative to an INT2 row) so
 that splits carry equal bytes; each split does an online softmax over its part and
 writes a partial (out, lse). Stage 2 merges the splits by LSE. All G query heads of a KV
-head share every loaded row (padded to 16 rows for ``tl.dot``).
+head share every loaded row (padded to 8 for ``tl.dot``, keys being its M dimension).
 
 The INT2 and window blocks are the tile helpers of ``tiles.py`` (shared with extend).
 """
@@ -43,9 +43,9 @@ MERGE_BLOCK_S = 8  # splits merged per step
 @dataclass(frozen=True)
 class DecodeConfig:
     """Tile sizes and launch knobs, chosen from the static report (``benchmarks/kernel_static.py``,
-    Qwen3-8B heads, sm_90), not from GPU timings: 128 INT2 rows per step issue 36 SASS
-    instructions per (token, KV head), 64 rows 44 (198 registers, no spill: 2 programs of 4 warps
-    per SM, each with two 9 KiB stages of rows in flight); 8 warps issue more, 2 warps spill."""
+    Qwen3-8B heads, sm_90), not from GPU timings: 128 INT2 rows per step issue 32 SASS
+    instructions per (token, KV head), 64 rows 41 (204 registers, no spill: 2 programs of 4 warps
+    per SM, each with two 9 KiB stages of rows in flight); 8 warps issue more (44), 2 warps spill."""
 
     block_n: int = 128  # INT2 rows per loop step
     block_w: int = 32  # window rows per loop step
@@ -92,39 +92,39 @@ def _decode_split_kernel(
 
     hrow = tl.arange(0, BLOCK_H)
     hmask = hrow < G
-    qh = q_ptr + b * stride_qb + (hk * G + hrow)[:, None] * stride_qh + tl.arange(0, Q)[None, :]
-    q0, q1, q2, q3, qsum = _load_q_planes(qh, hmask[:, None], Q)
+    qh = q_ptr + b * stride_qb + (hk * G + hrow)[None, :] * stride_qh + tl.arange(0, Q)[:, None]
+    q0, q1, q2, q3, qsum = _load_q_planes(qh, hmask[None, :], Q)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     macc = tl.zeros([BLOCK_H], tl.float32)
-    acc0 = tl.zeros([BLOCK_H, Q], tl.float32)
-    acc1 = tl.zeros([BLOCK_H, Q], tl.float32)
-    acc2 = tl.zeros([BLOCK_H, Q], tl.float32)
-    acc3 = tl.zeros([BLOCK_H, Q], tl.float32)
+    acc0 = tl.zeros([Q, BLOCK_H], tl.float32)
+    acc1 = tl.zeros([Q, BLOCK_H], tl.float32)
+    acc2 = tl.zeros([Q, BLOCK_H], tl.float32)
+    acc3 = tl.zeros([Q, BLOCK_H], tl.float32)
     for start in range(lo, i_hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         nmask = offs < i_hi
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
             q0, q1, q2, q3, qsum, slot * stride_rn + hk * stride_rh, nmask, krow_ptr, vrow_ptr,
-            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q, nmask[None, :])
+            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q, nmask[:, None])
     for start in range(w_lo, w_hi, BLOCK_W):
         offs = start + tl.arange(0, BLOCK_W)
         nmask = offs < w_hi
         slot = tl.load(w_idx + w_beg + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
             q0, q1, q2, q3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
-            nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q, nmask[None, :])
+            nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q, nmask[:, None])
 
     # Partial result of this split (lse = -inf and out = 0 when it saw no token).
     nonempty = l_i > 0
-    inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)[:, None]
-    mterm = macc[:, None]
+    inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)[None, :]
+    mterm = macc[None, :]
     hq = hk * G + hrow
-    obase = opart_ptr + ((b * (G * tl.num_programs(0)) + hq) * num_splits + sp).to(tl.int64)[:, None] * D
-    oc = tl.arange(0, Q)[None, :]
-    om = hmask[:, None]
+    obase = opart_ptr + ((b * (G * tl.num_programs(0)) + hq) * num_splits + sp).to(tl.int64)[None, :] * D
+    oc = tl.arange(0, Q)[:, None]
+    om = hmask[None, :]
     tl.store(obase + oc, (acc0 + mterm) * inv, mask=om)
     tl.store(obase + Q + oc, (acc1 + mterm) * inv, mask=om)
     tl.store(obase + 2 * Q + oc, (acc2 + mterm) * inv, mask=om)
@@ -225,7 +225,7 @@ def decode_attention(
         opart, lpart, sm_scale * LOG2E, code_bits2(q.dtype), num_splits,
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1),
         k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
-        G=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
+        G=group, BLOCK_H=max(8, triton.next_power_of_2(group)), D=d,
         BLOCK_N=config.block_n, BLOCK_W=config.block_w, WIN_COST=win_cost(layout, k_win),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

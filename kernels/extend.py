@@ -45,8 +45,8 @@ class ExtendConfig:
     """Tile sizes and split-KV knobs (registers and spills: ``benchmarks/kernel_static.py``)."""
 
     block_rows: int = 64  # query rows per program: BLOCK_M chunk tokens x the G (padded) heads of a KV head
-    block_n: int = 64
-    num_warps: int = 8
+    block_n: int = 32  # keys per step; 64 keys or 8 warps spill on sm_90 (kernel_static.py)
+    num_warps: int = 4
     num_stages: int = 2
     min_split_tokens: int = 512  # never split a prefix finer than this (merge overhead)
     programs_per_sm: int = 4
@@ -90,17 +90,17 @@ def _extend_kernel(
     hq = hk * G + r % GP
     rmask = (tok < q_len) & (r % GP < G)
     a = tl.load(prefix_ptr + b).to(tl.int32)  # the chunk's first position
-    t = (a + tok)[:, None]  # query positions; key p is exact iff p < sink or p > t - recent
-    qp = q_ptr + (q_beg + tok)[:, None] * stride_qt + hq[:, None] * stride_qh + tl.arange(0, Q)[None, :]
-    q0, q1, q2, q3, qsum = _load_q_planes(qp, rmask[:, None], Q)
+    t = (a + tok)[None, :]  # query positions; key p is exact iff p < sink or p > t - recent
+    qp = q_ptr + (q_beg + tok)[None, :] * stride_qt + hq[None, :] * stride_qh + tl.arange(0, Q)[:, None]
+    q0, q1, q2, q3, qsum = _load_q_planes(qp, rmask[None, :], Q)
 
     m_i = tl.full([BLOCK_M * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M * GP], tl.float32)
     macc = tl.zeros([BLOCK_M * GP], tl.float32)
-    acc0 = tl.zeros([BLOCK_M * GP, Q], tl.float32)
-    acc1 = tl.zeros([BLOCK_M * GP, Q], tl.float32)
-    acc2 = tl.zeros([BLOCK_M * GP, Q], tl.float32)
-    acc3 = tl.zeros([BLOCK_M * GP, Q], tl.float32)
+    acc0 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
+    acc1 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
+    acc2 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
+    acc3 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
 
     i_beg = tl.load(i_indptr + b).to(tl.int64)
     n_i = (tl.load(i_indptr + b + 1) - i_beg).to(tl.int32)
@@ -113,7 +113,7 @@ def _extend_kernel(
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
             q0, q1, q2, q3, qsum, slot * stride_rn + hk * stride_rh, nmask, krow_ptr, vrow_ptr,
-            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q, (sink + offs)[None, :] <= t - recent)
+            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q, (sink + offs)[:, None] <= t - recent)
 
     if sp == 0:
         w_beg = tl.load(w_indptr + b).to(tl.int64)
@@ -122,7 +122,7 @@ def _extend_kernel(
         for start in range(0, n_w, BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)
             nmask = offs < n_w
-            pos = tl.where(offs < n_sink, offs, a - n_w + offs)[None, :]
+            pos = tl.where(offs < n_sink, offs, a - n_w + offs)[:, None]
             slot = tl.load(w_idx + w_beg + offs, mask=nmask, other=0).to(tl.int64)
             m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
                 q0, q1, q2, q3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
@@ -136,21 +136,21 @@ def _extend_kernel(
             m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
                 q0, q1, q2, q3, ktok * stride_knt + hk * stride_knh, ktok * stride_vnt + hk * stride_vnh,
                 nmask, kn_ptr, vn_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q,
-                (offs[None, :] <= tok[:, None]) & (((a + offs)[None, :] < sink) | ((a + offs)[None, :] > t - recent)))
+                (offs[:, None] <= tok[None, :]) & (((a + offs)[:, None] < sink) | ((a + offs)[:, None] > t - recent)))
 
     nonempty = l_i > 0
-    inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)[:, None]
-    mterm = macc[:, None]
-    oc = tl.arange(0, Q)[None, :]
-    om = rmask[:, None]
+    inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)[None, :]
+    mterm = macc[None, :]
+    oc = tl.arange(0, Q)[:, None]
+    om = rmask[None, :]
     if SPLIT:  # partial [token, head, split] rows of D, as decode's merge reads them
         row = ((q_beg + tok) * H + hq) * num_splits + sp
-        op = opart_ptr + row[:, None] * D + oc
+        op = opart_ptr + row[None, :] * D + oc
         dt = opart_ptr.dtype.element_ty
         lse2 = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(lpart_ptr + row, lse2, mask=rmask)
     else:
-        op = o_ptr + (q_beg + tok)[:, None] * stride_ot + hq[:, None] * stride_oh + oc
+        op = o_ptr + (q_beg + tok)[None, :] * stride_ot + hq[None, :] * stride_oh + oc
         dt = o_ptr.dtype.element_ty
     tl.store(op, ((acc0 + mterm) * inv).to(dt), mask=om)
     tl.store(op + Q, ((acc1 + mterm) * inv).to(dt), mask=om)

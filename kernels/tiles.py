@@ -1,8 +1,9 @@
 """Triton tile helpers shared by the decode and extend kernels (no launchers here).
 
 A program holds a block of query rows (decode: the G query heads of one KV head, padded to
-16; extend: BLOCK_M chunk tokens x the G heads of one KV head) as four D/4 quarter-planes (the storage row's
-plane layout) and folds blocks of keys into an online softmax: ``_int2_block`` over INT2
+8; extend: BLOCK_M chunk tokens x the G heads of one KV head) as four D/4 quarter-planes (the
+storage row's plane layout), transposed to [D/4, rows] so that keys are the dots' M dimension,
+and folds blocks of keys into an online softmax: ``_int2_block`` over INT2
 storage rows, ``_dense_block`` over full-precision rows (windows, a chunk's own k/v).
 
 INT2 rows are never dequantized element by element: with codes c in 0..3, per-row scale
@@ -26,12 +27,12 @@ import triton.language as tl
 
 @triton.jit
 def _online_update(m_i, l_i, logit):
-    """Online softmax step in log2 units: returns (m_new, alpha, p, l_new)."""
-    m_new = tl.maximum(m_i, tl.max(logit, axis=1))
+    """Online softmax step in log2 units over logit [keys, rows]: returns (m_new, alpha, p, l_new)."""
+    m_new = tl.maximum(m_i, tl.max(logit, axis=0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet stays empty
     alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(logit - m_ref[:, None])
-    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+    p = tl.exp2(logit - m_ref[None, :])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=0)
 
 
 @triton.jit
@@ -45,15 +46,16 @@ def _row_params(row_ptr, row_off, nmask, Q: tl.constexpr):
 
 @triton.jit
 def _load_q_planes(qp, mask, Q: tl.constexpr):
-    """The four D/4 quarter-planes of a block of query rows (plane layout) and the row sums
-    of their INT2-dot copies (``_code_dtype``: fp32 queries are rounded to fp16 there)."""
+    """The four D/4 quarter-planes of a block of query rows, transposed: [Q, rows] each (``qp``
+    points at column 0 of each plane as [Q, rows]), and the row sums of their INT2-dot copies
+    (``_code_dtype``: fp32 queries are rounded to fp16 there)."""
     q0 = tl.load(qp, mask=mask, other=0.0)
     q1 = tl.load(qp + Q, mask=mask, other=0.0)
     q2 = tl.load(qp + 2 * Q, mask=mask, other=0.0)
     q3 = tl.load(qp + 3 * Q, mask=mask, other=0.0)
     cdt: tl.constexpr = _code_dtype(q0.dtype)
     qsum = tl.sum(q0.to(cdt).to(tl.float32) + q1.to(cdt).to(tl.float32) + q2.to(cdt).to(tl.float32)
-                  + q3.to(cdt).to(tl.float32), axis=1)
+                  + q3.to(cdt).to(tl.float32), axis=0)
     return q0, q1, q2, q3, qsum
 
 
@@ -106,11 +108,13 @@ def _plane(words, shift: tl.constexpr, base2, cdt: tl.constexpr):
 @triton.jit
 def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
                 acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q: tl.constexpr, extra_mask):
-    """One block of INT2 rows (row_off: byte offsets [BN]) and an extra [BM or 1, BN]
+    """One block of INT2 rows (row_off: byte offsets [BN]) and an extra [BN, rows or 1]
     visibility mask (the position rule in extend), folded into the running state.
 
-    The dots read codes as B + c (``_code_planes``): q . (B + c) = q . c + B * sum(q) for keys;
-    for values the B * sum(p s) term goes into ``macc`` with the minimums."""
+    Keys are the dots' M dimension (logits [BN, rows]), so a few query rows (decode: G heads)
+    pad to 8 columns, not 16 rows. The dots read codes as B + c (``_code_planes``):
+    q . (B + c) = q . c + B * sum(q) for keys; for values the B * sum(p s) term goes into
+    ``macc`` with the minimums."""
     cdt: tl.constexpr = _code_dtype(q0.dtype)
     base: tl.constexpr = _code_value(cdt)
     # Rows are 4-byte multiples (codec.RowLayout): the codes are read as Q/4 int32 words.
@@ -119,24 +123,24 @@ def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l
     kp = (krow_ptr + row_off[:, None]).to(tl.pointer_type(tl.int32), bitcast=True)
     k0, k1, k2, k3 = _code_planes(tl.load(kp + wc, mask=nmask[:, None], other=0), cdt, code_bits2)
     ks, km = _row_params(krow_ptr, row_off, nmask, Q)
-    qk = tl.dot(q0.to(cdt), tl.trans(k0))
-    qk = tl.dot(q1.to(cdt), tl.trans(k1), qk)
-    qk = tl.dot(q2.to(cdt), tl.trans(k2), qk)
-    qk = tl.dot(q3.to(cdt), tl.trans(k3), qk)
-    logit = qk * (ks * scale_log2)[None, :] + qsum[:, None] * ((km - base * ks) * scale_log2)[None, :]
-    logit = tl.where(nmask[None, :] & extra_mask, logit, float("-inf"))
+    qk = tl.dot(k0, q0.to(cdt))
+    qk = tl.dot(k1, q1.to(cdt), qk)
+    qk = tl.dot(k2, q2.to(cdt), qk)
+    qk = tl.dot(k3, q3.to(cdt), qk)
+    logit = qk * (ks * scale_log2)[:, None] + ((km - base * ks) * scale_log2)[:, None] * qsum[None, :]
+    logit = tl.where(nmask[:, None] & extra_mask, logit, float("-inf"))
     m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
     vp = (vrow_ptr + row_off[:, None]).to(tl.pointer_type(tl.int32), bitcast=True)
     v0, v1, v2, v3 = _code_planes(tl.load(vp + wc, mask=nmask[:, None], other=0), cdt, code_bits2)
     vs, vm = _row_params(vrow_ptr, row_off, nmask, Q)
     smax = tl.max(vs, axis=0)
-    ps = (p * (vs / tl.where(smax > 0, smax, 1.0))[None, :]).to(cdt)
-    a = alpha[:, None]
-    acc0 = acc0 * a + tl.dot(ps, v0) * smax
-    acc1 = acc1 * a + tl.dot(ps, v1) * smax
-    acc2 = acc2 * a + tl.dot(ps, v2) * smax
-    acc3 = acc3 * a + tl.dot(ps, v3) * smax
-    macc = macc * alpha + tl.sum(p * vm[None, :] - (base * smax) * ps.to(tl.float32), axis=1)
+    ps = (p * (vs / tl.where(smax > 0, smax, 1.0))[:, None]).to(cdt)
+    a = alpha[None, :]
+    acc0 = acc0 * a + tl.dot(tl.trans(v0), ps) * smax
+    acc1 = acc1 * a + tl.dot(tl.trans(v1), ps) * smax
+    acc2 = acc2 * a + tl.dot(tl.trans(v2), ps) * smax
+    acc3 = acc3 * a + tl.dot(tl.trans(v3), ps) * smax
+    macc = macc * alpha + tl.sum(p * vm[:, None] - (base * smax) * ps.to(tl.float32), axis=0)
     return m_new, l_i, acc0, acc1, acc2, acc3, macc
 
 
@@ -144,22 +148,23 @@ def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l
 def _dense_block(q0, q1, q2, q3, k_off, v_off, nmask, kw_ptr, vw_ptr, m_i, l_i,
                  acc0, acc1, acc2, acc3, macc, scale_log2, Q: tl.constexpr, extra_mask):
     """One block of full-precision rows (element offsets [BN] of column 0) and an extra
-    [BM or 1, BN] visibility mask (causal in extend), folded into the running state."""
+    [BN, rows or 1] visibility mask (causal in extend), folded into the running state."""
     dt = q0.dtype
     qc = tl.arange(0, Q)[None, :]
     kp = kw_ptr + k_off[:, None] + qc
     m2 = nmask[:, None]
-    qk = tl.dot(q0, tl.trans(tl.load(kp, mask=m2, other=0.0).to(dt)))
-    qk = tl.dot(q1, tl.trans(tl.load(kp + Q, mask=m2, other=0.0).to(dt)), qk)
-    qk = tl.dot(q2, tl.trans(tl.load(kp + 2 * Q, mask=m2, other=0.0).to(dt)), qk)
-    qk = tl.dot(q3, tl.trans(tl.load(kp + 3 * Q, mask=m2, other=0.0).to(dt)), qk)
-    logit = tl.where(nmask[None, :] & extra_mask, qk * scale_log2, float("-inf"))
+    qk = tl.dot(tl.load(kp, mask=m2, other=0.0).to(dt), q0)
+    qk = tl.dot(tl.load(kp + Q, mask=m2, other=0.0).to(dt), q1, qk)
+    qk = tl.dot(tl.load(kp + 2 * Q, mask=m2, other=0.0).to(dt), q2, qk)
+    qk = tl.dot(tl.load(kp + 3 * Q, mask=m2, other=0.0).to(dt), q3, qk)
+    logit = tl.where(nmask[:, None] & extra_mask, qk * scale_log2, float("-inf"))
     m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
-    vp = vw_ptr + v_off[:, None] + qc
+    vp = vw_ptr + v_off[None, :] + tl.arange(0, Q)[:, None]  # [Q, BN]: V rows loaded transposed
+    mt = nmask[None, :]
     pd = p.to(dt)
-    a = alpha[:, None]
-    acc0 = acc0 * a + tl.dot(pd, tl.load(vp, mask=m2, other=0.0).to(dt))
-    acc1 = acc1 * a + tl.dot(pd, tl.load(vp + Q, mask=m2, other=0.0).to(dt))
-    acc2 = acc2 * a + tl.dot(pd, tl.load(vp + 2 * Q, mask=m2, other=0.0).to(dt))
-    acc3 = acc3 * a + tl.dot(pd, tl.load(vp + 3 * Q, mask=m2, other=0.0).to(dt))
+    a = alpha[None, :]
+    acc0 = acc0 * a + tl.dot(tl.load(vp, mask=mt, other=0.0).to(dt), pd)
+    acc1 = acc1 * a + tl.dot(tl.load(vp + Q, mask=mt, other=0.0).to(dt), pd)
+    acc2 = acc2 * a + tl.dot(tl.load(vp + 2 * Q, mask=mt, other=0.0).to(dt), pd)
+    acc3 = acc3 * a + tl.dot(tl.load(vp + 3 * Q, mask=mt, other=0.0).to(dt), pd)
     return m_new, l_i, acc0, acc1, acc2, acc3, macc * alpha
