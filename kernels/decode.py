@@ -161,7 +161,7 @@ def _merge_splits_kernel(opart_ptr, lpart_ptr, out_ptr, lse_ptr, num_splits, str
     o = acc / tl.where(wsum > 0, wsum, 1.0)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + cols, o.to(out_ptr.dtype.element_ty))
     ref = tl.where(mx == float("-inf"), 0.0, mx)
-    lse = tl.where(wsum > 0, (ref + tl.log2(tl.where(wsum > 0, wsum, 1.0))) / LOG2E, float("-inf"))
+    lse = tl.where(wsum > 0, (ref + tl.log2(tl.where(wsum > 0, wsum, 1.0))) / 1.4426950408889634, float("-inf"))
     tl.store(lse_ptr + b * H + hq, lse)
 
 
