@@ -74,7 +74,8 @@ def kv_geometry(model_dir: Path) -> tuple[int, int, int]:
     return c.num_hidden_layers, c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
-def budget_split(budget_bytes: int, model_dir: Path, rotations: Path, max_running: int) -> dict[str, dict]:
+def budget_split(budget_bytes: int, model_dir: Path, rotations: Path, max_running: int,
+                 device: str = "cpu") -> dict[str, dict]:
     """Per configuration: cell bytes, window reservation and --max-total-tokens for one budget."""
     from transformers import AutoConfig
 
@@ -82,7 +83,7 @@ def budget_split(budget_bytes: int, model_dir: Path, rotations: Path, max_runnin
     from oscar_sglang.windows import split_budget
 
     layers, kv_heads, head_dim = kv_geometry(model_dir)
-    settings, _ = load_settings(SimpleNamespace(quantization_param_path=str(rotations)),
+    settings, _ = load_settings(SimpleNamespace(quantization_param_path=str(rotations), device=device),
                                 AutoConfig.from_pretrained(model_dir))
     try:  # the plugin's own window plan for this budget and --max-running-requests
         split = split_budget(budget_bytes=budget_bytes, head_dim=head_dim, kv_heads=kv_heads, layers=layers,
@@ -244,7 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_configs(args: argparse.Namespace, model: Path, rot: Path, extra: list[str]) -> list[Config]:
     """One BF16 configuration per --baselines backend, then OSCAR; all at --kv-budget-mb."""
-    split = budget_split(int(args.kv_budget_mb * 2**20), model, rot, args.max_running)
+    split = budget_split(int(args.kv_budget_mb * 2**20), model, rot, args.max_running, args.device)
     common = [*extra, "--dtype", "bfloat16", "--mem-fraction-static", str(args.mem_fraction),
               "--max-running-requests", str(args.max_running), "--random-seed", str(args.seed)]
     if args.device == "cpu":

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from oscar_sglang.calib.rotations import Rotations, RotationsError, fingerprint_from_hf_config, load_rotations
+from oscar_sglang.kernels.checks import triton_supports
 from oscar_sglang.kernels.codec import RowLayout
 
 BACKEND_NAME = "oscar"
@@ -93,6 +94,12 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
         layout = RowLayout(rot.meta.model.head_dim, rot.meta.group_size)
     except (RotationsError, ValueError) as e:
         raise OscarError(str(e)) from None
+    if (getattr(server_args, "device", None) or "cuda") != "cpu" and not (
+            triton_supports(layout) and triton_supports(layout, attention=False)):
+        raise OscarError(
+            f"--oscar on a GPU needs one quantization group per row and head_dim 64 or 128 (the Triton kernels); "
+            f"this file has head_dim {layout.head_dim}, group size {layout.group}. Calibrate without --group-size, "
+            "or serve with --device cpu (the reference path).")
     meta = rot.meta
     return (
         OscarSettings(
