@@ -1,11 +1,27 @@
-"""Argument checks shared by the Triton launchers (write, decode, extend), and the rule of
-which layouts they support (``ops.py`` sends every other layout to the reference)."""
+"""What the Triton launchers (write, decode, extend) share: argument checks, the rule of which
+layouts they support (``ops.py`` sends every other layout to the reference), and launch sizing
+from host-known numbers (no device sync)."""
 
 from __future__ import annotations
 
 import torch
+import triton
 
 from .codec import RowLayout
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached by torch); 1 elsewhere (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def plan_splits(programs: int, tokens: int, num_sms: int, programs_per_sm: int, min_split_tokens: int,
+                max_splits: int) -> int:
+    """Split-KV count: enough programs (``programs`` per split) to fill the GPU ``programs_per_sm``
+    times, never splits shorter than ``min_split_tokens``, at most ``max_splits``."""
+    want = triton.cdiv(programs_per_sm * num_sms, max(1, programs))
+    by_len = triton.cdiv(max(1, tokens), min_split_tokens)
+    return int(max(1, min(want, by_len, max_splits)))
 
 
 def triton_supports(layout: RowLayout, attention: bool = True) -> bool:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_head_dim, check_index, check_rows, check_window
+from .checks import check_head_dim, check_index, check_rows, check_window, plan_splits, sm_count
 from .codec import RowLayout
 from .tiles import _dense_block, _int2_block, _load_q_planes, code_bits2
 
@@ -59,9 +59,7 @@ def plan_num_splits(batch: int, kv_heads: int, avg_tokens: int, num_sms: int, co
     """Splits per request so that B * Hkv * splits fills the GPU ``programs_per_sm`` times,
     without splits shorter than ``min_split_tokens``. Host-side ints only (no sync):
     call once per batch (plan), reuse for every layer (run); fix it under CUDA graphs."""
-    want = triton.cdiv(config.programs_per_sm * num_sms, max(1, batch * kv_heads))
-    by_len = triton.cdiv(max(1, avg_tokens), config.min_split_tokens)
-    return int(max(1, min(want, by_len, 256)))
+    return plan_splits(batch * kv_heads, avg_tokens, num_sms, config.programs_per_sm, config.min_split_tokens, 256)
 
 
 @triton.jit
@@ -214,9 +212,8 @@ def decode_attention(
     if bsz == 0:
         return out, lse
     if num_splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         avg = (int2_indices.numel() + win_indices.numel()) // bsz
-        num_splits = plan_num_splits(bsz, hkv, avg, sms, config)
+        num_splits = plan_num_splits(bsz, hkv, avg, sm_count(q.device), config)
     group = hq // hkv
     opart = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)
     lpart = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_head_dim, check_index, check_rows, check_window
+from .checks import check_head_dim, check_index, check_rows, check_window, plan_splits, sm_count
 from .codec import RowLayout
 from .decode import LOG2E, merge_splits
 from .tiles import _dense_block, _int2_block, _load_q_planes, code_bits2
@@ -56,9 +56,8 @@ class ExtendConfig:
 def plan_extend_splits(programs: int, int2_tokens: int, num_sms: int, config: ExtendConfig = ExtendConfig()) -> int:
     """Splits of each request's INT2 prefix, from host-known sizes only: enough programs to fill
     the GPU ``programs_per_sm`` times, never splits shorter than ``min_split_tokens``."""
-    want = triton.cdiv(config.programs_per_sm * num_sms, max(1, programs))
-    by_len = triton.cdiv(max(1, int2_tokens), config.min_split_tokens)
-    return int(max(1, min(want, by_len, config.max_splits)))
+    return plan_splits(programs, int2_tokens, num_sms, config.programs_per_sm, config.min_split_tokens,
+                       config.max_splits)
 
 
 @triton.jit
@@ -220,9 +219,8 @@ def extend_attention(
     gp = triton.next_power_of_2(group)
     block_m = max(1, config.block_rows // gp)
     programs = triton.cdiv(max_q_len, block_m) * hkv * bsz
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
     if num_splits is None:
-        num_splits = plan_extend_splits(programs, int2_indices.numel() // bsz, sms, config)
+        num_splits = plan_extend_splits(programs, int2_indices.numel() // bsz, sm_count(q.device), config)
     split = num_splits > 1
     if split:  # partials in decode's layout, merged by its kernel ([token, head] as its [request, head])
         opart = torch.empty(tq, hq, num_splits, d, dtype=torch.float32, device=q.device)

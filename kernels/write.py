@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_head_dim, check_index, check_rows, check_window
+from .checks import check_head_dim, check_index, check_rows, check_window, sm_count
 from .codec import RowLayout, clip_index
 
 __all__ = ["quantize_kv_write"]
@@ -215,9 +215,7 @@ def _quantize_write_kernel(
 
 
 def _num_programs_hint(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # interpreter: program count does not buy parallelism
+    return 4 * sm_count(device) if device.type == "cuda" else 1  # interpreter: programs buy no parallelism
 
 
 def quantize_kv_write(

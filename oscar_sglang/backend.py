@@ -40,6 +40,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from oscar_sglang.fold import attention_blocks, fold_values, forbid_weight_reloads, local_kv_heads
 from oscar_sglang.kernels import ops
+from oscar_sglang.kernels.checks import sm_count
 from oscar_sglang.kernels.decode import plan_num_splits
 from oscar_sglang.kernels.reference import rotated_rows
 from oscar_sglang.pool import OscarKVPool
@@ -286,8 +287,7 @@ class OscarAttnBackend(AttentionBackend):
     def _graph_splits(self, bs: int) -> int:
         """Split count baked into the graph of batch size bs: sized for long contexts
         (short ones leave most splits empty, which exit at once)."""
-        dev = self.pool.k_win[0].device
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+        sms = sm_count(self.pool.k_win[0].device)
         return plan_num_splits(bs, self.pool.head_num, self.req_to_token.shape[1], sms)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
