@@ -55,16 +55,19 @@ def bf16_cell(shape: str) -> int:
                             itemsize=BF16)
 
 
-def calculate(shape: str, budget: int, max_running: int | None = None) -> dict:
-    from oscar_sglang.kernels.codec import RowLayout
+def calculate(shape: str, budget: int, max_running: int | None = None, bits: tuple[int, int] = (2, 2)) -> dict:
+    """One row at ``bits`` = (key, value) code widths in every layer."""
+    from oscar_sglang.kernels.codec import CacheLayout
     from oscar_sglang.windows import split_budget
 
     g = SHAPES[shape]
+    n = g["num_hidden_layers"]
+    rows = CacheLayout.of(g["head_dim"], None, [bits[0]] * n, [bits[1]] * n)
     split = split_budget(budget_bytes=budget, head_dim=g["head_dim"], kv_heads=g["num_key_value_heads"],
-                         layers=g["num_hidden_layers"], itemsize=BF16, row_bytes=RowLayout(g["head_dim"]).row_bytes,
+                         layers=n, itemsize=BF16, token_row_bytes=rows.token_row_bytes,
                          sink=SINK, recent=RECENT, max_running_requests=max_running)
     plan = split.plan
-    return {"shape": shape, "kv_budget_gib": round(budget / 2**30, 2), "bf16_tokens": split.bf16_tokens,
+    return {"shape": shape, "bits": f"K{bits[0]}V{bits[1]} ({rows.bits_per_element:g})", "kv_budget_gib": round(budget / 2**30, 2), "bf16_tokens": split.bf16_tokens,
             "oscar_tokens": split.oscar_tokens, "ratio": round(split.oscar_tokens / split.bf16_tokens, 3),
             "max_running_requests": plan.max_running_requests, "retained_prefix_ends": plan.retained_sets,
             "window_gib": round(plan.total_bytes / 2**30, 3), "window_share": round(plan.total_bytes / budget, 4)}
@@ -109,25 +112,25 @@ def engine_row(shape: str, device: str, budget_bytes: int) -> dict:
         oscar = _engine_capacity(model, device, fraction,
                                  {"attention_backend": "oscar", "quantization_param_path": str(rot)})
     calc = calculate(shape, bf16["tokens"] * cell)
-    return {"mode": f"engine {device} mem_fraction {fraction}", "card": "", "shape": shape,
+    return {"mode": f"engine {device} mem_fraction {fraction}", "card": "", "shape": shape, "bits": calc["bits"],
             "kv_budget_gib": calc["kv_budget_gib"], "bf16_tokens": bf16["tokens"], "oscar_tokens": oscar["tokens"],
             "ratio": round(oscar["tokens"] / bf16["tokens"], 3), "max_running_requests": oscar["running"],
             "retained_prefix_ends": calc["retained_prefix_ends"], "window_gib": calc["window_gib"],
             "window_share": calc["window_share"], "calculator_oscar_tokens": calc["oscar_tokens"]}
 
 
-def card_rows() -> list[dict]:
+def card_rows(bits: tuple[int, int]) -> list[dict]:
     rows = []
     for card, (gb, frac) in CARDS.items():
         for shape in ("qwen3-8b", "llama-3-8b", "qwen2.5-32b"):
             budget = int((frac * gb - WEIGHTS_GB[shape]) * 1e9)
             base = {"mode": f"calculator: budget = {frac} x {gb} GB - {WEIGHTS_GB[shape]} GB weights", "card": card}
             if budget <= 0:
-                rows.append(base | {"shape": shape, "kv_budget_gib": 0, "bf16_tokens": 0, "oscar_tokens": 0,
+                rows.append(base | {"shape": shape, "bits": "", "kv_budget_gib": 0, "bf16_tokens": 0, "oscar_tokens": 0,
                                     "ratio": "", "max_running_requests": "", "retained_prefix_ends": "",
                                     "window_gib": "", "window_share": ""})
                 continue
-            rows.append(base | calculate(shape, budget))
+            rows.append(base | calculate(shape, budget, bits=bits))
     return rows
 
 
@@ -137,9 +140,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--shape", choices=list(SHAPES), default="qwen3-8b")
     p.add_argument("--budget-gib", type=float, default=2.0, help="--engine: the KV budget to aim at")
+    p.add_argument("--bits", nargs=2, type=int, default=None, metavar=("K", "V"),
+                   help="calculator: key and value code widths in every layer (default: both K2V2 and K3V2)")
     args = p.parse_args()
-    rows = [engine_row(args.shape, args.device, int(args.budget_gib * 2**30))] if args.engine else card_rows()
-    fields = ["mode", "card", "shape", "kv_budget_gib", "bf16_tokens", "oscar_tokens", "ratio", "max_running_requests",
+    if args.engine:
+        rows = [engine_row(args.shape, args.device, int(args.budget_gib * 2**30))]
+    else:
+        rows = [r for b in ([tuple(args.bits)] if args.bits else [(2, 2), (3, 2)]) for r in card_rows(b)]
+    fields = ["mode", "card", "shape", "bits", "kv_budget_gib", "bf16_tokens", "oscar_tokens", "ratio", "max_running_requests",
               "retained_prefix_ends", "window_gib", "window_share", "calculator_oscar_tokens"]
     out = ROOT / "benchmarks" / "results" / "capacity.csv"
     new = not out.exists() or out.read_text().splitlines()[:1] != [",".join(fields)]
@@ -148,14 +156,14 @@ def main() -> None:
         if new:
             w.writeheader()
         w.writerows(rows)
-    print("| card | model | KV budget GiB | BF16 tokens | OSCAR tokens | ratio | running (derived) | window share |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| card | model | bits | KV budget GiB | BF16 tokens | OSCAR tokens | ratio | running (derived) | window share |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if not r["bf16_tokens"]:
-            print(f"| {r['card']} | {r['shape']} | BF16 weights do not fit | | | | | |")
+            print(f"| {r['card']} | {r['shape']} | | BF16 weights do not fit | | | | | |")
             continue
         share = f"{100 * r['window_share']:.1f}%" if r["window_share"] != "" else ""
-        print(f"| {r['card'] or r['mode']} | {r['shape']} | {r['kv_budget_gib']} | {r['bf16_tokens']:,} | "
+        print(f"| {r['card'] or r['mode']} | {r['shape']} | {r['bits']} | {r['kv_budget_gib']} | {r['bf16_tokens']:,} | "
               f"{r['oscar_tokens']:,} | {r['ratio']} | {r['max_running_requests']} | {share} |")
 
 

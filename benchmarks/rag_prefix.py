@@ -87,7 +87,7 @@ def budget_split(budget_bytes: int, model_dir: Path, rotations: Path, max_runnin
                                 AutoConfig.from_pretrained(model_dir))
     try:  # the plugin's own window plan for this budget and --max-running-requests
         split = split_budget(budget_bytes=budget_bytes, head_dim=head_dim, kv_heads=kv_heads, layers=layers,
-                             itemsize=BF16_BYTES, row_bytes=settings.layout.row_bytes, sink=settings.sink,
+                             itemsize=BF16_BYTES, token_row_bytes=settings.layouts.token_row_bytes, sink=settings.sink,
                              recent=settings.recent, max_running_requests=max_running)
     except OscarError as e:
         raise SystemExit(f"--kv-budget-mb too small: {e}") from None

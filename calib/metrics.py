@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from oscar_sglang.kernels.codec import RowLayout, fake_quantize, rotate
+from oscar_sglang.kernels.codec import CacheLayout, RowLayout, fake_quantize, rotate, widths_for
 
 from .rotations import Windows
 
@@ -31,13 +31,22 @@ CLIP_GRID = (0.70, 0.75, 0.80, 0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0)
 @dataclass(frozen=True)
 class Candidate:
     """One quantization setting. ``key``/``value``: [L, D, D] or [L, H_kv, D, D] (float32);
-    ``clip_k``/``clip_v``: per-layer ratios; a ratio of None leaves that tensor unquantized."""
+    ``clip_k``/``clip_v``: per-layer ratios; a ratio of None leaves that tensor unquantized;
+    ``key_bits``/``value_bits``: per-layer code widths (None: 2 bits everywhere)."""
 
     name: str
     key: torch.Tensor
     value: torch.Tensor
     clip_k: list[float | None]
     clip_v: list[float | None]
+    key_bits: list[int] | None = None
+    value_bits: list[int] | None = None
+
+    def layouts(self, base: RowLayout, layer: int) -> tuple[RowLayout, RowLayout]:
+        """(key, value) row layouts of ``layer``: ``base`` at this candidate's bit widths."""
+        kb = self.key_bits[layer] if self.key_bits else base.bits
+        vb = self.value_bits[layer] if self.value_bits else base.bits
+        return base.with_bits(kb), base.with_bits(vb)
 
 
 def quantize_through(x: torch.Tensor, r: torch.Tensor, ratio: float | None, layout: RowLayout) -> torch.Tensor:
@@ -130,8 +139,9 @@ class ErrorAccumulator:
             if p is None:
                 continue
             for c in self.candidates:
-                kh = quantize_through(k[b], c.key[layer], c.clip_k[layer], self.layout)
-                vh = quantize_through(v[b], c.value[layer], c.clip_v[layer], self.layout)
+                lk, lv = c.layouts(self.layout, layer)
+                kh = quantize_through(k[b], c.key[layer], c.clip_k[layer], lk)
+                vh = quantize_through(v[b], c.value[layer], c.clip_v[layer], lv)
                 self.sums.setdefault(c.name, {}).setdefault(layer, []).append(list(errors(p, kh, vh)))
 
     def per_layer(self, name: str, kind: str = "output") -> list[float]:
@@ -187,3 +197,82 @@ class ClipSearch:
         pick_v = [self.grid[min(range(len(self.grid)), key=e.__getitem__)] for e in
                   (self.v_err[l] for l in range(num_layers))]
         return pick, pick_v
+
+
+@dataclass
+class BitSensitivity:
+    """Observer: per-layer attention-output error of keys and of values at each code width.
+
+    For every layer and width b in ``bits`` (``codec.widths_for`` the head_dim): the error with the keys at b bits and exact values
+    (``k_err``), and with the values at b bits and exact keys (``v_err``); the rotations and
+    clips of the file being calibrated. Sums over sequences, normalized by ``per_layer``.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    clip_k: list[float]
+    clip_v: list[float]
+    layout: RowLayout
+    windows: Windows | None
+    query_stride: int = 1
+    k_err: dict[int, list[float]] = field(default_factory=dict)
+    v_err: dict[int, list[float]] = field(default_factory=dict)
+    den: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        return widths_for(self.layout.head_dim)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
+        ke = self.k_err.setdefault(layer, [0.0] * len(self.bits))
+        ve = self.v_err.setdefault(layer, [0.0] * len(self.bits))
+        for b in range(q.shape[0]):
+            p = prepare(q[b], k[b], v[b], scaling, self.windows, self.query_stride)
+            if p is None:
+                continue
+            self.den[layer] = self.den.get(layer, 0.0) + p.out_den
+            for i, w in enumerate(self.bits):
+                lay = self.layout.with_bits(w)
+                ke[i] += errors(p, quantize_through(k[b], self.key[layer], self.clip_k[layer], lay), None)[2]
+                ve[i] += errors(p, None, quantize_through(v[b], self.value[layer], self.clip_v[layer], lay))[2]
+
+    def per_layer(self, num_layers: int) -> tuple[list[list[float]], list[list[float]]]:
+        """(key, value) relative errors [layer][width]; raises if some layer was never scored."""
+        if len(self.den) != num_layers:
+            raise ValueError("the bit allocation saw no scored queries: use longer sequences than sink + recent")
+        rel = lambda e: [[x / max(self.den[l], 1e-30) for x in e[l]] for l in range(num_layers)]  # noqa: E731
+        return rel(self.k_err), rel(self.v_err)
+
+
+def allocate_bits(key_err: list[list[float]], value_err: list[list[float]], layout: RowLayout,
+                  budget: float) -> tuple[list[int], list[int]]:
+    """Per-layer (key, value) widths minimising the summed attention-output error under ``budget``
+    average physical bits per element (``CacheLayout.bits_per_element``); ``key_err[l][i]`` is
+    layer l's error at width ``widths_for(head_dim)[i]``.
+
+    Greedy over upgrades: start with every tensor at the narrowest width and repeatedly take the
+    upgrade (one tensor of one layer to any wider width) with the largest error drop per byte
+    that still fits; an upgrade that would not lower the error is never taken.
+    """
+    bits = widths_for(layout.head_dim)
+    n = len(key_err)
+    errs = key_err + value_err  # item i < n: keys of layer i; else values of layer i - n
+    rows = [layout.with_bits(b).row_bytes for b in bits]
+    cap = budget * 2 * n * layout.head_dim / 8.0  # bytes of all K+V rows of one token and KV head
+    floor = CacheLayout.of(layout.head_dim, layout.group_size, [bits[0]] * n, [bits[0]] * n)
+    if floor.token_row_bytes > cap + 1e-9:
+        raise ValueError(f"--kv-bits {budget:g} is below the smallest layout: {floor.bits_per_element:g} bits per "
+                         f"element at head_dim {layout.head_dim} (every key and value at {bits[0]} bits)")
+    pick = [0] * (2 * n)
+    used = floor.token_row_bytes
+    while True:
+        best = None
+        for i, j in enumerate(pick):
+            for w in range(j + 1, len(bits)):
+                cost, gain = rows[w] - rows[j], errs[i][j] - errs[i][w]
+                if gain > 0 and used + cost <= cap + 1e-9 and (best is None or gain / cost > best[0]):
+                    best = (gain / cost, i, w, cost)
+        if best is None:
+            return [bits[j] for j in pick[:n]], [bits[j] for j in pick[n:]]
+        _, i, w, cost = best
+        pick[i], used = w, used + cost

@@ -1,13 +1,15 @@
-"""Calibration report: per-layer INT2 attention error on held-out text, and the eigen-spectra.
+"""Calibration report: per-layer attention error on held-out text, the eigen-spectra and the
+bit allocation (sensitivity per layer and width, chosen widths) of the first file.
 
 Methods compared on the same held-out sequences (default: the essays, never used for
 calibration), all with the reference codec and the same windows:
 
 - ``identity``: no rotation, clip 0.96 / 0.92 (method.md defaults);
 - ``hadamard``: R = H·P, clip 0.96 / 0.92;
-- one entry per rotations file given (named by its file stem), with the file's own clips.
+- one entry per rotations file given (named by its file stem), with the file's own clips and
+  bit widths (identity and Hadamard are 2-bit).
 
-Outputs in ``--out-dir``: ``report.png`` (logit error, output error, K and V spectra),
+Outputs in ``--out-dir``: ``report.png`` (logit error, output error, K and V spectra, bits),
 ``report.txt`` (the same numbers, also printed) and ``report.json``. The paired comparison
 is the per-sequence, layer-averaged output error of each method relative to the first file.
 """
@@ -44,7 +46,8 @@ def candidates(files: list[Path], rots: list[Rotations]) -> list[Candidate]:
         name = f.stem
         while name in {c.name for c in out}:
             name += "'"
-        out.append(Candidate(name, r.key, r.value, list(r.meta.clip_k), list(r.meta.clip_v)))
+        m = r.meta
+        out.append(Candidate(name, r.key, r.value, list(m.clip_k), list(m.clip_v), m.key_bits, m.value_bits))
     return out
 
 
@@ -82,7 +85,7 @@ def plot(acc: ErrorAccumulator, names: list[str], rots: list[Rotations], path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(2, 2, figsize=(13, 9))
+    fig, ax = plt.subplots(3, 2, figsize=(13, 13))
     for i, kind in enumerate(("logit", "output")):
         for n in names:
             ax[0, i].plot(acc.per_layer(n, kind), marker="o", ms=3, label=n)
@@ -102,10 +105,32 @@ def plot(acc: ErrorAccumulator, names: list[str], rots: list[Rotations], path: P
             a.plot((e / e[0]).numpy(), color=cmap(layer / max(ev.shape[0] - 1, 1)), lw=1)
         a.set(yscale="log", xlabel="eigen-direction (descending)", ylabel="λ / λ_max",
               title=f"C_{which[0].upper()} eigen-spectra per layer (dark = first layer)")
+    _plot_bits(ax[2], rots[0])
     fig.suptitle(textwrap.fill(title, 160), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_bits(ax, rot: Rotations) -> None:
+    """The first file's bit allocation: per-layer sensitivity (calibration tokens) and widths."""
+    bits = rot.meta.bits
+    if bits is None or not bits.key_error:
+        for a in ax:
+            a.text(0.5, 0.5, "no measured bit allocation in this file", ha="center", transform=a.transAxes)
+        return
+    for j, w in enumerate(bits.widths):
+        ax[0].plot([e[j] for e in bits.key_error], marker="o", ms=3, label=f"keys {w}-bit")
+        ax[0].plot([e[j] for e in bits.value_error], ls="--", marker="x", ms=3, label=f"values {w}-bit")
+    ax[0].set(yscale="log", xlabel="layer", ylabel="attention-output relative MSE",
+              title="bit sensitivity (the other tensor exact; calibration tokens)")
+    ax[0].legend(fontsize=7, ncol=2)
+    layers = range(len(bits.key_bits))
+    ax[1].bar([x - 0.2 for x in layers], bits.key_bits, width=0.4, label="keys")
+    ax[1].bar([x + 0.2 for x in layers], bits.value_bits, width=0.4, label="values")
+    budget = f", budget {bits.budget:g} bits per element" if bits.budget else ""
+    ax[1].set(xlabel="layer", ylabel="code bits", yticks=[2, 3, 4], ylim=(0, 4.5), title=f"allocation{budget}")
+    ax[1].legend(fontsize=8)
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -79,6 +79,28 @@ class Provenance(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     tool_version: str
 
 
+BIT_WIDTHS = (2, 3, 4)  # kernels/codec.py BITS
+
+
+class BitAllocation(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Code bit widths per layer for keys and values (issue #14), and how they were chosen.
+
+    ``budget``: the requested average physical bits per K/V element of the storage rows
+    (``--kv-bits``; windows excluded), None when the widths were set by hand.
+    ``key_error``/``value_error``: per layer, the attention-output error (relative MSE on
+    held-out calibration tokens, the other tensor exact) at each width of ``widths``;
+    empty when not measured.
+    """
+
+    key_bits: list[int]
+    value_bits: list[int]
+    budget: float | None = None
+    objective: str = "attention-output"
+    widths: list[int] = []
+    key_error: list[list[float]] = []
+    value_error: list[list[float]] = []
+
+
 class RotationsMeta(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Typed metadata stored under :data:`METADATA_KEY`."""
 
@@ -91,6 +113,15 @@ class RotationsMeta(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     provenance: Provenance
     windows: Windows = Windows()
     group_size: int | None = None  # quant group the clips were chosen for (None = head_dim)
+    bits: BitAllocation | None = None  # None: every layer's keys and values at 2 bits (files before #14)
+
+    @property
+    def key_bits(self) -> list[int]:
+        return list(self.bits.key_bits) if self.bits else [2] * self.model.num_layers
+
+    @property
+    def value_bits(self) -> list[int]:
+        return list(self.bits.value_bits) if self.bits else [2] * self.model.num_layers
 
     def expected_shape(self) -> tuple[int, ...]:
         m = self.model
@@ -186,6 +217,8 @@ def _check_tensors(tensors: dict[str, torch.Tensor], meta: RotationsMeta, where:
         bad = [r for r in ratios if not 0.0 < r <= 1.0]
         if bad:
             raise RotationsError(f"{where}: metadata {name} has ratios outside (0, 1]: {bad[:4]}")
+    if meta.bits is not None:
+        _check_bits(meta.bits, m.num_layers, m.head_dim, where)
     missing = [n for n in TENSORS if n not in tensors]
     if missing:
         raise RotationsError(f"{where}: missing tensor(s) {missing}; a rotations file holds 'key' and 'value'; "
@@ -215,6 +248,23 @@ def _check_tensors(tensors: dict[str, torch.Tensor], meta: RotationsMeta, where:
             loc = f"layer {worst // per}" + (f" KV head {worst % per}" if per > 1 else "")
             raise RotationsError(f"{where}: tensor {name!r} {loc} is not orthogonal: max|R^T R - I| = "
                                  f"{float(err[worst]):.3g} > {ORTHOGONALITY_TOL}; {_RECALIBRATE}")
+
+
+def _check_bits(bits: BitAllocation, num_layers: int, head_dim: int, where: str) -> None:
+    for name in ("key_bits", "value_bits"):
+        widths = getattr(bits, name)
+        if len(widths) != num_layers:
+            raise RotationsError(f"{where}: metadata bits.{name} has {len(widths)} entries, expected one per layer "
+                                 f"({num_layers})")
+        bad = sorted(set(widths) - set(BIT_WIDTHS))
+        if bad:
+            raise RotationsError(f"{where}: metadata bits.{name} has widths {bad}; supported: {list(BIT_WIDTHS)}")
+        if 3 in widths and head_dim % 32:
+            raise RotationsError(f"{where}: 3-bit rows need head_dim a multiple of 32, the model has {head_dim}")
+    for name in ("key_error", "value_error"):
+        err = getattr(bits, name)
+        if err and (len(err) != num_layers or any(len(e) != len(bits.widths) for e in err)):
+            raise RotationsError(f"{where}: metadata bits.{name} must be [layers][len(bits.widths)] or empty")
 
 
 def _check_model(meta: RotationsMeta, expect: ModelFingerprint | None, where: str) -> None:

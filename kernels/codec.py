@@ -1,34 +1,44 @@
-"""Reference INT2 codec and the storage row (pure torch, CPU and GPU).
+"""Reference codec and the storage row (pure torch, CPU and GPU).
 
 This module is the specification that the Triton kernels, the KV pool and the
-calibration all follow. Everything is written from docs/method.md §3.
+calibration all follow. Everything is written from docs/method.md §3; the 3- and
+4-bit rows (issue #14) extend the 2-bit row without changing it.
 
 Storage row
 -----------
 One contiguous ``uint8`` row per (token, KV head) holds the codes AND the
 quantization parameters, so that anything that copies KV rows byte for byte
 (HiCache, ``move_kv_cache``, retraction, disaggregation) copies a complete
-quantized vector::
+quantized vector. A row of ``bits`` = b in {2, 3, 4} holds codes c in 0..2^b - 1
+as ``c = lo + 4 * hi``::
 
-    bytes [0, D/4)                 packed 2-bit codes, "plane" layout (below)
-    bytes [D/4 + 4g, D/4 + 4g + 2) group g scale, fp16 little-endian
-    bytes [D/4 + 4g + 2, D/4 + 4g + 4) group g minimum, fp16 little-endian
+    bytes [0, D/4)                 lo: the 2 low bits of every code, "plane" layout (below)
+    bytes [D/4, D/4 + H)           hi (b > 2): H = D/8 for b = 3 (one bit per code),
+                                   D/4 for b = 4 (two bits per code, plane layout again)
+    then per group g, at P = D/4 + H:
+    bytes [P + 4g, P + 4g + 2)     group g scale, fp16 little-endian
+    bytes [P + 4g + 2, P + 4g + 4) group g minimum, fp16 little-endian
 
 Plane layout: byte ``j`` (0 <= j < D/4) holds the codes of elements
 ``j, j + D/4, j + D/2, j + 3D/4`` in bits 0-1, 2-3, 4-5, 6-7. Unpacking a row
 therefore yields four contiguous quarter-vectors, which lets the decode kernel
 compute ``q . codes`` as four dense dot products (no gather, no interleave).
+The 1-bit plane follows the same quarters: byte ``k`` (0 <= k < D/8) holds the
+high bits of elements ``j + p D/4`` for j = 2k in bits p (0-3) and for j = 2k + 1
+in bits 4 + p; read as 16-bit words, word w covers the same j = 4w..4w+3 as the
+32-bit word w of the 2-bit plane, so a kernel unpacks both planes in one pass.
 
-Head_dim 128, one group: 32 + 4 = 36 bytes per row (BF16: 256 bytes).
+Head_dim 128, one group: 36 / 52 / 68 bytes per row at 2 / 3 / 4 bits, i.e.
+2.25 / 3.25 / 4.25 physical bits per element (BF16: 256 bytes, 16 bits).
 
 Quantizer (per row of D values, already rotated)
 ------------------------------------------------
 1. Clip at the per-row quantile of |x|: ``t = sort(|x|)[clip_index(ratio, D)]``
    and ``x = clamp(x, -t, t)``; a ratio whose index is >= D disables clipping.
-2. Per group: ``scale = fp16((max - min) / 3)``, ``minimum = fp16(min)``,
-   ``code = clamp(floor((x - minimum) / scale + 0.5), 0, 3)`` (0 where
-   scale == 0), all arithmetic in fp32 with IEEE division so that kernels can
-   reproduce the codes bit for bit.
+2. Per group, with ``top = 2^bits - 1``: ``scale = fp16((max - min) / top)``,
+   ``minimum = fp16(min)``, ``code = clamp(floor((x - minimum) / scale + 0.5), 0, top)``
+   (0 where scale == 0), all arithmetic in fp32 with IEEE division so that kernels
+   can reproduce the codes bit for bit.
 3. Dequantize: ``x_hat = code * scale + minimum``.
 
 Non-finite inputs are replaced (NaN -> 0, +-inf -> +-fp16 max) before
@@ -37,12 +47,18 @@ quantization so that a poisoned row can never write NaN into a shared page.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 FP16_MAX = 65504.0
-LEVELS = 4  # 2 bits
+BITS = (2, 3, 4)  # supported code widths
+
+
+def widths_for(head_dim: int) -> tuple[int, ...]:
+    """The code widths a row of ``head_dim`` values can use (3 bits needs head_dim % 32 == 0)."""
+    return tuple(b for b in BITS if b != 3 or head_dim % 32 == 0)
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,7 @@ class RowLayout:
 
     head_dim: int
     group_size: int | None = None  # None = one group per row (= head_dim)
+    bits: int = 2
 
     def __post_init__(self) -> None:
         d, g = self.head_dim, self.group
@@ -58,6 +75,18 @@ class RowLayout:
             raise ValueError(f"head_dim must be a positive multiple of 16, got {d}")
         if g <= 0 or g & (g - 1) or d % g or g < 4:
             raise ValueError(f"group_size must be a power of two >= 4 dividing head_dim={d}, got {g}")
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+        if self.bits == 3 and d % 32:
+            raise ValueError(f"3-bit rows need head_dim a multiple of 32 (4-byte rows), got {d}")
+
+    def with_bits(self, bits: int) -> RowLayout:
+        return RowLayout(self.head_dim, self.group_size, bits)
+
+    @property
+    def top(self) -> int:
+        """The largest code, 2^bits - 1."""
+        return (1 << self.bits) - 1
 
     @property
     def group(self) -> int:
@@ -68,12 +97,52 @@ class RowLayout:
         return self.head_dim // self.group
 
     @property
+    def hi_bytes(self) -> int:
+        """Bytes of the high plane: 0 (2 bits), D/8 (3 bits), D/4 (4 bits)."""
+        return {2: 0, 3: self.head_dim // 8, 4: self.head_dim // 4}[self.bits]
+
+    @property
     def code_bytes(self) -> int:
-        return self.head_dim // 4
+        """Bytes of all codes; the scale/minimum pairs start here."""
+        return self.head_dim // 4 + self.hi_bytes
 
     @property
     def row_bytes(self) -> int:
         return self.code_bytes + 4 * self.n_groups
+
+    @property
+    def bits_per_element(self) -> float:
+        """Physical bits per element of a storage row (scale/minimum included)."""
+        return 8.0 * self.row_bytes / self.head_dim
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The storage-row layouts of every layer's keys and values (bit widths per layer and tensor)."""
+
+    key: tuple[RowLayout, ...]
+    value: tuple[RowLayout, ...]
+
+    @staticmethod
+    def of(head_dim: int, group_size: int | None, key_bits: Sequence[int], value_bits: Sequence[int]) -> CacheLayout:
+        if len(key_bits) != len(value_bits):
+            raise ValueError(f"{len(key_bits)} key bit widths but {len(value_bits)} value bit widths")
+        return CacheLayout(tuple(RowLayout(head_dim, group_size, b) for b in key_bits),
+                           tuple(RowLayout(head_dim, group_size, b) for b in value_bits))
+
+    @staticmethod
+    def uniform(layout: RowLayout, num_layers: int) -> CacheLayout:
+        return CacheLayout((layout,) * num_layers, (layout,) * num_layers)
+
+    @property
+    def token_row_bytes(self) -> int:
+        """Bytes of K+V storage rows of one token and one KV head over all layers."""
+        return sum(r.row_bytes for r in self.key + self.value)
+
+    @property
+    def bits_per_element(self) -> float:
+        """Average physical bits per K/V element of the storage rows (windows excluded)."""
+        return 8.0 * self.token_row_bytes / (len(self.key + self.value) * self.key[0].head_dim)
 
 
 def clip_index(ratio: float, head_dim: int) -> int:
@@ -108,29 +177,64 @@ def clip_rows(x: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def quantize_groups(x: torch.Tensor, layout: RowLayout, ratio: float):
-    """fp32 rows [..., D] -> (codes uint8 [..., D] in 0..3, scale fp16 [..., G], minimum fp16 [..., G])."""
+    """fp32 rows [..., D] -> (codes uint8 [..., D] in 0..top, scale fp16 [..., G], minimum fp16 [..., G])."""
     xc = clip_rows(sanitize(x), ratio)
     g = xc.unflatten(-1, (layout.n_groups, layout.group))
     mn, mx = g.amin(-1), g.amax(-1)
-    scale = ((mx - mn) / 3.0).half()
+    scale = ((mx - mn) / float(layout.top)).half()
     minimum = mn.half()
     s32, m32 = scale.float().unsqueeze(-1), minimum.float().unsqueeze(-1)
     y = torch.floor((g - m32) / torch.where(s32 > 0, s32, torch.ones_like(s32)) + 0.5)
-    codes = torch.where(s32 > 0, y.clamp(0, LEVELS - 1), torch.zeros_like(y))
+    codes = torch.where(s32 > 0, y.clamp(0, layout.top), torch.zeros_like(y))
     return codes.flatten(-2).to(torch.uint8), scale, minimum
 
 
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [..., D] in 0..3 -> [..., D/4] in plane layout."""
-    planes = codes.unflatten(-1, (4, codes.shape[-1] // 4)).to(torch.uint8)
-    return planes[..., 0, :] | planes[..., 1, :] << 2 | planes[..., 2, :] << 4 | planes[..., 3, :] << 6
+def pack_codes(codes: torch.Tensor, bits: int = 2) -> torch.Tensor:
+    """uint8 codes [..., D] in 0..2^bits - 1 -> [..., code bytes]: the 2-bit plane of the low
+    bits, then the high plane (module docstring)."""
+    wide = codes.to(torch.int32)
+    out = [_pack_plane2(wide & 3)]
+    if bits == 3:
+        out.append(_pack_plane1(wide >> 2))
+    elif bits == 4:
+        out.append(_pack_plane2(wide >> 2))
+    return torch.cat(out, dim=-1)
 
 
-def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """[..., D/4] plane layout -> uint8 codes [..., D]. Shifts run in int32: uint8 shifts
-    take a slow path on CPU (~150x slower)."""
+def unpack_codes(packed: torch.Tensor, bits: int = 2) -> torch.Tensor:
+    """[..., code bytes] -> uint8 codes [..., D]. Shifts run in int32: uint8 shifts take a slow
+    path on CPU (~150x slower)."""
     wide = packed.to(torch.int32)
-    return torch.cat([(wide >> (2 * i)) & 3 for i in range(4)], dim=-1).to(torch.uint8)
+    q = {2: wide.shape[-1], 3: wide.shape[-1] * 2 // 3, 4: wide.shape[-1] // 2}[bits]  # D/4
+    codes = _unpack_plane2(wide[..., :q])
+    if bits == 3:
+        codes = codes | _unpack_plane1(wide[..., q:]) << 2
+    elif bits == 4:
+        codes = codes | _unpack_plane2(wide[..., q:]) << 2
+    return codes.to(torch.uint8)
+
+
+def _pack_plane2(c: torch.Tensor) -> torch.Tensor:
+    """int32 [..., D] in 0..3 -> uint8 [..., D/4]: byte j = elements j + p D/4 in bits 2p."""
+    p = c.unflatten(-1, (4, c.shape[-1] // 4))
+    return (p[..., 0, :] | p[..., 1, :] << 2 | p[..., 2, :] << 4 | p[..., 3, :] << 6).to(torch.uint8)
+
+
+def _unpack_plane2(w: torch.Tensor) -> torch.Tensor:
+    return torch.cat([(w >> (2 * i)) & 3 for i in range(4)], dim=-1)
+
+
+def _pack_plane1(c: torch.Tensor) -> torch.Tensor:
+    """int32 [..., D] in 0..1 -> uint8 [..., D/8]: byte k = bit p of element 2k + p D/4 in bit p,
+    of element 2k + 1 + p D/4 in bit 4 + p."""
+    p = c.unflatten(-1, (4, c.shape[-1] // 4))  # [..., plane, j]
+    nib = p[..., 0, :] | p[..., 1, :] << 1 | p[..., 2, :] << 2 | p[..., 3, :] << 3  # [..., D/4]
+    return (nib[..., 0::2] | nib[..., 1::2] << 4).to(torch.uint8)
+
+
+def _unpack_plane1(w: torch.Tensor) -> torch.Tensor:
+    nib = torch.stack([w & 15, w >> 4], dim=-1).flatten(-2)  # [..., D/4]: the 4 plane bits of j
+    return torch.cat([(nib >> i) & 1 for i in range(4)], dim=-1)
 
 
 def quantize_rows(x: torch.Tensor, layout: RowLayout, clip_ratio: float) -> torch.Tensor:
@@ -139,7 +243,7 @@ def quantize_rows(x: torch.Tensor, layout: RowLayout, clip_ratio: float) -> torc
         raise ValueError(f"last dim {x.shape[-1]} != head_dim {layout.head_dim}")
     codes, scale, minimum = quantize_groups(x, layout, clip_ratio)
     params = torch.stack([scale, minimum], dim=-1).flatten(-2).contiguous().view(torch.uint8)
-    return torch.cat([pack_codes(codes), params], dim=-1)
+    return torch.cat([pack_codes(codes, layout.bits), params], dim=-1)
 
 
 def split_rows(rows: torch.Tensor, layout: RowLayout):
@@ -147,7 +251,7 @@ def split_rows(rows: torch.Tensor, layout: RowLayout):
     if rows.dtype != torch.uint8 or rows.shape[-1] != layout.row_bytes:
         raise ValueError(f"expected uint8 rows of {layout.row_bytes} bytes, got {rows.dtype} {tuple(rows.shape)}")
     params = rows[..., layout.code_bytes :].contiguous().view(torch.float16).unflatten(-1, (layout.n_groups, 2))
-    return unpack_codes(rows[..., : layout.code_bytes]), params[..., 0], params[..., 1]
+    return unpack_codes(rows[..., : layout.code_bytes], layout.bits), params[..., 0], params[..., 1]
 
 
 def dequantize_rows(rows: torch.Tensor, layout: RowLayout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -164,9 +268,10 @@ def fake_quantize(x: torch.Tensor, layout: RowLayout, clip_ratio: float) -> torc
 
 
 def kv_bits_per_element(
-    layout: RowLayout, context_len: int, sink: int = 64, recent: int = 256, window_bytes_per_elem: int = 2
+    layout: RowLayout | CacheLayout, context_len: int, sink: int = 64, recent: int = 256, window_bytes_per_elem: int = 2
 ) -> float:
-    """Physical bits per K/V element for one sequence of ``context_len`` tokens.
+    """Physical bits per K/V element for one sequence of ``context_len`` tokens (a
+    ``CacheLayout``: averaged over its layers' key and value rows).
 
     Every token has a storage row (quantize-on-write); the first ``sink`` and
     last ``recent`` tokens additionally keep a full-precision (BF16) copy.
@@ -175,10 +280,13 @@ def kv_bits_per_element(
     if context_len <= 0:
         raise ValueError("context_len must be positive")
     windowed = min(context_len, sink + recent)
-    total = context_len * layout.row_bytes + windowed * layout.head_dim * window_bytes_per_elem
-    return 8.0 * total / (context_len * layout.head_dim)
+    return layout.bits_per_element + 8.0 * windowed * window_bytes_per_elem / context_len
 
 
-def kv_bytes_per_token(layout: RowLayout, kv_heads: int, layers: int) -> int:
+def kv_bytes_per_token(layout: RowLayout | CacheLayout, kv_heads: int, layers: int) -> int:
     """Bytes of K+V storage rows one token occupies across all layers (no windows)."""
+    if isinstance(layout, CacheLayout):
+        if len(layout.key) != layers:
+            raise ValueError(f"layout has {len(layout.key)} layers, expected {layers}")
+        return kv_heads * layout.token_row_bytes
     return 2 * layers * kv_heads * layout.row_bytes

@@ -49,11 +49,12 @@ def decode_attention(
     layout: RowLayout,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    v_layout: RowLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _decode if q.is_cuda and triton_supports(layout) else _reference
+    impl = _decode if q.is_cuda and _triton_attention(layout, v_layout) else _reference
     return impl.decode_attention(
         q, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices,
-        sm_scale, layout, out=out, num_splits=num_splits,
+        sm_scale, layout, out=out, num_splits=num_splits, v_layout=v_layout,
     )
 
 
@@ -77,9 +78,15 @@ def extend_attention(
     layout: RowLayout,
     out: torch.Tensor | None = None,
     max_q_len: int | None = None,
+    v_layout: RowLayout | None = None,
 ) -> torch.Tensor:
-    impl = _extend if q.is_cuda and triton_supports(layout) else _reference
+    impl = _extend if q.is_cuda and _triton_attention(layout, v_layout) else _reference
     return impl.extend_attention(
         q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win,
         win_indptr, win_indices, prefix_lens, sink, recent, sm_scale, layout, out=out, max_q_len=max_q_len,
+        v_layout=v_layout,
     )
+
+
+def _triton_attention(layout: RowLayout, v_layout: RowLayout | None) -> bool:
+    return triton_supports(layout) and (v_layout is None or triton_supports(v_layout))

@@ -62,14 +62,15 @@ def quantize_kv_write(
         window_out[window_slots[wkeep].long()] = xr[wkeep].to(window_out.dtype)
 
 
-def _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices, layout):
+def _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices, layout,
+                   v_layout):
     """fp32 rotated K, V [n, Hkv, D] of request b: INT2 segment then window segment."""
     i0, i1 = int(int2_indptr[b]), int(int2_indptr[b + 1])
     w0, w1 = int(win_indptr[b]), int(win_indptr[b + 1])
     qi = int2_indices[i0:i1].long()
     wi = win_indices[w0:w1].long()
     k = torch.cat([dequantize_rows(k_rows[qi], layout), k_win[wi].float()], dim=0)
-    v = torch.cat([dequantize_rows(v_rows[qi], layout), v_win[wi].float()], dim=0)
+    v = torch.cat([dequantize_rows(v_rows[qi], v_layout), v_win[wi].float()], dim=0)
     return k, v
 
 
@@ -88,11 +89,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, 
     return out, lse.transpose(0, 1)
 
 
-def _check_gqa(hq: int, hkv: int, d: int, layout: RowLayout) -> None:
+def _check_gqa(hq: int, hkv: int, d: int, layout: RowLayout, v_layout: RowLayout | None) -> RowLayout:
+    """Checks the head counts and head_dim; returns the value layout (``layout`` where None)."""
     if hq % hkv:
         raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv}")
-    if d != layout.head_dim:
-        raise ValueError(f"head_dim {d} != layout.head_dim {layout.head_dim}")
+    v_layout = layout if v_layout is None else v_layout
+    if d != layout.head_dim or d != v_layout.head_dim:
+        raise ValueError(f"head_dim {d} != layout head_dim {layout.head_dim} / {v_layout.head_dim}")
+    return v_layout
 
 
 def decode_attention(
@@ -109,17 +113,20 @@ def decode_attention(
     layout: RowLayout,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    v_layout: RowLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query token per request over its INT2 + window segments.
+    """One query token per request over its INT2 + window segments (``layout``: the key rows',
+    ``v_layout``: the value rows', default ``layout``).
     Returns out [B, Hq, D] (q.dtype, rotated value basis) and lse [B, Hq] fp32 (natural log).
     ``num_splits`` is accepted for signature parity and ignored."""
     del num_splits
     bsz, hq, d = q.shape
-    _check_gqa(hq, k_rows.shape[1], d, layout)
+    v_layout = _check_gqa(hq, k_rows.shape[1], d, layout, v_layout)
     res = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty(bsz, hq, dtype=torch.float32, device=q.device)
     for b in range(bsz):
-        k, v = _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices, layout)
+        k, v = _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices, layout,
+                              v_layout)
         o, l = _attend(q[b : b + 1].float(), k, v, sm_scale, None)
         res[b] = o[0].to(res.dtype)
         lse[b] = l[0]
@@ -146,6 +153,7 @@ def extend_attention(
     layout: RowLayout,
     out: torch.Tensor | None = None,
     max_q_len: int | None = None,
+    v_layout: RowLayout | None = None,
 ) -> torch.Tensor:
     """Chunk queries q [Tq, Hq, D] under the position rule: the query at position t reads
     key j in full precision iff ``j < sink`` or ``j > t - recent``, else from its INT2 row.
@@ -154,10 +162,11 @@ def extend_attention(
     the INT2 segment (positions ``sink, sink + 1, ...``: the prefix and the chunk's own tokens,
     whose rows are written before attention), the window segment (the sinks ``0 .. min(sink, a)``
     then the ring, i.e. the positions just before a), and the chunk's exact k_new/v_new
-    (position a + j, causal). Returns out [Tq, Hq, D] (q.dtype).
+    (position a + j, causal). ``layout``/``v_layout`` as in ``decode_attention``.
+    Returns out [Tq, Hq, D] (q.dtype).
     ``max_q_len`` is accepted for signature parity and ignored."""
     del max_q_len
-    _check_gqa(q.shape[1], k_new.shape[1], q.shape[2], layout)
+    v_layout = _check_gqa(q.shape[1], k_new.shape[1], q.shape[2], layout, v_layout)
     res = torch.empty_like(q) if out is None else out
     dev = q.device
     for b in range(qo_indptr.numel() - 1):
@@ -179,7 +188,7 @@ def extend_attention(
                           exact(pos_win) & (pos_win[None, :] < t),
                           exact(pos_new) & (pos_new[None, :] <= t)], dim=1)
         k = torch.cat([dequantize_rows(k_rows[qi], layout), k_win[wi].float(), k_new[s:e].float()], dim=0)
-        v = torch.cat([dequantize_rows(v_rows[qi], layout), v_win[wi].float(), v_new[s:e].float()], dim=0)
+        v = torch.cat([dequantize_rows(v_rows[qi], v_layout), v_win[wi].float(), v_new[s:e].float()], dim=0)
         o, _ = _attend(q[s:e].float(), k, v, sm_scale, mask.unsqueeze(0))
         res[s:e] = o.to(res.dtype)
     return res

@@ -1,5 +1,8 @@
 """The ``oscar`` attention backend: rotated INT2 KV with BF16 sink/recent windows.
 
+"INT2" below names the quantized storage rows, whatever their width: every layer's K and V rows
+have the code widths (2, 3 or 4 bits) of the rotations file's bit allocation (``pool.layouts``).
+
 The position rule: the query at position t reads key j in full precision iff ``j < sink``
 or ``j > t - recent``, else from its INT2 row, in decode and extend, for a chunk's own
 tokens and for cached ones. The quantized model is then one function of the token
@@ -122,7 +125,6 @@ class OscarAttnBackend(AttentionBackend):
         self.pool = pool
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.settings = settings
-        self.layout = settings.layout
         dev = model_runner.device
         blocks = attention_blocks(model_runner.model)
         if rot_k.dim() == 4:  # per KV head: keep this rank's heads
@@ -353,10 +355,11 @@ class OscarAttnBackend(AttentionBackend):
         q3, k3, v3 = self._views(q, k, v, layer)
         if save_kv_cache:  # the new token is read back from the pool
             self._write(k3, v3, lid, md.win_rows)
+        k_lay, v_lay = self.pool.layouts(lid)
         out, _ = ops.decode_attention(
             self._rotate_q(q3, lid), *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
-            *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, layer.scaling, self.layout,
-            num_splits=md.num_splits,
+            *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, layer.scaling, k_lay,
+            num_splits=md.num_splits, v_layout=v_lay,
         )
         return self._unrotate_out(out, lid).to(q.dtype).reshape(q.shape[0], -1)
 
@@ -374,10 +377,11 @@ class OscarAttnBackend(AttentionBackend):
         else:
             kr.copy_(rotated_rows(k3, self.rot_k[lid]))
             vr.copy_(rotated_rows(v3, self._rot_v(lid)))
+        k_lay, v_lay = self.pool.layouts(lid)
         out = ops.extend_attention(
             qr, kr, vr, md.qo_indptr, *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
             *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, md.prefix_lens,
-            self.pool.sink, self.pool.recent, layer.scaling, self.layout, max_q_len=md.max_q_len,
+            self.pool.sink, self.pool.recent, layer.scaling, k_lay, max_q_len=md.max_q_len, v_layout=v_lay,
         )
         if save_kv_cache:  # window rows after attention: see _metadata
             self.pool.write_windows(lid, md.win_dst, kr[md.win_src], vr[md.win_src])

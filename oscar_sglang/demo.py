@@ -43,7 +43,7 @@ def document_prompt(document: str) -> str:
 @sgl.function
 def ask_about_document(s, document: str, questions: list[str], max_tokens: int = 24, stop: str | None = "\n"):
     """Several questions about one document: ``fork`` commits the shared prefix once, and every
-    question reads it from the server's radix cache (with ``--oscar``: as 2-bit pages)."""
+    question reads it from the server's radix cache (with ``--oscar``: as quantized pages)."""
     s += document_prompt(document)
     forks = s.fork(len(questions))
     for f, q in zip(forks, questions):
@@ -140,13 +140,14 @@ def budget_args(cfg, rot, budget: int) -> tuple[list[str], list[str], int, int]:
     for this budget (``windows.split_budget``), its running count, and the tokens the rest holds.
     ``cfg``: the model's Hugging Face config; ``rot``: its validated rotations.
     """
-    from oscar_sglang.kernels.codec import RowLayout
+    from oscar_sglang.kernels.codec import CacheLayout
     from oscar_sglang.windows import split_budget
 
+    m = rot.meta
     split = split_budget(
         budget_bytes=budget, head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
         kv_heads=cfg.num_key_value_heads, layers=cfg.num_hidden_layers, itemsize=2,
-        row_bytes=RowLayout(rot.meta.model.head_dim, rot.meta.group_size).row_bytes,
+        token_row_bytes=CacheLayout.of(m.model.head_dim, m.group_size, m.key_bits, m.value_bits).token_row_bytes,
         sink=rot.meta.windows.sink, recent=rot.meta.windows.recent)
     return (["--max-total-tokens", str(split.bf16_tokens)],
             ["--max-total-tokens", str(split.oscar_tokens), "--max-running-requests",
@@ -193,7 +194,7 @@ def plot(bf16: Side, oscar: Side, budget_mib: int, path: Path) -> None:
         bars = ax.bar(["BF16", "OSCAR"], [a, b], color=["#888888", "#2a7ab9"])
         ax.bar_label(bars, fmt="%.4g")
         ax.set_title(title, fontsize=10)
-    fig.suptitle("SmolLM2-135M: BF16 vs --oscar (2-bit KV) at the same KV budget", fontsize=11)
+    fig.suptitle("SmolLM2-135M: BF16 vs --oscar (2-4-bit KV) at the same KV budget", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

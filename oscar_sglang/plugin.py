@@ -17,6 +17,7 @@ import logging
 import msgspec
 
 from oscar_sglang import health
+from oscar_sglang.kernels.codec import CacheLayout
 from oscar_sglang.settings import BACKEND_NAME, OscarError, is_enabled, load_settings
 from oscar_sglang.windows import oscar_cell_size, plan_for, plan_windows, window_row_bytes
 
@@ -61,8 +62,8 @@ def _add_cli_args(result, parser: argparse.ArgumentParser):
         "--oscar",
         metavar="ROTATIONS",
         default=None,
-        help="Serve with the OSCAR 2-bit rotated KV cache using this rotations file "
-        "(from `python -m oscar_sglang.calib`). Same as --attention-backend oscar "
+        help="Serve with the OSCAR rotated 2-4-bit KV cache using this rotations file "
+        "(from `python -m oscar_sglang.calib`; it holds the bit widths). Same as --attention-backend oscar "
         "--quantization-param-path ROTATIONS.",
     )
 
@@ -138,7 +139,7 @@ def _build_token_to_kv_pool(original, kvc, *, sizes, is_dsa_model, is_dsv4_model
         kvc.model_config.head_dim,
         args["layers"],
         kvc.device,
-        layout=settings.layout,
+        layouts=settings.layouts,
         plan=plan,
         enable_memory_saver=get_exec().features.enable_memory_saver,
         start_layer=kvc.layer_info.start_layer,
@@ -146,11 +147,18 @@ def _build_token_to_kv_pool(original, kvc, *, sizes, is_dsa_model, is_dsv4_model
     )
     setattr(req_to_token_pool, _POOL_ATTR, pool)
     logger.info(
-        "OSCAR KV pool: %d tokens, %d B/row; BF16 windows %d+%d for %d request rows + %d retained prefix ends "
-        "(%.1f MiB)", sizes.max_total_num_tokens, settings.layout.row_bytes, settings.sink, settings.recent,
+        "OSCAR KV pool: %d tokens, %.3f bits per element (K bits %s, V bits %s); BF16 windows %d+%d for %d "
+        "request rows + %d retained prefix ends (%.1f MiB)", sizes.max_total_num_tokens,
+        settings.layouts.bits_per_element, _widths(settings.key_bits), _widths(settings.value_bits),
+        settings.sink, settings.recent,
         plan.request_rows, plan.retained_sets, pool.window_bytes() / 2**20,
     )
     return pool
+
+
+def _widths(bits: tuple[int, ...]) -> str:
+    """``2`` when uniform, else the per-layer list."""
+    return str(bits[0]) if len(set(bits)) == 1 else ",".join(map(str, bits))
 
 
 def _size_cells(result, poolcfg, kvc):
@@ -159,7 +167,10 @@ def _size_cells(result, poolcfg, kvc):
         return
     settings, _ = load_settings(kvc.server_args, kvc.model_config.hf_config)
     args = _window_args(kvc, settings)
-    poolcfg._cell_size = oscar_cell_size(settings.layout.row_bytes, args["kv_heads"], args["layers"])
+    lay, first = settings.layouts, kvc.layer_info.start_layer
+    span = slice(first, first + args["layers"])  # this rank's layers (pipeline parallel)
+    rank = CacheLayout(lay.key[span], lay.value[span])
+    poolcfg._cell_size = oscar_cell_size(rank.token_row_bytes, args["kv_heads"])
     poolcfg._oscar_window_args, poolcfg._oscar_kvc = args, kvc
 
 

@@ -1,13 +1,15 @@
-"""The OSCAR KV pool: rotated INT2 storage rows in sglang's own pool, plus BF16 windows.
+"""The OSCAR KV pool: rotated 2/3/4-bit storage rows in sglang's own pool, plus BF16 windows.
 
 Layout (per layer, as sglang's ``MHATokenToKVPool`` sees it)::
 
-    k_buffer[l], v_buffer[l]  uint8 [size + page_size, H_kv, row_bytes]
+    k_buffer[l]  uint8 [size + page_size, H_kv, layouts.key[l].row_bytes]
+    v_buffer[l]  uint8 [size + page_size, H_kv, layouts.value[l].row_bytes]
 
 Every token's K and V are quantized on write into one storage row per (token, KV head)
-(``kernels/codec.py``: codes + fp16 scale/minimum). sglang reports ``dtype=uint8,
-head_dim=row_bytes``, so everything that copies KV rows byte for byte (radix cache,
-``move_kv_cache``, retraction) carries complete quantized vectors.
+(``kernels/codec.py``: codes + fp16 scale/minimum) at the layer's calibrated bit widths
+(``codec.CacheLayout``), so rows differ in width between layers and between K and V.
+sglang sees ``dtype=uint8`` buffers, so everything that copies KV rows byte for byte
+(radix cache, ``move_kv_cache``, retraction) carries complete quantized vectors.
 
 Full-precision (rotated, model dtype) windows live beside the rows (``windows.py`` sizes them)::
 
@@ -36,10 +38,11 @@ from __future__ import annotations
 import logging
 
 import torch
+from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from oscar_sglang.kernels import ops
-from oscar_sglang.kernels.codec import RowLayout
+from oscar_sglang.kernels.codec import CacheLayout
 from oscar_sglang.windows import SLACK, WindowPlan
 
 logger = logging.getLogger(__name__)
@@ -49,7 +52,8 @@ _PROVEN = 1 << 40  # added to the LRU clock of proven retained rows: every guess
 
 
 class OscarKVPool(MHATokenToKVPool):
-    """``MHATokenToKVPool`` whose buffers hold storage rows; adds the BF16 windows."""
+    """``MHATokenToKVPool`` whose buffers hold storage rows; adds the BF16 windows.
+    ``layouts``: every model layer's row layouts (this pool holds ``start_layer`` onwards)."""
 
     def __init__(
         self,
@@ -61,13 +65,18 @@ class OscarKVPool(MHATokenToKVPool):
         layer_num: int,
         device: str,
         *,
-        layout: RowLayout,
+        layouts: CacheLayout,
         plan: WindowPlan,
         enable_memory_saver: bool = False,
         start_layer: int | None = None,
         end_layer: int | None = None,
     ):
-        self.layout = layout
+        first = start_layer or 0
+        self.key_layouts = layouts.key[first : first + layer_num]
+        self.value_layouts = layouts.value[first : first + layer_num]
+        if len(self.key_layouts) != layer_num:
+            raise ValueError(f"layouts cover {len(layouts.key)} layers, the pool holds layers {first}..{first + layer_num - 1}")
+        widest = max(r.row_bytes for r in self.key_layouts + self.value_layouts)
         self.plan = plan
         self.window_dtype = dtype
         self.sink, self.recent = plan.sink, plan.recent
@@ -88,18 +97,35 @@ class OscarKVPool(MHATokenToKVPool):
             page_size,
             torch.uint8,
             head_num,
-            layout.row_bytes,
+            widest,  # what sglang reads as head_dim; _create_buffers_normal sizes every layer's own rows
             layer_num,
             device,
             enable_memory_saver,
-            v_head_dim=layout.row_bytes,
+            v_head_dim=widest,
             start_layer=start_layer,
             end_layer=end_layer,
             enable_alt_stream=False,
+            kv_cache_layout="nhd",  # token rows: what the kernels and _create_buffers_normal assume
         )
         self.reset_windows()
 
     # ------------------------------------------------------------------ sizes
+    def _create_buffers_normal(self):
+        rows = self.size + self.page_size
+        with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
+            self.k_buffer, self.v_buffer = (
+                [torch.zeros(rows, self.head_num, r.row_bytes, dtype=torch.uint8, device=self.device) for r in lays]
+                for lays in (self.key_layouts, self.value_layouts))
+
+    def _slot_move_pointer_buffers(self):
+        """Widest rows first: sglang's tiled slot copy sizes its tiles from the first buffer's stride."""
+        return sorted([*self.k_buffer, *self.v_buffer], key=lambda b: -b.stride(0))
+
+    def layouts(self, layer_id: int):
+        """(key, value) row layouts of a layer."""
+        lid = layer_id - self.start_layer
+        return self.key_layouts[lid], self.value_layouts[lid]
+
     def window_bytes(self) -> int:
         per_layer = self.k_win[0].numel() * self.k_win[0].element_size() if self.k_win else 0
         return 2 * per_layer * len(self.k_win) + self.ret_of_slot.numel() * 8
@@ -289,8 +315,8 @@ class OscarKVPool(MHATokenToKVPool):
             kw, vw = self.k_win[lid], self.v_win[lid]
         else:
             kw = vw = None
-        ops.quantize_kv_write(k, rot_k, clip_k, self.layout, self.k_buffer[lid], slots, kw, win_rows)
-        ops.quantize_kv_write(v, rot_v, clip_v, self.layout, self.v_buffer[lid], slots, vw, win_rows)
+        ops.quantize_kv_write(k, rot_k, clip_k, self.key_layouts[lid], self.k_buffer[lid], slots, kw, win_rows)
+        ops.quantize_kv_write(v, rot_v, clip_v, self.value_layouts[lid], self.v_buffer[lid], slots, vw, win_rows)
 
     def write_windows(self, layer_id: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store already rotated full-precision k/v [n, H, D] at window rows."""
@@ -300,7 +326,7 @@ class OscarKVPool(MHATokenToKVPool):
 
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, *args, **kwargs):
         raise NotImplementedError(
-            "OscarKVPool stores rotated INT2 rows: K/V are written by the oscar attention backend, "
+            "OscarKVPool stores rotated quantized rows: K/V are written by the oscar attention backend, "
             "which needs the layer's rotations. A code path that writes the KV cache directly "
             "(e.g. speculative decoding) is not supported with --oscar."
         )

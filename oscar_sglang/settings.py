@@ -15,7 +15,7 @@ import msgspec
 
 from oscar_sglang.calib.rotations import Rotations, RotationsError, fingerprint_from_hf_config, load_rotations
 from oscar_sglang.kernels.checks import triton_supports
-from oscar_sglang.kernels.codec import RowLayout
+from oscar_sglang.kernels.codec import CacheLayout, RowLayout
 
 BACKEND_NAME = "oscar"
 
@@ -32,11 +32,14 @@ class OscarSettings(msgspec.Struct, frozen=True, kw_only=True):
     recent: int
     clip_k: tuple[float, ...]
     clip_v: tuple[float, ...]
+    key_bits: tuple[int, ...]
+    value_bits: tuple[int, ...]
     granularity: str
 
     @property
-    def layout(self) -> RowLayout:
-        return RowLayout(self.head_dim, self.group_size)
+    def layouts(self) -> CacheLayout:
+        """Every layer's key and value row layouts (the rotations file's bit allocation)."""
+        return CacheLayout.of(self.head_dim, self.group_size, self.key_bits, self.value_bits)
 
 
 def is_enabled(server_args: Any) -> bool:
@@ -80,7 +83,7 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
         raise OscarError("--oscar does not support speculative decoding: drop --speculative-algorithm.")
     kv_dtype = getattr(server_args, "kv_cache_dtype", "auto")
     if kv_dtype not in ("auto", "bf16", "bfloat16"):
-        raise OscarError(f"--oscar stores its own 2-bit KV cache: drop --kv-cache-dtype {kv_dtype}.")
+        raise OscarError(f"--oscar stores its own quantized KV cache: drop --kv-cache-dtype {kv_dtype}.")
     if getattr(server_args, "enable_hierarchical_cache", False):
         raise OscarError("--oscar keeps cached prefixes' BF16 windows on the GPU only; host offload would restore "
                          "them without: drop --enable-hierarchical-cache.")
@@ -91,25 +94,29 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
         raise OscarError("--oscar uses sglang's per-layer MHA pool: drop --enable-page-major-kv-layout/--enable-unified-memory.")
     try:
         rot = load_rotations(path, expect=fingerprint_from_hf_config(hf_config))
-        layout = RowLayout(rot.meta.model.head_dim, rot.meta.group_size)
+        meta = rot.meta
+        layouts = CacheLayout.of(meta.model.head_dim, meta.group_size, meta.key_bits, meta.value_bits)
     except (RotationsError, ValueError) as e:
         raise OscarError(str(e)) from None
-    if (getattr(server_args, "device", None) or "cuda") != "cpu" and not (
-            triton_supports(layout) and triton_supports(layout, attention=False)):
+    unsupported = [r for r in set(layouts.key + layouts.value)
+                   if not (triton_supports(r) and triton_supports(r, attention=False))]
+    if (getattr(server_args, "device", None) or "cuda") != "cpu" and unsupported:
+        r = unsupported[0]
         raise OscarError(
-            f"--oscar on a GPU needs one quantization group per row and head_dim 64 or 128 (the Triton kernels); "
-            f"this file has head_dim {layout.head_dim}, group size {layout.group}. Calibrate without --group-size, "
-            "or serve with --device cpu (the reference path).")
-    meta = rot.meta
+            f"--oscar on a GPU needs one quantization group per row, head_dim 64 or 128 and code widths the Triton "
+            f"kernels implement; this file has head_dim {r.head_dim}, group size {r.group}, {r.bits}-bit rows. "
+            "Calibrate without --group-size, or serve with --device cpu (the reference path).")
     return (
         OscarSettings(
             rotations_path=str(path),
-            head_dim=layout.head_dim,
+            head_dim=meta.model.head_dim,
             group_size=meta.group_size,
             sink=meta.windows.sink,
             recent=meta.windows.recent,
             clip_k=tuple(meta.clip_k),
             clip_v=tuple(meta.clip_v),
+            key_bits=tuple(meta.key_bits),
+            value_bits=tuple(meta.value_bits),
             granularity=meta.granularity,
         ),
         rot,

@@ -61,9 +61,10 @@ def window_row_bytes(*, head_dim: int, kv_heads: int, layers: int, itemsize: int
     return 2 * layers * kv_heads * head_dim * itemsize
 
 
-def oscar_cell_size(row_bytes: int, kv_heads: int, num_layers: int) -> int:
-    """Bytes one token slot costs: K and V storage rows in every layer + its retained-window map entry."""
-    return 2 * num_layers * kv_heads * row_bytes + _MAP_BYTES
+def oscar_cell_size(token_row_bytes: int, kv_heads: int) -> int:
+    """Bytes one token slot costs: its K and V storage rows in every layer (``token_row_bytes`` per
+    KV head, ``CacheLayout.token_row_bytes``) + its retained-window map entry."""
+    return kv_heads * token_row_bytes + _MAP_BYTES
 
 
 def plan_for(sink: int, recent: int, row_bytes: int, running: int, budget_bytes: int = 0) -> WindowPlan:
@@ -112,14 +113,15 @@ class BudgetSplit(msgspec.Struct, frozen=True, kw_only=True):
     plan: WindowPlan
 
 
-def split_budget(*, budget_bytes: int, head_dim: int, kv_heads: int, layers: int, itemsize: int, row_bytes: int,
-                 sink: int, recent: int, max_running_requests: int | None = None) -> BudgetSplit:
+def split_budget(*, budget_bytes: int, head_dim: int, kv_heads: int, layers: int, itemsize: int,
+                 token_row_bytes: int, sink: int, recent: int, max_running_requests: int | None = None) -> BudgetSplit:
     """The arithmetic of the hooked sglang sizing at one budget (the demo, the capacity and RAG
     benchmarks): BF16 holds budget / cell tokens; --oscar first takes the window plan out.
-    ``row_bytes``: one INT2 storage row (``codec.RowLayout.row_bytes``)."""
+    ``token_row_bytes``: one token's K+V storage rows of one KV head, all layers
+    (``codec.CacheLayout.token_row_bytes``)."""
     shape = dict(head_dim=head_dim, kv_heads=kv_heads, layers=layers, itemsize=itemsize)
     plan = plan_windows(sink=sink, recent=recent, budget_bytes=budget_bytes,
                         max_running_requests=max_running_requests, **shape)
-    bf16_cell, oscar_cell = window_row_bytes(**shape), oscar_cell_size(row_bytes, kv_heads, layers)
+    bf16_cell, oscar_cell = window_row_bytes(**shape), oscar_cell_size(token_row_bytes, kv_heads)
     return BudgetSplit(bf16_cell=bf16_cell, oscar_cell=oscar_cell, bf16_tokens=budget_bytes // bf16_cell,
                        oscar_tokens=(budget_bytes - plan.total_bytes) // oscar_cell, plan=plan)

@@ -30,12 +30,13 @@ def random_orthogonal(n: int, d: int, seed: int) -> torch.Tensor:
 
 
 def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, recent: int = 256, seed: int = 0,
-                    granularity: str = "layer") -> Path:
-    """A valid rotations file for the model in ``model_dir`` with random orthogonal R_K, R_V."""
+                    granularity: str = "layer", bits: tuple[list[int], list[int]] | None = None) -> Path:
+    """A valid rotations file for the model in ``model_dir`` with random orthogonal R_K, R_V;
+    ``bits``: per-layer (key, value) code widths (default: none recorded, i.e. all 2-bit)."""
     from transformers import AutoConfig
 
-    from oscar_sglang.calib.rotations import (FORMAT_VERSION, Provenance, Recipe, RotationsMeta, Windows,
-                                              fingerprint_from_hf_config, save_rotations)
+    from oscar_sglang.calib.rotations import (FORMAT_VERSION, BitAllocation, Provenance, Recipe, RotationsMeta,
+                                              Windows, fingerprint_from_hf_config, save_rotations)
 
     fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
     heads = (fp.num_kv_heads,) if granularity == "kv-head" else ()
@@ -46,6 +47,7 @@ def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, recent: int 
         format_version=FORMAT_VERSION, model=fp, granularity=granularity,
         clip_k=[0.96] * fp.num_layers, clip_v=[0.92] * fp.num_layers,
         recipe=Recipe(name="identity"), windows=Windows(sink=sink, recent=recent),
+        bits=BitAllocation(key_bits=bits[0], value_bits=bits[1]) if bits else None,
         provenance=Provenance(data="random orthogonal (tests)", token_sha256="0" * 64, num_tokens=0, seq_len=0,
                               tool_version="test"),
     )
@@ -53,13 +55,13 @@ def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, recent: int 
 
 
 def make_pool(size: int, head_num: int, head_dim: int, layers: int, *, sink: int, recent: int, request_rows: int,
-              retained_sets: int = 1, page_size: int = 1, dtype=torch.float16):
-    """An OscarKVPool on CPU with an explicit window plan."""
-    from oscar_sglang.kernels.codec import RowLayout
+              retained_sets: int = 1, page_size: int = 1, dtype=torch.float16, layouts=None):
+    """An OscarKVPool on CPU with an explicit window plan (``layouts``: a CacheLayout; default all 2-bit)."""
+    from oscar_sglang.kernels.codec import CacheLayout, RowLayout
     from oscar_sglang.pool import OscarKVPool
     from oscar_sglang.windows import WindowPlan
 
     plan = WindowPlan(sink=sink, recent=recent, request_rows=request_rows, retained_sets=retained_sets,
                       row_bytes=2 * layers * head_num * head_dim * dtype.itemsize)
-    return OscarKVPool(size, page_size, dtype, head_num, head_dim, layers, "cpu", layout=RowLayout(head_dim),
-                       plan=plan)
+    layouts = layouts or CacheLayout.uniform(RowLayout(head_dim), layers)
+    return OscarKVPool(size, page_size, dtype, head_num, head_dim, layers, "cpu", layouts=layouts, plan=plan)

@@ -24,16 +24,19 @@ def _backend():
     from sglang.srt.layers.radix_attention import RadixAttention
 
     from oscar_sglang.backend import OscarAttnBackend
+    from oscar_sglang.kernels.codec import CacheLayout
     from oscar_sglang.settings import OscarSettings
 
     torch.manual_seed(0)
-    pool = make_pool(128, HKV, D, 1, sink=2, recent=4, request_rows=4, retained_sets=2)
+    bits = (3,), (2,)  # keys 3 bits, values 2: rows of different widths
+    pool = make_pool(128, HKV, D, 1, sink=2, recent=4, request_rows=4, retained_sets=2,
+                     layouts=CacheLayout.of(D, None, *bits))
     req_to_token = torch.zeros(4, 64, dtype=torch.int32)
     # The four ModelRunner attributes the backend reads (a real runner needs a loaded model).
     runner = SimpleNamespace(token_to_kv_pool=pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
                              device="cpu", model=torch.nn.Module(), server_args=SimpleNamespace(tp_size=1))
     settings = OscarSettings(rotations_path="-", head_dim=D, group_size=None, sink=2, recent=4, clip_k=(0.96,),
-                             clip_v=(0.92,), granularity="kv-head")
+                             clip_v=(0.92,), key_bits=bits[0], value_bits=bits[1], granularity="kv-head")
     rot = torch.linalg.qr(torch.randn(2, 1, HKV, D, D, dtype=torch.float64))[0].float()
     layer = RadixAttention(HQ, D, D**-0.5, HKV, layer_id=0)
     return OscarAttnBackend(runner, settings, rot[0], rot[1]), layer

@@ -31,10 +31,10 @@ def _state():
     kv = torch.randn(2, len(slots), H_KV, D, dtype=torch.float16)
     k_rows, v_rows = pool.get_kv_buffer(0)
     k_win, v_win = pool.get_window_buffers(0)
-    for x, rows, win in ((kv[0], k_rows, k_win), (kv[1], v_rows, v_win)):
+    for x, rows, win, lay in zip(kv, (k_rows, v_rows), (k_win, v_win), pool.layouts(0)):
         ref_rows, ref_win = rows.clone(), win.clone()
-        reference.quantize_kv_write(x, rot, 0.96, pool.layout, ref_rows, slots, ref_win, win_rows)
-        write.quantize_kv_write(x, rot, 0.96, pool.layout, rows, slots, win, win_rows)
+        reference.quantize_kv_write(x, rot, 0.96, lay, ref_rows, slots, ref_win, win_rows)
+        write.quantize_kv_write(x, rot, 0.96, lay, rows, slots, win, win_rows)
         assert (rows.float() - ref_rows.float()).abs().gt(0).float().mean() < 0.02  # rare tf32 boundary flips
         assert torch.allclose(win.float(), ref_win.float(), atol=1e-2)
     backend = object.__new__(OscarAttnBackend)  # only the metadata builder runs
@@ -48,9 +48,10 @@ def test_decode_kernel_on_backend_metadata():
     assert md.int2_indptr.tolist() == [0, 5, 5] and md.win_indptr.tolist() == [0, 6, 12]  # 2 sinks + 4 recent
     q = torch.randn(2, H_KV * GROUP, D, dtype=torch.float16)
     args = (q, k_rows, v_rows, md.int2_indptr, md.int2_indices, k_win, v_win, md.win_indptr, md.win_indices,
-            D**-0.5, pool.layout)
-    out, lse = decode.decode_attention(*args)
-    ref_out, ref_lse = reference.decode_attention(*args)
+            D**-0.5, pool.layouts(0)[0])
+    v_layout = pool.layouts(0)[1]
+    out, lse = decode.decode_attention(*args, v_layout=v_layout)
+    ref_out, ref_lse = reference.decode_attention(*args, v_layout=v_layout)
     assert torch.allclose(out.float(), ref_out.float(), atol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2)
 
 
@@ -65,5 +66,7 @@ def test_extend_kernel_on_backend_metadata():
     k_new = torch.randn(int(chunk.sum()), H_KV, D, dtype=torch.float16)
     v_new = torch.randn_like(k_new)
     args = (q, k_new, v_new, md.qo_indptr, k_rows, v_rows, md.int2_indptr, md.int2_indices, k_win, v_win,
-            md.win_indptr, md.win_indices, md.prefix_lens, pool.sink, pool.recent, D**-0.5, pool.layout)
-    assert torch.allclose(extend.extend_attention(*args).float(), reference.extend_attention(*args).float(), atol=2e-2)
+            md.win_indptr, md.win_indices, md.prefix_lens, pool.sink, pool.recent, D**-0.5, pool.layouts(0)[0])
+    v_layout = pool.layouts(0)[1]
+    assert torch.allclose(extend.extend_attention(*args, v_layout=v_layout).float(),
+                          reference.extend_attention(*args, v_layout=v_layout).float(), atol=2e-2)

@@ -60,8 +60,9 @@ def _rule(backend, q, k, v):
 
     rk, rv = backend.rot_k[0], backend._rot_v(0)
     kr, vr = rotated_rows(k, rk), rotated_rows(v, rv)
-    kq = dequantize_rows(quantize_rows(kr, backend.layout, backend.settings.clip_k[0]), backend.layout)
-    vq = dequantize_rows(quantize_rows(vr, backend.layout, backend.settings.clip_v[0]), backend.layout)
+    lk, lv = backend.pool.layouts(0)
+    kq = dequantize_rows(quantize_rows(kr, lk, backend.settings.clip_k[0]), lk)
+    vq = dequantize_rows(quantize_rows(vr, lv, backend.settings.clip_v[0]), lv)
     kr, vr = kr.half().float(), vr.half().float()  # the windows hold model-dtype copies
     qr = backend._rotate_q(q, 0).float()
     out = torch.empty(T, HQ, D)

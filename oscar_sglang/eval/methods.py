@@ -4,7 +4,8 @@ A :class:`Method` says which cached keys/values a query sees quantized and how t
 
 - ``row``: every (token, KV head) row of D values is rotated by R (``Candidate.key/value``, [L, D, D]
   or [L, H_kv, D, D]), clipped at the per-layer ratio and fake-quantized with the project's reference
-  codec (``calib.metrics.quantize_through`` -> ``kernels.codec.fake_quantize``), then rotated back.
+  codec at the layer's bit widths (``calib.metrics.quantize_through`` -> ``kernels.codec.fake_quantize``),
+  then rotated back.
   BF16 sink / recent windows as in serving.
 - ``kivi``: KIVI-2, no rotation, no clipping: keys per channel over groups of ``group`` tokens (one
   fp16 scale/min per group, the same overhead as one per row when ``group == head_dim``), values per
@@ -71,9 +72,9 @@ class Method:
         """k, v [H_kv, T, D] -> fake-quantized (fp32) keys/values for positions [0, end)."""
         k, v = k[:, :end], v[:, :end]
         if self.kind == "row":
-            layout = RowLayout(k.shape[-1])
-            return (quantize_through(k, self.rot.key[layer], self.rot.clip_k[layer], layout),
-                    quantize_through(v, self.rot.value[layer], self.rot.clip_v[layer], layout))
+            lk, lv = self.rot.layouts(RowLayout(k.shape[-1]), layer)  # the candidate's bit widths
+            return (quantize_through(k, self.rot.key[layer], self.rot.clip_k[layer], lk),
+                    quantize_through(v, self.rot.value[layer], self.rot.clip_v[layer], lv))
         g = self.group
         n = end // g  # only whole groups are ever quantized (quant_end is group-aligned)
         kg = k[:, : n * g].float().unflatten(1, (n, g)).transpose(2, 3)  # [H, n, D, g]: one row per channel

@@ -51,15 +51,17 @@ def _pm(v: tuple[float, float], scale: float = 1.0, digits: int = 3, sign: bool 
     return fmt.format(mean * scale) + ("" if math.isnan(se) else f" ± {se * scale:.{digits}f}")
 
 
-def markdown(rows: dict[str, dict[str, dict]], contexts: list[int], agreement: dict[str, float]) -> str:
-    """``rows[path][method]`` -> one Markdown table (simulation rows, then served rows)."""
+def markdown(rows: dict[str, dict[str, dict]], contexts: list[int], agreement: dict[str, float],
+             bits: dict[str, tuple[float, float]]) -> str:
+    """``rows[path][method]`` -> one Markdown table (simulation rows, then served rows);
+    ``bits[method]`` = (physical bits per element at this head_dim, at head_dim 128)."""
     ppl_cols = [f"PPL@{n // 1024}K" if n % 1024 == 0 else f"PPL@{n}" for n in contexts]
-    head = ["path", "method", *ppl_cols, "ΔNLL vs BF16 (nats)", "KL (nats)", "top-1", "needle",
+    head = ["path", "method", "bits (D=128)", *ppl_cols, "ΔNLL vs BF16 (nats)", "KL (nats)", "top-1", "needle",
             "Δneedle (pts)", "recall (copied)", "Δrecall (pts)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for path, methods in rows.items():
         for name, r in methods.items():
-            cells = [path, name, *(f"{r[f'ppl@{n}']:.3f}" for n in contexts), _pm(r["dnll"], digits=4),
+            cells = [path, name, "{:.3g} ({:.3g})".format(*bits[name]), *(f"{r[f'ppl@{n}']:.3f}" for n in contexts), _pm(r["dnll"], digits=4),
                      _pm(r["kl"], digits=4, sign=False) if "kl" in r else "-",
                      f"{r['top1']:.3f}" if "top1" in r else "-", f"{100 * r['needle']:.0f}%",
                      _pm(r["dneedle"], 100, 1), f"{100 * r['recall']:.0f}%", _pm(r["drecall"], 100, 1)]
@@ -71,18 +73,20 @@ def markdown(rows: dict[str, dict[str, dict]], contexts: list[int], agreement: d
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: dict[str, dict[str, dict]], contexts: list[int], extra: dict[str, Any]) -> None:
+def write_csv(path: Path, rows: dict[str, dict[str, dict]], contexts: list[int], extra: dict[str, Any],
+              bits: dict[str, tuple[float, float]]) -> None:
     """Append one CSV row per (path, method); ``extra`` (commit, machine, ...) repeats on each."""
-    fields = ["path", "method", *(f"ppl@{n}" for n in contexts), "dnll", "dnll_se", "kl", "kl_se", "top1",
+    fields = ["path", "method", "bits", "bits_d128", *(f"ppl@{n}" for n in contexts), "dnll", "dnll_se", "kl", "kl_se", "top1",
               "needle", "dneedle", "dneedle_se", "recall", "drecall", "drecall_se", *extra]
-    new = not path.exists()
-    with path.open("a", newline="") as f:
+    new = not path.exists() or path.read_text().splitlines()[:1] != [",".join(fields)]
+    with path.open("w" if new else "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
         for p, methods in rows.items():
             for name, r in methods.items():
-                d = {"path": p, "method": name, **{f"ppl@{n}": f"{r[f'ppl@{n}']:.5f}" for n in contexts}, **extra}
+                d = {"path": p, "method": name, "bits": f"{bits[name][0]:.4g}", "bits_d128": f"{bits[name][1]:.4g}",
+                     **{f"ppl@{n}": f"{r[f'ppl@{n}']:.5f}" for n in contexts}, **extra}
                 for k in ("dnll", "kl", "dneedle", "drecall"):
                     if k in r:
                         d[k], d[f"{k}_se"] = f"{r[k][0]:.6f}", f"{r[k][1]:.6f}"
@@ -117,5 +121,33 @@ def plot(path: Path, rows: dict[str, dict[str, dict]], contexts: list[int], titl
     ax[2].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def pareto_plot(path: Path, rows: dict[str, dict], bits: dict[str, tuple[float, float]], top: int, title: str) -> None:
+    """Quality vs physical bits per element (head_dim 128 equivalents) of the simulated methods:
+    ΔNLL, KL, needles and copy accuracy; BF16 (16 bits) is the reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in rows if bits[n][1] < 16]
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4.5))
+    panels = [("dnll", "ΔNLL vs BF16 (nats)", 1.0), ("kl", "KL to BF16 (nats)", 1.0),
+              ("needle", "needles (%)", 100.0), ("recall", "copy accuracy (%)", 100.0)]
+    for a, (key, label, scale) in zip(ax, panels):
+        for n in names:
+            v = rows[n][key]
+            y, err = (v[0], v[1]) if isinstance(v, tuple) else (v, 0.0)
+            a.errorbar(bits[n][1], y * scale, yerr=0 if math.isnan(err) else err * scale, marker="o", capsize=3)
+            a.annotate(n, (bits[n][1], y * scale), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if key in ("needle", "recall") and "bf16" in rows:
+            a.axhline(rows["bf16"][key] * scale, ls="--", color="gray", label="BF16")
+            a.legend(fontsize=7)
+        a.set(xlabel="physical bits per element (head_dim 128 equivalent)", ylabel=label)
+    fig.suptitle(f"{title} (ΔNLL/KL at {top} tokens)"[:300], fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=100)
     plt.close(fig)

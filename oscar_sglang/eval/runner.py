@@ -82,7 +82,9 @@ def build_methods(names: list[str], setup: Setup, num_layers: int, head_dim: int
             out.append(Method(n, "row", Candidate(n, had, had, ck, cv), **win))
         elif n in setup.rotations:  # oscar-published, oscar-default, --variant
             r = setup.rotations[n]
-            out.append(Method(n, "row", Candidate(n, r.key, r.value, list(r.meta.clip_k), list(r.meta.clip_v)), **win))
+            m = r.meta
+            out.append(Method(n, "row", Candidate(n, r.key, r.value, list(m.clip_k), list(m.clip_v), m.key_bits,
+                                                  m.value_bits), **win))
         else:
             raise ValueError(f"unknown method {n!r}; choose from {', '.join(ALL_METHODS)}")
     return out
