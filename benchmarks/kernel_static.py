@@ -10,7 +10,9 @@ recorders), then reports from ptxas -v (registers, spill bytes) and the compiled
 - an ESTIMATED occupancy (warps/SM from registers, shared memory and the arch's limits),
 - for the decode split kernel, the SASS instructions of the INT2 and window inner loops
   (found by their backward branch) per (token, KV head), and from them ESTIMATED
-  issue-bound vs HBM-bound times per million (token, KV head) rows on H100/H200/RTX 4090.
+  issue-bound vs HBM-bound times per million (token, KV head) rows on H100/H200/RTX 4090;
+  also for 3- and 4-bit key rows over 2-bit value rows (``decode_split_k3v2``/``_k4v2``:
+  the quantized loop then reads 3/4-bit K and 2-bit V rows, hence different byte counts).
 
 Estimates are estimates: static instruction counts (no stalls, no predication effects),
 4 warp-instructions issued per SM per clock at the boost clock, peak HBM bandwidth.
@@ -153,13 +155,21 @@ def _paged_inputs(shape, n_tokens: int, batch: int):
     return layout, rows, win, indptr, indices
 
 
-def _decode_launches(shape):
-    hq, hkv, d = shape
-    layout, rows, win, indptr, indices = _paged_inputs(shape, 64, 2)
-    q = torch.zeros(2, hq, d, dtype=torch.bfloat16)
-    splits = decode.plan_num_splits(DECODE_BATCH, hkv, DECODE_CONTEXT, DECODE_SMS)
-    return capture(decode, lambda: decode.decode_attention(
-        q, rows, rows, indptr, indices, win, win, indptr, indices, d ** -0.5, layout, num_splits=splits))
+def _decode_launches(key_bits: int = 2):
+    """2-bit K and V rows (one buffer, as the pool's equal-width layers), or ``key_bits`` keys
+    over 2-bit values (separate buffers of different row bytes): then the split kernel only."""
+    def spec(shape):
+        hq, hkv, d = shape
+        layout, rows, win, indptr, indices = _paged_inputs(shape, 64, 2)
+        k_layout = layout.with_bits(key_bits)
+        k_rows = torch.zeros(rows.shape[0], hkv, k_layout.row_bytes, dtype=torch.uint8) if key_bits != 2 else rows
+        q = torch.zeros(2, hq, d, dtype=torch.bfloat16)
+        splits = decode.plan_num_splits(DECODE_BATCH, hkv, DECODE_CONTEXT, DECODE_SMS)
+        launches = capture(decode, lambda: decode.decode_attention(
+            q, k_rows, rows, indptr, indices, win, win, indptr, indices, d ** -0.5, k_layout, num_splits=splits,
+            v_layout=layout))
+        return launches if key_bits == 2 else [x for x in launches if x[0].__name__ == "_decode_split_kernel"]
+    return spec
 
 
 def _extend_launches(shape):
@@ -180,13 +190,15 @@ def _extend_launches(shape):
 # arches where shared memory is tight (86/89) and on sm_90, decode everywhere, extend and the
 # unrotated (folded) V write on sm_86/90.
 CI_JOBS = {"write_v": (86, 89, 90), "write_k": (86, 89, 90), "write_v_folded": (86, 90), "extend": (86, 90),
-           "decode": (80, 86, 89, 90)}
+           "decode": (80, 86, 89, 90), "decode_k3v2": (89, 90), "decode_k4v2": (89, 90)}
 
 SPECS = {  # in order of compile cost
     "write_v": _write_launches(0.92),  # V clip (OSCAR default 0.92): 11 rank-selection passes at D=128
     "write_k": _write_launches(0.96),  # K clip (0.96): 6 passes
     "write_v_folded": _write_launches(0.92, rotate=False),  # V when R_V is folded into the weights: no dot
-    "decode": _decode_launches,  # -> decode_split, decode_merge
+    "decode": _decode_launches(),  # -> decode_split, decode_merge
+    "decode_k3v2": _decode_launches(3),  # -> decode_split_k3v2 (3-bit keys, 2-bit values)
+    "decode_k4v2": _decode_launches(4),  # -> decode_split_k4v2
     "extend": _extend_launches,
 }
 KERNEL_NAMES = {  # JIT function name -> reported kernel name
@@ -263,10 +275,11 @@ def occupancy(regs: int, smem: int, warps: int, arch: Arch) -> tuple[int, int, s
     return limits[name], limits[name] * warps, name
 
 
-# (label, constexpr name of the tokens per iteration, HBM bytes per (token, KV head))
+# (label, constexpr name of the tokens per iteration, HBM bytes per (token, KV head) from the
+# key and value row layouts)
 DECODE_LOOPS = (
-    ("int2", "BLOCK_N", lambda layout, hkv: 2 * layout.row_bytes + 4 / hkv),
-    ("window", "BLOCK_W", lambda layout, hkv: 2 * 2 * layout.head_dim + 4 / hkv),  # bf16 rows
+    ("int2", "BLOCK_N", lambda k, v, hkv: k.row_bytes + v.row_bytes + 4 / hkv),
+    ("window", "BLOCK_W", lambda k, v, hkv: 2 * 2 * k.head_dim + 4 / hkv),  # bf16 rows
 )
 
 
@@ -302,7 +315,7 @@ def _rows_for(kernel: str, cc: int, model: str, fn, args, kwargs, memo: dict) ->
     if len(loops) != len(DECODE_LOOPS):
         return [{**base, "status": f"ok (found {len(loops)} SASS loops, expected {len(DECODE_LOOPS)}: no loop counts)"}]
     rows = []
-    layout = RowLayout(d)
+    k_layout, v_layout = RowLayout(d, bits=kwargs["K_BITS"]), RowLayout(d, bits=kwargs["V_BITS"])
     for (label, tok_name, bytes_fn), (_, _, count) in zip(DECODE_LOOPS, loops):
         per_row = count * warps / kwargs[tok_name]
         loop = {"loop": label, "loop_sass_instr_per_warp_iter": count, "loop_tokens_per_iter": kwargs[tok_name],
@@ -312,7 +325,7 @@ def _rows_for(kernel: str, cc: int, model: str, fn, args, kwargs, memo: dict) ->
             est = {}
             if spec is not None:
                 issue_us = per_row / (ISSUE_PER_SM_CLK * spec.sms * spec.clock_hz) * 1e12  # per 1M rows
-                hbm_us = bytes_fn(layout, hkv) / spec.hbm_bytes_s * 1e12
+                hbm_us = bytes_fn(k_layout, v_layout, hkv) / spec.hbm_bytes_s * 1e12
                 est = {"est_gpu": g, "est_issue_bound_us_per_Mrow": round(issue_us, 2),
                        "est_hbm_bound_us_per_Mrow": round(hbm_us, 2),
                        "est_issue_over_hbm": round(issue_us / hbm_us, 2)}
@@ -347,6 +360,8 @@ def run_job(spec: str, cc: int, models: list[str]) -> list[dict]:
             continue
         for fn, args, kwargs in launches:
             kernel = KERNEL_NAMES.get(fn.__name__) or spec
+            if spec.startswith("decode_"):  # a decode variant: decode_split_<variant>
+                kernel += spec[len("decode"):]
             try:
                 rows.extend(_rows_for(kernel, cc, model, fn, args, kwargs, memo))
             except Exception as e:  # noqa: BLE001
@@ -406,7 +421,7 @@ def markdown(path: Path, model: str = "qwen3-8b") -> str:
     the decode INT2 loop's count and the ESTIMATED issue-bound / HBM-bound ratio."""
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if r["model"] == model and r["regs"]]
-    loops = {(r["arch"], r["est_gpu"]): r for r in rows if r["loop"] == "int2"}
+    loops = {(r["kernel"], r["arch"], r["est_gpu"]): r for r in rows if r["loop"] == "int2"}
     out = ["| kernel | arch | registers | shared memory (B) | spills st/ld (B) | EST warps/SM | "
            "INT2 loop SASS / (token, KV head) | EST issue / HBM time |", "|---|---|---|---|---|---|---|---|"]
     seen = set()
@@ -415,8 +430,8 @@ def markdown(path: Path, model: str = "qwen3-8b") -> str:
             continue
         seen.add((r["kernel"], r["arch"]))
         loop, ratio = "", ""
-        if r["kernel"] == "decode_split":
-            ests = [v for (arch, _), v in loops.items() if arch == r["arch"]]
+        if r["kernel"].startswith("decode_split"):
+            ests = [v for (kernel, arch, _), v in loops.items() if kernel == r["kernel"] and arch == r["arch"]]
             loop = ests[0]["sass_instr_per_token_kvhead"] if ests else ""
             ratio = ", ".join(f"{v['est_issue_over_hbm']} ({v['est_gpu']})" for v in ests if v["est_gpu"])
         out.append(f"| {r['kernel']} | {r['arch']} | {r['regs']} | {r['smem_bytes']} | "

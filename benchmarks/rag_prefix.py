@@ -150,7 +150,7 @@ def corpus_tokens(need: int) -> tuple[list[int], list[int], list[list[int]], int
 
 
 def window_mib_from_log(log: Path) -> float | None:
-    m = re.search(r"OSCAR KV pool: \d+ tokens, \d+ B/row; BF16 windows .* \(([\d.]+) MiB\)", log.read_text())
+    m = re.search(r"OSCAR KV pool: \d+ tokens, .*; BF16 windows .* \(([\d.]+) MiB\)", log.read_text())
     return float(m.group(1)) if m else None
 
 

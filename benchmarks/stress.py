@@ -12,7 +12,9 @@ What it does, against one server started with a small ``--max-total-tokens`` (or
    budget is far below what the running requests need, so sglang evicts radix-cached
    prefixes and retracts running requests;
 4. checks: every request completes (length or EOS, not aborted); each output
-   equals the prompt's reference (``mismatches``); between forwards and at idle no window
+   equals the prompt's reference (``mismatches``; ``mismatches_at_near_ties`` of them leave it
+   at a step where the reference's top two tokens were within TIE_NATS, which float rounding
+   that depends on the batch shape may flip: those do not fail the run); between forwards and at idle no window
    row is leaked (``kv_health`` leak fields); after ``/flush_cache`` the allocator's free
    size and the free sink rows are exactly back at their initial values.
 
@@ -102,13 +104,28 @@ def make_prompts(vocab: int, *, groups: int = 3, per_group: int = 3, prefix_len:
     return prompts
 
 
-def reference_outputs(url: str, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    """Each prompt alone on an empty cache."""
+TIE_NATS = 1e-4  # a reference step whose top-2 log-probabilities are this close is a float near-tie
+
+
+def reference_outputs(url: str, prompts: list[list[int]], max_new: int) -> list[tuple[list[int], list[float]]]:
+    """Each prompt alone on an empty cache: its output ids and, per step, the gap (nats) between
+    its two most likely tokens."""
     out = []
     for p in prompts:
         flush(url)
-        out.append(generate(url, p, max_new)["output_ids"])
+        r = generate(url, p, max_new, return_logprob=True, top_logprobs_num=2)
+        gaps = [top[0][0] - top[1][0] for top in r["meta_info"]["output_top_logprobs"]]
+        out.append((r["output_ids"], gaps))
     return out
+
+
+def near_tie(output: list[int], ref: tuple[list[int], list[float]]) -> bool:
+    """The output leaves the reference first at a step where the reference's top two tokens were
+    within TIE_NATS: float rounding that depends on the batch shape (CPU GEMMs are not batch
+    invariant) can pick either, so it is not evidence that requests read each other's K/V."""
+    ids, gaps = ref
+    j = next((j for j, (a, b) in enumerate(zip(output, ids)) if a != b), min(len(output), len(ids)))
+    return j < len(gaps) and gaps[j] < TIE_NATS
 
 
 def stress_pass(url: str, prompts: list[list[int]], n_requests: int, concurrency: int, max_new: int,
@@ -146,7 +163,8 @@ def run(url: str, prompts: list[list[int]], *, n_requests: int, concurrency: int
     flush(url)
     after = kv_health(url)
     done = [(i, r) for i, r in results if isinstance(r, dict) and completed(r)]
-    mismatched = [i for i, r in done if r["output_ids"] != ref[i]]
+    mismatched = [i for i, r in done if r["output_ids"] != ref[i][0]]
+    ties = [i for i, r in done if r["output_ids"] != ref[i][0] and near_tie(r["output_ids"], ref[i])]
     return {
         "device": info["device"],
         "backend": info["attention_backend"],
@@ -165,6 +183,9 @@ def run(url: str, prompts: list[list[int]], *, n_requests: int, concurrency: int
         "cached_tokens": sum(r["meta_info"]["cached_tokens"] for _, r in done),
         "mismatches": len(mismatched),
         "mismatched_prompts": sorted(set(mismatched)),
+        "mismatches_at_near_ties": len(ties),
+        "reference_steps_at_near_ties": sum(g < TIE_NATS for _, gaps in ref for g in gaps),
+        "reference_steps": sum(len(gaps) for _, gaps in ref),
         "leaked_slots": initial["available_size"] - after["available_size"],
         "idle_accounting_gap": idle["max_total_num_tokens"] - idle["available_size"] - idle["evictable_size"]
                                - idle["protected_size"],
@@ -177,13 +198,14 @@ def run(url: str, prompts: list[list[int]], *, n_requests: int, concurrency: int
 
 # --------------------------------------------------------------------- output
 def append_csv(path: Path, row: dict) -> None:
+    """Appends ``row``; a file with other columns is rewritten under the union of both headers."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    old = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+    fields = list(dict.fromkeys([*(old[0] if old else {}), *row]))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows([*old, row])
 
 
 def server_args(args: argparse.Namespace) -> list[str]:
@@ -234,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(row))
     append_csv(RESULTS / "stress.csv", row)
     ok = (res["failed"] == 0 and res["leaked_slots"] == 0 and res["leaked_window_rows"] == 0
-          and res["idle_accounting_gap"] == 0 and (args.allow_int2_drift or res["mismatches"] == 0))
+          and res["idle_accounting_gap"] == 0
+          and (args.allow_int2_drift or res["mismatches"] == res["mismatches_at_near_ties"]))
     return 0 if ok else 1
 
 

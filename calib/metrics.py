@@ -161,10 +161,13 @@ class ErrorAccumulator:
 
 @dataclass
 class ClipSearch:
-    """Observer: per-layer clip-ratio search for fixed rotations, minimising attention-output error.
+    """Observer: per-layer attention-output error of the keys (values exact) and of the values
+    (keys exact) at every code width of ``widths`` and clip ratio of ``grid_k`` / ``grid_v``.
 
-    K ratios are scored with exact values and V ratios with exact keys (the two errors add to
-    first order, and this keeps the cost linear in the grid).
+    The two errors add to first order, which keeps the cost linear in the grid. A one-ratio grid
+    measures fixed clips. ``best`` picks each layer's ratio at the width it is stored with (a
+    ratio that is best for 2-bit codes clips too much for 4-bit ones); ``per_layer`` gives the
+    error of each width at its best ratio, the bit allocation's input.
     ``key``/``value``: rotations [L, D, D] or [L, H_kv, D, D].
     """
 
@@ -172,75 +175,45 @@ class ClipSearch:
     value: torch.Tensor
     layout: RowLayout
     windows: Windows | None
-    grid: tuple[float, ...] = CLIP_GRID
+    grid_k: tuple[float, ...] = CLIP_GRID
+    grid_v: tuple[float, ...] = CLIP_GRID
+    widths: tuple[int, ...] = (2,)
     query_stride: int = 1
-    k_err: dict[int, list[float]] = field(default_factory=dict)
-    v_err: dict[int, list[float]] = field(default_factory=dict)
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
-        ke = self.k_err.setdefault(layer, [0.0] * len(self.grid))
-        ve = self.v_err.setdefault(layer, [0.0] * len(self.grid))
-        for b in range(q.shape[0]):
-            p = prepare(q[b], k[b], v[b], scaling, self.windows, self.query_stride)
-            if p is None:
-                continue
-            for i, r in enumerate(self.grid):
-                ke[i] += errors(p, quantize_through(k[b], self.key[layer], r, self.layout), None)[2]
-                ve[i] += errors(p, None, quantize_through(v[b], self.value[layer], r, self.layout))[2]
-
-    def best(self, num_layers: int) -> tuple[list[float], list[float]]:
-        """Per-layer argmin ratios (K, V); raises if some layer was never scored."""
-        if len(self.k_err) != num_layers or not any(any(e) for e in self.k_err.values()):
-            raise ValueError("clip search saw no scored queries: use longer sequences than sink + recent")
-        pick = [self.grid[min(range(len(self.grid)), key=e.__getitem__)] for e in
-                (self.k_err[l] for l in range(num_layers))]
-        pick_v = [self.grid[min(range(len(self.grid)), key=e.__getitem__)] for e in
-                  (self.v_err[l] for l in range(num_layers))]
-        return pick, pick_v
-
-
-@dataclass
-class BitSensitivity:
-    """Observer: per-layer attention-output error of keys and of values at each code width.
-
-    For every layer and width b in ``bits`` (``codec.widths_for`` the head_dim): the error with the keys at b bits and exact values
-    (``k_err``), and with the values at b bits and exact keys (``v_err``); the rotations and
-    clips of the file being calibrated. Sums over sequences, normalized by ``per_layer``.
-    """
-
-    key: torch.Tensor
-    value: torch.Tensor
-    clip_k: list[float]
-    clip_v: list[float]
-    layout: RowLayout
-    windows: Windows | None
-    query_stride: int = 1
-    k_err: dict[int, list[float]] = field(default_factory=dict)
-    v_err: dict[int, list[float]] = field(default_factory=dict)
+    k_err: dict[int, list[list[float]]] = field(default_factory=dict)  # layer -> [width][ratio]
+    v_err: dict[int, list[list[float]]] = field(default_factory=dict)
     den: dict[int, float] = field(default_factory=dict)
 
-    @property
-    def bits(self) -> tuple[int, ...]:
-        return widths_for(self.layout.head_dim)
-
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
-        ke = self.k_err.setdefault(layer, [0.0] * len(self.bits))
-        ve = self.v_err.setdefault(layer, [0.0] * len(self.bits))
+        ke = self.k_err.setdefault(layer, [[0.0] * len(self.grid_k) for _ in self.widths])
+        ve = self.v_err.setdefault(layer, [[0.0] * len(self.grid_v) for _ in self.widths])
         for b in range(q.shape[0]):
             p = prepare(q[b], k[b], v[b], scaling, self.windows, self.query_stride)
             if p is None:
                 continue
             self.den[layer] = self.den.get(layer, 0.0) + p.out_den
-            for i, w in enumerate(self.bits):
+            for i, w in enumerate(self.widths):
                 lay = self.layout.with_bits(w)
-                ke[i] += errors(p, quantize_through(k[b], self.key[layer], self.clip_k[layer], lay), None)[2]
-                ve[i] += errors(p, None, quantize_through(v[b], self.value[layer], self.clip_v[layer], lay))[2]
+                for j, r in enumerate(self.grid_k):
+                    ke[i][j] += errors(p, quantize_through(k[b], self.key[layer], r, lay), None)[2]
+                for j, r in enumerate(self.grid_v):
+                    ve[i][j] += errors(p, None, quantize_through(v[b], self.value[layer], r, lay))[2]
+
+    def _check(self, num_layers: int) -> None:
+        if len(self.den) != num_layers:
+            raise ValueError("the clip search / bit allocation saw no scored queries: use longer sequences "
+                             "than sink + recent")
+
+    def best(self, key_bits: list[int], value_bits: list[int]) -> tuple[list[float], list[float]]:
+        """Per-layer argmin ratios (K, V) at each layer's (key, value) width."""
+        self._check(len(key_bits))
+        pick = lambda grid, e, w: grid[min(range(len(grid)), key=e[self.widths.index(w)].__getitem__)]  # noqa: E731
+        return ([pick(self.grid_k, self.k_err[l], w) for l, w in enumerate(key_bits)],
+                [pick(self.grid_v, self.v_err[l], w) for l, w in enumerate(value_bits)])
 
     def per_layer(self, num_layers: int) -> tuple[list[list[float]], list[list[float]]]:
-        """(key, value) relative errors [layer][width]; raises if some layer was never scored."""
-        if len(self.den) != num_layers:
-            raise ValueError("the bit allocation saw no scored queries: use longer sequences than sink + recent")
-        rel = lambda e: [[x / max(self.den[l], 1e-30) for x in e[l]] for l in range(num_layers)]  # noqa: E731
+        """(key, value) relative errors [layer][width], each width at its best ratio."""
+        self._check(num_layers)
+        rel = lambda e: [[min(x) / max(self.den[l], 1e-30) for x in e[l]] for l in range(num_layers)]  # noqa: E731
         return rel(self.k_err), rel(self.v_err)
 
 

@@ -25,9 +25,10 @@ def plan_splits(programs: int, tokens: int, num_sms: int, programs_per_sm: int, 
 
 
 def triton_supports(layout: RowLayout, attention: bool = True) -> bool:
-    """One group per row and a power-of-two head_dim: 16..128 for the write, >= 64 for attention."""
+    """One group per row (2, 3 or 4 bits per code) and a power-of-two head_dim: 16..128 for the
+    write, >= 64 for attention."""
     d = layout.head_dim
-    if layout.n_groups != 1 or d & (d - 1) or layout.bits != 2:
+    if layout.n_groups != 1 or d & (d - 1):
         return False
     return d >= 64 if attention else 16 <= d <= 128
 

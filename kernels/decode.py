@@ -1,10 +1,11 @@
-"""Paged split-KV decode attention over INT2 storage rows + a full-precision window.
+"""Paged split-KV decode attention over quantized storage rows + a full-precision window.
 
 Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim a power
 of two >= 64, one quantization group per row):
 
 - ``q``                 [B, Hq, D] fp16/bf16/fp32, already rotated by R_K; last dim contiguous.
-- ``k_rows``/``v_rows`` uint8 [N, Hkv, row_bytes] codec.py storage rows (last two dims contiguous).
+- ``k_rows``/``v_rows`` uint8 [N, Hkv, row_bytes] codec.py storage rows (last two dims contiguous),
+  of ``layout`` / ``v_layout`` (2, 3 or 4 bits each: their own row bytes and strides).
 - ``int2_indptr``       int32/int64 [B + 1]; ``int2_indices`` [nnz] slot ids into the rows
   (sglang triton-backend convention: one index per token, any page size).
 - ``k_win``/``v_win``   [M, Hkv, D] rotated full-precision rows (bf16/fp16/fp32);
@@ -14,7 +15,7 @@ of two >= 64, one quantization group per row):
 
 Algorithm (FlashInfer-style split-KV): stage 1 runs one program per (KV head, split,
 request). Each request's tokens form a virtual sequence [INT2 tokens, window tokens],
-the window tokens weighted ``WIN_COST`` (~ their byte cost relative to an INT2 row) so
+the window tokens weighted ``WIN_COST`` (~ their byte cost relative to a quantized row) so
 that splits carry equal bytes; each split does an online softmax over its part and
 writes a partial (out, lse). Stage 2 merges the splits by LSE. All G query heads of a KV
 head share every loaded row (padded to 8 for ``tl.dot``, keys being its M dimension).
@@ -66,11 +67,14 @@ def plan_num_splits(batch: int, kv_heads: int, avg_tokens: int, num_sms: int, co
 def _decode_split_kernel(
     q_ptr, krow_ptr, vrow_ptr, i_indptr, i_idx, kw_ptr, vw_ptr, w_indptr, w_idx,
     opart_ptr, lpart_ptr, scale_log2, code_bits2, num_splits,
-    stride_qb, stride_qh, stride_rn, stride_rh,
+    stride_qb, stride_qh, stride_krn, stride_krh, stride_vrn, stride_vrh,
     stride_kwn, stride_kwh, stride_vwn, stride_vwh,
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, WIN_COST: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, SAME_STRIDES: tl.constexpr,
 ):
+    """SAME_STRIDES: k_rows and v_rows have equal strides (the launcher compares them), so one
+    byte offset serves both (the V strides are then not read)."""
     hk = tl.program_id(0)
     sp = tl.program_id(1)
     b = tl.program_id(2)
@@ -104,9 +108,11 @@ def _decode_split_kernel(
         offs = start + tl.arange(0, BLOCK_N)
         nmask = offs < i_hi
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
+        k_off = slot * stride_krn + hk * stride_krh
+        v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
-            q0, q1, q2, q3, qsum, slot * stride_rn + hk * stride_rh, nmask, krow_ptr, vrow_ptr,
-            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q, nmask[:, None])
+            q0, q1, q2, q3, qsum, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
+            macc, scale_log2, code_bits2, Q, K_BITS, V_BITS, nmask[:, None])
     for start in range(w_lo, w_hi, BLOCK_W):
         offs = start + tl.arange(0, BLOCK_W)
         nmask = offs < w_hi
@@ -163,9 +169,9 @@ def _merge_splits_kernel(opart_ptr, lpart_ptr, out_ptr, lse_ptr, num_splits, str
     tl.store(lse_ptr + b * H + hq, lse)
 
 
-def win_cost(layout: RowLayout, win: torch.Tensor) -> int:
-    """Bytes of one window row relative to one INT2 row (split balancing weight)."""
-    return max(1, round(layout.head_dim * win.element_size() / layout.row_bytes))
+def win_cost(layout: RowLayout, v_layout: RowLayout, win: torch.Tensor) -> int:
+    """Bytes of one token's K+V window rows relative to its K+V storage rows (split balancing weight)."""
+    return max(1, round(2 * layout.head_dim * win.element_size() / (layout.row_bytes + v_layout.row_bytes)))
 
 
 def decode_attention(
@@ -182,21 +188,23 @@ def decode_attention(
     layout: RowLayout,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    v_layout: RowLayout | None = None,
     config: DecodeConfig = DecodeConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-KV decode. ``num_splits`` None = ``plan_num_splits`` from the average length
-    (host-known tensor sizes, no sync); pass a fixed value under CUDA graphs."""
+    """Split-KV decode. ``layout``: the key rows', ``v_layout``: the value rows' (None: ``layout``).
+    ``num_splits`` None = ``plan_num_splits`` from the average length (host-known tensor sizes,
+    no sync); pass a fixed value under CUDA graphs."""
     bsz, hq, d = q.shape
     hkv = k_rows.shape[1]
+    v_layout = layout if v_layout is None else v_layout
     check_head_dim(d, layout)
+    check_head_dim(d, v_layout)
     if hq % hkv:
         raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv}")
     if q.stride(-1) != 1:
         raise ValueError("q must be contiguous in its last dim")
-    for name, rows in (("k_rows", k_rows), ("v_rows", v_rows)):
-        check_rows(name, rows, hkv, layout)
-    if v_rows.stride() != k_rows.stride():
-        raise ValueError("k_rows and v_rows must have the same strides")
+    check_rows("k_rows", k_rows, hkv, layout)
+    check_rows("v_rows", v_rows, hkv, v_layout)
     for name, w in (("k_win", k_win), ("v_win", v_win)):
         check_window(name, w, hkv, d)
     for name, t in (("int2_indptr", int2_indptr), ("int2_indices", int2_indices),
@@ -220,10 +228,11 @@ def decode_attention(
     _decode_split_kernel[(hkv, num_splits, bsz)](
         q, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices,
         opart, lpart, sm_scale * LOG2E, code_bits2(q.dtype), num_splits,
-        q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1),
+        q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
         k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
         G=group, BLOCK_H=max(8, triton.next_power_of_2(group)), D=d,
-        BLOCK_N=config.block_n, BLOCK_W=config.block_w, WIN_COST=win_cost(layout, k_win),
+        BLOCK_N=config.block_n, BLOCK_W=config.block_w, WIN_COST=win_cost(layout, v_layout, k_win),
+        K_BITS=layout.bits, V_BITS=v_layout.bits, SAME_STRIDES=k_rows.stride() == v_rows.stride(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     merge_splits(opart, lpart, out, lse)

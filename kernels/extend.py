@@ -6,8 +6,9 @@ power of two >= 64, one quantization group per row):
 - ``q``               [Tq, Hq, D] fp16/bf16/fp32, rotated by R_K; last dim contiguous.
 - ``k_new``/``v_new`` [Tq, Hkv, D] rotated exact k/v of the same chunk tokens.
 - ``qo_indptr``       int32/int64 [B + 1], ragged chunk boundaries into q/k_new/v_new.
-- request b's chunk starts at position ``prefix_lens[b]`` = a. Its keys: the INT2 rows
-  (``int2_indptr``/``int2_indices`` into uint8 ``k_rows``/``v_rows`` [N, Hkv, row_bytes]) of
+- request b's chunk starts at position ``prefix_lens[b]`` = a. Its keys: the quantized rows
+  (``int2_indptr``/``int2_indices`` into uint8 ``k_rows``/``v_rows`` [N, Hkv, row_bytes] of
+  ``layout`` / ``v_layout``: 2, 3 or 4 bits each, their own row bytes and strides) of
   positions sink, sink + 1, ... (the chunk's own rows are written before attention), the
   window rows (``win_indptr``/``win_indices`` into ``k_win``/``v_win`` [M, Hkv, D]): the sinks
   then the ring ending at a - 1, and the chunk's exact k/v (causal). The position rule picks
@@ -66,14 +67,16 @@ def _extend_kernel(
     kw_ptr, vw_ptr, w_indptr, w_idx, prefix_ptr, o_ptr, opart_ptr, lpart_ptr,
     scale_log2, code_bits2, sink, recent, num_splits, H,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
-    stride_rn, stride_rh, stride_kwn, stride_kwh, stride_vwn, stride_vwh, stride_ot, stride_oh,
+    stride_krn, stride_krh, stride_vrn, stride_vrh, stride_kwn, stride_kwh, stride_vwn, stride_vwh,
+    stride_ot, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, SAME_STRIDES: tl.constexpr,
 ):
     """Program (token block, KV head, request x split). Its rows are BLOCK_M chunk tokens x the
     G query heads of the KV head (padded to GP), so every K/V block it loads serves the whole
     group. Split sp takes one share of the INT2 prefix; split 0 also takes the window and the
-    chunk. With SPLIT, each split writes a partial (out, log2-sum-exp) that the merge combines."""
+    chunk. With SPLIT, each split writes a partial (out, log2-sum-exp) that the merge combines.
+    K_BITS / V_BITS: code widths of the key / value rows; SAME_STRIDES as in decode."""
     mb = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2) // num_splits
@@ -110,9 +113,11 @@ def _extend_kernel(
         offs = start + tl.arange(0, BLOCK_N)
         nmask = offs < i_hi
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
+        k_off = slot * stride_krn + hk * stride_krh
+        v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
         m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
-            q0, q1, q2, q3, qsum, slot * stride_rn + hk * stride_rh, nmask, krow_ptr, vrow_ptr,
-            m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q, (sink + offs)[:, None] <= t - recent)
+            q0, q1, q2, q3, qsum, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
+            macc, scale_log2, code_bits2, Q, K_BITS, V_BITS, (sink + offs)[:, None] <= t - recent)
 
     if sp == 0:
         w_beg = tl.load(w_indptr + b).to(tl.int64)
@@ -178,14 +183,18 @@ def extend_attention(
     out: torch.Tensor | None = None,
     max_q_len: int | None = None,
     num_splits: int | None = None,
+    v_layout: RowLayout | None = None,
     config: ExtendConfig = ExtendConfig(),
 ) -> torch.Tensor:
-    """Extend attention. ``max_q_len`` (longest chunk, host int) avoids a device sync;
-    None reads it from ``qo_indptr``. ``num_splits`` of each INT2 prefix: None plans it from
-    host-known sizes (``plan_extend_splits``)."""
+    """Extend attention. ``layout``: the key rows', ``v_layout``: the value rows' (None: ``layout``).
+    ``max_q_len`` (longest chunk, host int) avoids a device sync; None reads it from
+    ``qo_indptr``. ``num_splits`` of each INT2 prefix: None plans it from host-known sizes
+    (``plan_extend_splits``)."""
     tq, hq, d = q.shape
     hkv = k_new.shape[1]
+    v_layout = layout if v_layout is None else v_layout
     check_head_dim(d, layout)
+    check_head_dim(d, v_layout)
     if hq % hkv:
         raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv}")
     for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new)):
@@ -193,10 +202,8 @@ def extend_attention(
             raise ValueError(f"{name} must be [{tq}, H, {d}] contiguous in its last dim")
     if v_new.shape[1] != hkv:
         raise ValueError("k_new and v_new must have the same number of heads")
-    for name, rows in (("k_rows", k_rows), ("v_rows", v_rows)):
-        check_rows(name, rows, hkv, layout)
-    if v_rows.stride() != k_rows.stride():
-        raise ValueError("k_rows and v_rows must have the same strides")
+    check_rows("k_rows", k_rows, hkv, layout)
+    check_rows("v_rows", v_rows, hkv, v_layout)
     for name, w in (("k_win", k_win), ("v_win", v_win)):
         check_window(name, w, hkv, d)
     for name, t in (("qo_indptr", qo_indptr), ("int2_indptr", int2_indptr), ("int2_indices", int2_indices),
@@ -232,9 +239,10 @@ def extend_attention(
         k_win, v_win, win_indptr, win_indices, prefix_lens, out, opart, lpart,
         sm_scale * LOG2E, code_bits2(q.dtype), sink, recent, num_splits, hq,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        k_rows.stride(0), k_rows.stride(1), k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
-        out.stride(0), out.stride(1),
+        k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
+        k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1), out.stride(0), out.stride(1),
         G=group, GP=gp, D=d, BLOCK_M=block_m, BLOCK_N=config.block_n, SPLIT=split,
+        K_BITS=layout.bits, V_BITS=v_layout.bits, SAME_STRIDES=k_rows.stride() == v_rows.stride(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:

@@ -3,19 +3,22 @@
 A program holds a block of query rows (decode: the G query heads of one KV head, padded to
 8; extend: BLOCK_M chunk tokens x the G heads of one KV head) as four D/4 quarter-planes (the
 storage row's plane layout), transposed to [D/4, rows] so that keys are the dots' M dimension,
-and folds blocks of keys into an online softmax: ``_int2_block`` over INT2
-storage rows, ``_dense_block`` over full-precision rows (windows, a chunk's own k/v).
+and folds blocks of keys into an online softmax: ``_int2_block`` over quantized storage rows
+(2, 3 or 4 bits per code: the constexprs K_BITS and V_BITS, each tensor its own row layout),
+``_dense_block`` over full-precision rows (windows, a chunk's own k/v).
 
-INT2 rows are never dequantized element by element: with codes c in 0..3, per-row scale
-s and minimum m (fp16), the plane layout gives four dense quarter dots and
+Quantized rows are never dequantized element by element: with codes c in 0..2^bits - 1, per-row
+scale s and minimum m (fp16), the plane layout gives four dense quarter dots and
 
     logit = s * (q . c) + m * sum(q)
     sum_t p_t v_t = sum_t (p_t s_t) c_t + (sum_t p_t m_t) * 1
 
 (p_t s_t is normalized by the block's max scale before the cast to the dot dtype so that
 small scales do not underflow). The codes enter the dots as the numbers B + c, built from the
-32-bit words of the row with the exponent trick (``_code_planes``); the B terms are subtracted
-per row and per key, never per element.
+words of the row with the exponent trick (``_code_planes``): the low 2 bits from the 32-bit
+words of the 2-bit plane, the high bits (3 and 4 bits) from the high plane's words or-ed into
+mantissa bits 2-3 (B's ulp is 1 up to 2B - 1, so any code up to 15 is exact). The B terms are
+subtracted per row and per key, never per element, the same for every bit width.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ def _online_update(m_i, l_i, logit):
 
 
 @triton.jit
-def _row_params(row_ptr, row_off, nmask, Q: tl.constexpr):
-    """fp32 (scale, minimum) of each row from one 32-bit load at byte Q (fp16 LE pair)."""
-    word = tl.load((row_ptr + row_off + Q).to(tl.pointer_type(tl.int32), bitcast=True), mask=nmask, other=0)
+def _row_params(row_ptr, row_off, nmask, P: tl.constexpr):
+    """fp32 (scale, minimum) of each row from one 32-bit load at byte P (fp16 LE pair)."""
+    word = tl.load((row_ptr + row_off + P).to(tl.pointer_type(tl.int32), bitcast=True), mask=nmask, other=0)
     scale = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     minimum = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return scale.to(tl.float32), minimum.to(tl.float32)
@@ -47,7 +50,7 @@ def _row_params(row_ptr, row_off, nmask, Q: tl.constexpr):
 @triton.jit
 def _load_q_planes(qp, mask, Q: tl.constexpr):
     """The four D/4 quarter-planes of a block of query rows, transposed: [Q, rows] each (``qp``
-    points at column 0 of each plane as [Q, rows]), and the row sums of their INT2-dot copies
+    points at column 0 of each plane as [Q, rows]), and the row sums of their code-dot copies
     (``_code_dtype``: fp32 queries are rounded to fp16 there)."""
     q0 = tl.load(qp, mask=mask, other=0.0)
     q1 = tl.load(qp + Q, mask=mask, other=0.0)
@@ -61,14 +64,14 @@ def _load_q_planes(qp, mask, Q: tl.constexpr):
 
 @triton.constexpr_function
 def _code_dtype(dt):
-    """The dtype of the INT2 dots: bf16 for bf16 queries, else fp16."""
+    """The dtype of the code dots: bf16 for bf16 queries, else fp16."""
     return tl.bfloat16 if dt == tl.bfloat16 else tl.float16
 
 
 @triton.constexpr_function
 def _code_value(dt):
     """B: the ``_code_dtype`` number whose ulp is 1 and whose low mantissa bits are 0, so that
-    its bits or-ed with a code c in 0..3 are the number B + c (bf16 128.0, fp16 1024.0)."""
+    its bits or-ed with a code c in 0..15 are the number B + c (bf16 128.0, fp16 1024.0)."""
     return 128.0 if dt == tl.bfloat16 else 1024.0
 
 
@@ -81,22 +84,78 @@ def code_bits2(dtype: torch.dtype) -> int:
     return bits | bits << 16
 
 
+@triton.constexpr_function
+def _code_bytes(q, bits):
+    """Byte offset of the scale/minimum pair in a row of ``bits`` (codec.RowLayout.code_bytes; q = D/4)."""
+    return q + {2: 0, 3: q // 2, 4: q}[bits]
+
+
 @triton.jit
-def _code_planes(words, cdt: tl.constexpr, base2):
-    """[BN, Q/4] int32 words of plane-layout codes -> the four [BN, Q] planes as ``cdt`` values
-    B + c (exponent trick: one shift and one mask-or per two codes, no int->float conversion).
+def _shr(x, s: tl.constexpr):
+    """x >> s for a constexpr s of either sign (s < 0: x << -s)."""
+    if s < 0:
+        y = x << -s
+    elif s > 0:
+        y = x >> s
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def _load_rows(row_ptr, row_off, nmask, cdt: tl.constexpr, base2, Q: tl.constexpr, BITS: tl.constexpr):
+    """A block of storage rows (byte offsets [BN], 4-byte aligned) of ``BITS`` per code: the four
+    [BN, Q] planes as ``cdt`` values B + c (``_code_planes``) and the fp32 (scale, minimum) [BN]."""
+    row_off = tl.multiple_of(row_off, 4)
+    wc = tl.arange(0, Q // 4)[None, :]
+    m2 = nmask[:, None]
+    wp = (row_ptr + row_off[:, None]).to(tl.pointer_type(tl.int32), bitcast=True) + wc
+    words = tl.load(wp, mask=m2, other=0)
+    hi = words  # unused at 2 bits
+    if BITS == 4:  # the high plane: Q/4 more int32 words in the same layout
+        hi = tl.load(wp + Q // 4, mask=m2, other=0)
+    if BITS == 3:  # the 1-bit plane: one 16-bit word per int32 word of the 2-bit plane
+        hp = (row_ptr + row_off[:, None] + Q).to(tl.pointer_type(tl.uint16), bitcast=True) + wc
+        hi = tl.load(hp, mask=m2, other=0).to(tl.int32)
+        hi = hi | (hi << 8)
+    p0, p1, p2, p3 = _code_planes(words, hi, cdt, base2, BITS)
+    scale, minimum = _row_params(row_ptr, row_off, nmask, _code_bytes(Q, BITS))
+    return p0, p1, p2, p3, scale, minimum
+
+
+@triton.jit
+def _code_planes(words, hi, cdt: tl.constexpr, base2, BITS: tl.constexpr):
+    """[BN, Q/4] int32 words of plane-layout codes (and ``hi``, their high bits) -> the four
+    [BN, Q] planes as ``cdt`` values B + c (exponent trick: per two codes one shift and one
+    mask-or at 2 bits, no int->float conversion).
 
     A word holds bytes 4i..4i+3; bits 2p..2p+1 of byte j are element j of plane p. Shifting the
     word right by 2p (bytes 0, 2) or 8 + 2p (bytes 1, 3) and masking with 0x00030003 leaves two
-    codes in the two 16-bit halves, and or-ing the base's bits into both makes them two numbers."""
-    return (_plane(words, 0, base2, cdt), _plane(words, 2, base2, cdt), _plane(words, 4, base2, cdt),
-            _plane(words, 6, base2, cdt))
+    codes in the two 16-bit halves, and or-ing the base's bits into both makes them two numbers.
+    High bits go to bits 2-3 of each half, from ``hi``:
+
+    - 4 bits: the int32 word of the high plane (same layout): shifted right by 2p - 2 (bytes
+      0, 2) or 2p + 6 (bytes 1, 3), masked with 0x000C000C.
+    - 3 bits: x = h | h << 8 of the 16-bit word h of the 1-bit plane, whose bits 4m + p hold
+      plane p of byte m of the int32 word: x has the bits of bytes 0 and 2 at 0-3 and 16-19, of
+      bytes 1 and 3 at 4-7 and 20-23 (bits 8-15 are never read); shifted right by p - 2 (bytes
+      0, 2) or p + 2 (bytes 1, 3), masked with 0x00040004."""
+    return (_plane(words, hi, 0, base2, cdt, BITS), _plane(words, hi, 1, base2, cdt, BITS),
+            _plane(words, hi, 2, base2, cdt, BITS), _plane(words, hi, 3, base2, cdt, BITS))
 
 
 @triton.jit
-def _plane(words, shift: tl.constexpr, base2, cdt: tl.constexpr):
-    e02 = ((words >> shift) & 0x00030003) | base2  # halves: bytes 0 and 2 of each word
-    e13 = ((words >> (shift + 8)) & 0x00030003) | base2  # bytes 1 and 3
+def _plane(words, hi, p: tl.constexpr, base2, cdt: tl.constexpr, BITS: tl.constexpr):
+    e02 = (words >> (2 * p)) & 0x00030003  # halves: bytes 0 and 2 of each word
+    e13 = (words >> (2 * p + 8)) & 0x00030003  # bytes 1 and 3
+    if BITS == 4:
+        e02 = e02 | (_shr(hi, 2 * p - 2) & 0x000C000C)
+        e13 = e13 | (_shr(hi, 2 * p + 6) & 0x000C000C)
+    if BITS == 3:
+        e02 = e02 | (_shr(hi, p - 2) & 0x00040004)
+        e13 = e13 | (_shr(hi, p + 2) & 0x00040004)
+    e02 = e02 | base2
+    e13 = e13 | base2
     x0 = e02.to(tl.int16).to(cdt, bitcast=True)
     x2 = (e02 >> 16).to(tl.int16).to(cdt, bitcast=True)
     x1 = e13.to(tl.int16).to(cdt, bitcast=True)
@@ -106,10 +165,12 @@ def _plane(words, shift: tl.constexpr, base2, cdt: tl.constexpr):
 
 
 @triton.jit
-def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
-                acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q: tl.constexpr, extra_mask):
-    """One block of INT2 rows (row_off: byte offsets [BN]) and an extra [BN, rows or 1]
-    visibility mask (the position rule in extend), folded into the running state.
+def _int2_block(q0, q1, q2, q3, qsum, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
+                acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q: tl.constexpr,
+                K_BITS: tl.constexpr, V_BITS: tl.constexpr, extra_mask):
+    """One block of quantized rows (k_off / v_off: byte offsets [BN] of the key / value rows, of
+    K_BITS / V_BITS per code) and an extra [BN, rows or 1] visibility mask (the position rule in
+    extend), folded into the running state.
 
     Keys are the dots' M dimension (logits [BN, rows]), so a few query rows (decode: G heads)
     pad to 8 columns, not 16 rows. The dots read codes as B + c (``_code_planes``):
@@ -117,12 +178,7 @@ def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l
     ``macc`` with the minimums."""
     cdt: tl.constexpr = _code_dtype(q0.dtype)
     base: tl.constexpr = _code_value(cdt)
-    # Rows are 4-byte multiples (codec.RowLayout): the codes are read as Q/4 int32 words.
-    row_off = tl.multiple_of(row_off, 4)
-    wc = tl.arange(0, Q // 4)[None, :]
-    kp = (krow_ptr + row_off[:, None]).to(tl.pointer_type(tl.int32), bitcast=True)
-    k0, k1, k2, k3 = _code_planes(tl.load(kp + wc, mask=nmask[:, None], other=0), cdt, code_bits2)
-    ks, km = _row_params(krow_ptr, row_off, nmask, Q)
+    k0, k1, k2, k3, ks, km = _load_rows(krow_ptr, k_off, nmask, cdt, code_bits2, Q, K_BITS)
     qk = tl.dot(k0, q0.to(cdt))
     qk = tl.dot(k1, q1.to(cdt), qk)
     qk = tl.dot(k2, q2.to(cdt), qk)
@@ -130,9 +186,7 @@ def _int2_block(q0, q1, q2, q3, qsum, row_off, nmask, krow_ptr, vrow_ptr, m_i, l
     logit = qk * (ks * scale_log2)[:, None] + ((km - base * ks) * scale_log2)[:, None] * qsum[None, :]
     logit = tl.where(nmask[:, None] & extra_mask, logit, float("-inf"))
     m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
-    vp = (vrow_ptr + row_off[:, None]).to(tl.pointer_type(tl.int32), bitcast=True)
-    v0, v1, v2, v3 = _code_planes(tl.load(vp + wc, mask=nmask[:, None], other=0), cdt, code_bits2)
-    vs, vm = _row_params(vrow_ptr, row_off, nmask, Q)
+    v0, v1, v2, v3, vs, vm = _load_rows(vrow_ptr, v_off, nmask, cdt, code_bits2, Q, V_BITS)
     smax = tl.max(vs, axis=0)
     ps = (p * (vs / tl.where(smax > 0, smax, 1.0))[:, None]).to(cdt)
     a = alpha[None, :]

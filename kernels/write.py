@@ -1,7 +1,8 @@
-"""Fused quantize-on-write: rotate, clip, INT2-quantize, pack and scatter KV rows.
+"""Fused quantize-on-write: rotate, clip, quantize (2, 3 or 4 bits), pack and scatter KV rows.
 
 Inputs (T new tokens, H KV heads, D head_dim; D a power of two in [16, 128], one
-quantization group per row; other layouts: use the reference, as ``ops`` does):
+quantization group per row, ``layout.bits`` in {2, 3, 4} (3 bits: D >= 32); other layouts:
+use the reference, as ``ops`` does):
 
 - ``x``          [T, H, D] fp16/bf16/fp32, post-RoPE k or v, NOT rotated; last dim contiguous.
 - ``rotation``   fp32 [D, D] (per layer) or [H, D, D] (per KV head); row-vector convention x @ R;
@@ -20,8 +21,10 @@ scale/minimum are bit-identical to the reference given the same rotated row
 (with a non-identity rotation the rotated rows may differ in the last fp32 bit,
 hence rare code flips at rounding boundaries).
 
-One kernel body serves K and V: the clip index and the per-head rotation stride
-are parameters; the integration calls this once for k and once for v.
+One kernel body serves K and V and every bit width: the clip index, the per-head rotation
+stride and the code width (constexpr BITS: top code 2^BITS - 1, and which high plane is
+packed after the 2-bit plane of the low bits, codec.py's row layout) are parameters; the
+integration calls this once for k and once for v.
 
 Shared memory: a single x @ R dot against the whole [D, D] fp32 rotation stages R (hi and
 lo tf32 halves) in shared memory: 139,264 bytes at D=128 (compiled for sm_86/89/80/90,
@@ -43,6 +46,7 @@ import triton.language as tl
 
 from .checks import check_head_dim, check_index, check_rows, check_window, sm_count
 from .codec import RowLayout, clip_index
+from .tiles import _code_bytes
 
 __all__ = ["quantize_kv_write"]
 
@@ -113,11 +117,32 @@ def _store_window_plane(wp, xr, wmask, pmask, J: tl.constexpr, Q: tl.constexpr):
     tl.store(wp + J * Q, xr.to(wp.dtype.element_ty), mask=wmask[:, None] & pmask[None, :])
 
 
+@triton.constexpr_function
+def _top_code(bits):
+    """The largest code 2^bits - 1, as the float the quantizer divides by (codec.RowLayout.top)."""
+    return float((1 << bits) - 1)
+
+
 @triton.jit
-def _plane_code(xr, minimum, scale, pos):
-    """2-bit codes [BT, PQ] of one (clipped) quarter-plane, exactly like codec.quantize_groups."""
+def _plane_code(xr, minimum, scale, pos, TOP: tl.constexpr):
+    """Codes 0..TOP [BT, PQ] of one (clipped) quarter-plane, exactly like codec.quantize_groups."""
     y = tl.floor(tl.math.div_rn(xr - minimum, scale) + 0.5)
-    return tl.where(pos, tl.minimum(tl.maximum(y, 0.0), 3.0), 0.0).to(tl.int32)
+    return tl.where(pos, tl.minimum(tl.maximum(y, 0.0), TOP), 0.0).to(tl.int32)
+
+
+@triton.jit
+def _pack_plane2(c0, c1, c2, c3):
+    """Plane layout of 2-bit values: byte j = c0[j] | c1[j] << 2 | c2[j] << 4 | c3[j] << 6."""
+    return c0 | (c1 << 2) | (c2 << 4) | (c3 << 6)
+
+
+@triton.jit
+def _pack_plane1(c0, c1, c2, c3):
+    """1-bit plane of codec.py of bit 2 of the codes [BT, PQ] -> bytes [BT, PQ / 2]: byte k holds
+    element 2k of plane p in bit p and element 2k + 1 in bit 4 + p."""
+    nib = ((c0 >> 2) & 1) | (((c1 >> 2) & 1) << 1) | (((c2 >> 2) & 1) << 2) | (((c3 >> 2) & 1) << 3)
+    even, odd = tl.split(tl.reshape(nib, (nib.shape[0], nib.shape[1] // 2, 2)))
+    return even | (odd << 4)
 
 
 @triton.jit
@@ -127,7 +152,7 @@ def _quantize_write_kernel(
     stride_xt, stride_xh, stride_rh,
     stride_on, stride_oh, stride_wn, stride_wh,
     D: tl.constexpr, CLIP_IDX: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, ROTATE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, ROTATE: tl.constexpr, PRECISION: tl.constexpr, BITS: tl.constexpr,
 ):
     """Per token block: the rotated row as four quarter-planes x @ R[:, jQ:(j+1)Q], each
     accumulated over KC-row slices of R, so no dot operand is larger than [KC, PQ] (R is
@@ -196,22 +221,35 @@ def _quantize_write_kernel(
         mn3, mx3 = _plane_minmax(x3, PAD, pmask)
         mn = tl.minimum(tl.minimum(mn0, mn1), tl.minimum(mn2, mn3))
         mx = tl.maximum(tl.maximum(mx0, mx1), tl.maximum(mx2, mx3))
-        scale = tl.math.div_rn(mx - mn, 3.0).to(tl.float16)
+        TOP: tl.constexpr = _top_code(BITS)
+        scale = tl.math.div_rn(mx - mn, TOP).to(tl.float16)
         minimum = mn.to(tl.float16)
         s32 = scale.to(tl.float32)
         pos = (s32 > 0)[:, None]
         m32 = minimum.to(tl.float32)[:, None]
         sd = tl.where(pos, s32[:, None], 1.0)
-        # Plane layout: byte j = codes j | j+Q << 2 | j+2Q << 4 | j+3Q << 6.
-        packed = (_plane_code(x0, m32, sd, pos) | (_plane_code(x1, m32, sd, pos) << 2)
-                  | (_plane_code(x2, m32, sd, pos) << 4) | (_plane_code(x3, m32, sd, pos) << 6))
+        c0 = _plane_code(x0, m32, sd, pos, TOP)
+        c1 = _plane_code(x1, m32, sd, pos, TOP)
+        c2 = _plane_code(x2, m32, sd, pos, TOP)
+        c3 = _plane_code(x3, m32, sd, pos, TOP)
         smask = slot >= 0
         row = rows_ptr + tl.multiple_of(slot * stride_on + h * stride_oh, 4)  # rows are 4-byte multiples
-        tl.store(row[:, None] + pcols[None, :], packed.to(tl.uint8), mask=smask[:, None] & pmask[None, :])
-        # scale then minimum, fp16 little-endian, at byte Q: one 32-bit store.
+        cmask = smask[:, None] & pmask[None, :]
+        # Bytes [0, Q): the plane layout of the low 2 bits, byte j = codes j | j+Q << 2 | j+2Q << 4 | j+3Q << 6.
+        lo = _pack_plane2(c0 & 3, c1 & 3, c2 & 3, c3 & 3) if BITS > 2 else _pack_plane2(c0, c1, c2, c3)
+        tl.store(row[:, None] + pcols[None, :], lo.to(tl.uint8), mask=cmask)
+        if BITS == 4:  # bytes [Q, 2Q): the high 2 bits, plane layout again
+            tl.store(row[:, None] + Q + pcols[None, :], _pack_plane2(c0 >> 2, c1 >> 2, c2 >> 2, c3 >> 2).to(tl.uint8),
+                     mask=cmask)
+        if BITS == 3:  # bytes [Q, Q + Q/2): the high bit, two elements per byte
+            hcols = tl.arange(0, PQ // 2)
+            tl.store(row[:, None] + Q + hcols[None, :], _pack_plane1(c0, c1, c2, c3).to(tl.uint8),
+                     mask=smask[:, None] & (hcols < Q // 2)[None, :])
+        # scale then minimum, fp16 little-endian, after the codes: one 32-bit store.
+        P: tl.constexpr = _code_bytes(Q, BITS)
         s_bits = scale.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         m_bits = minimum.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        tl.store((row + Q).to(tl.pointer_type(tl.int32), bitcast=True), s_bits | (m_bits << 16), mask=smask)
+        tl.store((row + P).to(tl.pointer_type(tl.int32), bitcast=True), s_bits | (m_bits << 16), mask=smask)
 
 
 def _num_programs_hint(device: torch.device) -> int:
@@ -268,6 +306,6 @@ def quantize_kv_write(
         rows_out.stride(0), rows_out.stride(1),
         win.stride(0) if has_window else 0, win.stride(1) if has_window else 0,
         D=d, CLIP_IDX=min(clip_index(clip_ratio, d), d), BLOCK_T=block_t,
-        HAS_WINDOW=has_window, ROTATE=rotation is not None, PRECISION="tf32x3",
+        HAS_WINDOW=has_window, ROTATE=rotation is not None, PRECISION="tf32x3", BITS=layout.bits,
         num_warps=4, num_stages=1,
     )

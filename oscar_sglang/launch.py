@@ -52,7 +52,9 @@ def _ready(url: str) -> bool:
     import requests
 
     try:
-        return requests.get(f"{url}/v1/models", timeout=5).status_code == 200
+        # /ready is 200 once sglang's own warm-up request has finished (/v1/models answers before it
+        # is sent): a caller that reads the KV pool or compares outputs sees no warm-up in flight
+        return requests.get(f"{url}/ready", timeout=5).status_code == 200
     except requests.RequestException:
         return False
 

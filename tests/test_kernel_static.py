@@ -25,6 +25,8 @@ CORE = {
     "write_v_folded": ("sm_86", "sm_90"),
     "decode_split": ("sm_80", "sm_86", "sm_89", "sm_90"),
     "decode_merge": ("sm_80", "sm_86", "sm_89", "sm_90"),
+    "decode_split_k3v2": ("sm_89", "sm_90"),  # 3-bit keys over 2-bit values (the default widths)
+    "decode_split_k4v2": ("sm_89", "sm_90"),
 }
 
 
@@ -78,15 +80,22 @@ def test_no_spills_on_sm90(rows):
 INT2_LOOP_MAX = 40
 
 
-def test_decode_inner_loops_found_and_int2_loop_does_not_regress(rows):
-    loops = {r["loop"]: r for r in _get(rows, "decode_split", "sm_90") if r.get("loop")}
-    assert set(loops) == {"int2", "window"}, "SASS loops of the decode split kernel not found"
+# The same loop over 3-bit keys (the high bit from a 16-bit load, or-ed into each half) and 2-bit
+# values: 41.3 on sm_90, 44.5 on sm_89; 4-bit keys: 38.8 / 42.1 (issue #14).
+K3V2_LOOP_MAX = 48
+
+
+@pytest.mark.parametrize("kernel,limit", [("decode_split", INT2_LOOP_MAX), ("decode_split_k3v2", K3V2_LOOP_MAX),
+                                          ("decode_split_k4v2", K3V2_LOOP_MAX)])
+def test_decode_inner_loops_found_and_int2_loop_does_not_regress(rows, kernel, limit):
+    loops = {r["loop"]: r for r in _get(rows, kernel, "sm_90") if r.get("loop")}
+    assert set(loops) == {"int2", "window"}, f"SASS loops of {kernel} not found"
     for r in loops.values():
         assert r["loop_sass_instr_per_warp_iter"] > 0 and r["sass_instr_per_token_kvhead"] > 0
         assert r["est_gpu"] in ("H100-SXM", "H200") and r["est_issue_bound_us_per_Mrow"] > 0
-    for arch in CORE["decode_split"]:
-        r = {r["loop"]: r for r in _get(rows, "decode_split", arch) if r.get("loop")}["int2"]
-        assert r["sass_instr_per_token_kvhead"] <= INT2_LOOP_MAX, r
+    for arch in CORE[kernel]:
+        r = {r["loop"]: r for r in _get(rows, kernel, arch) if r.get("loop")}["int2"]
+        assert r["sass_instr_per_token_kvhead"] <= limit, r
 
 
 def test_extend_fits_or_is_reported_skipped(rows):

@@ -36,34 +36,37 @@ def paged_indices(lens, page, gen, spare_pages=3):
     return indptr, torch.cat(out) if out else torch.zeros(0, dtype=torch.long), n_pages * page
 
 
-def make_cache(lens_i, lens_w, hkv, d, page, win_dtype, seed, idx_dtype=torch.int32, dev=DEV):
-    """Random rotated K/V quantized into storage rows (K clip 0.96, V 0.92) and windows."""
+def make_cache(lens_i, lens_w, hkv, d, page, win_dtype, seed, idx_dtype=torch.int32, dev=DEV, bits=(2, 2)):
+    """Random rotated K/V quantized into storage rows (K clip 0.96, V 0.92) of ``bits`` = (key, value)
+    code widths, and windows. Returns the key layout; ``cache["v_layout"]`` is the value rows'."""
     gen = torch.Generator().manual_seed(seed)
-    layout = RowLayout(d)
+    layout, v_layout = RowLayout(d, bits=bits[0]), RowLayout(d, bits=bits[1])
     i_ptr, i_idx, n = paged_indices(lens_i, page, gen)
     w_ptr, w_idx, m = paged_indices(lens_w, 1, gen)
     chan = 1 + 2 * torch.rand(d, generator=gen)
     k_rows = quantize_rows(torch.randn(n, hkv, d, generator=gen) * chan, layout, 0.96)
-    v_rows = quantize_rows(torch.randn(n, hkv, d, generator=gen) + 0.5, layout, 0.92)
+    v_rows = quantize_rows(torch.randn(n, hkv, d, generator=gen) + 0.5, v_layout, 0.92)
     k_win = (torch.randn(m, hkv, d, generator=gen) * chan).to(win_dtype)
     v_win = (torch.randn(m, hkv, d, generator=gen) + 0.5).to(win_dtype)
     cache = dict(k_rows=k_rows, v_rows=v_rows, int2_indptr=i_ptr.to(idx_dtype), int2_indices=i_idx.to(idx_dtype),
                  k_win=k_win, v_win=v_win, win_indptr=w_ptr.to(idx_dtype), win_indices=w_idx.long())
-    return {k: v.to(dev) for k, v in cache.items()}, layout, gen
+    return {**{k: v.to(dev) for k, v in cache.items()}, "v_layout": v_layout}, layout, gen
 
 
 def run_decode(impl, q, cache, layout, **kw):
     c = cache
     return impl.decode_attention(q, c["k_rows"], c["v_rows"], c["int2_indptr"], c["int2_indices"], c["k_win"],
-                                 c["v_win"], c["win_indptr"], c["win_indices"], q.shape[-1] ** -0.5, layout, **kw)
+                                 c["v_win"], c["win_indptr"], c["win_indices"], q.shape[-1] ** -0.5, layout,
+                                 v_layout=c["v_layout"], **kw)
 
 
 def tolerance(dtype):
     return {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
 
 
-def check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits, seed=0, config=decode.DecodeConfig()):
-    cache, layout, gen = make_cache(lens_i, lens_w, hkv, d, page, dtype, seed)
+def check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits, seed=0, config=decode.DecodeConfig(),
+                 bits=(2, 2)):
+    cache, layout, gen = make_cache(lens_i, lens_w, hkv, d, page, dtype, seed, bits=bits)
     q = (torch.randn(len(lens_i), hkv * group, d, generator=gen) * 0.7).to(dtype).to(DEV)
     out, lse = run_decode(decode, q, cache, layout, num_splits=splits, config=config)
     ref, ref_lse = run_decode(reference, q, cache, layout)
@@ -73,18 +76,24 @@ def check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits, seed=0, con
     torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=1e-3)
 
 
-CPU_CASES = [  # d, hkv, group, lens_i, lens_w, page, dtype, num_splits
-    (64, 2, 1, [1, 7], [0, 3], 1, torch.float16, 2),
-    (64, 1, 3, [97, 0, 20], [7, 5, 0], 16, torch.float16, 3),  # empty INT2 / empty window
-    (128, 2, 4, [130, 33], [5, 64], 16, torch.float32, 4),
-    (64, 1, 8, [200], [20], 8, torch.float16, None),  # planner picks splits
-    (128, 1, 4, [1, 97], [7, 0], 16, torch.float16, 2),
+CPU_CASES = [  # d, hkv, group, lens_i, lens_w, page, dtype, num_splits, (key bits, value bits)
+    (64, 2, 1, [1, 7], [0, 3], 1, torch.float16, 2, (2, 2)),
+    (64, 1, 3, [97, 0, 20], [7, 5, 0], 16, torch.float16, 3, (2, 2)),  # empty INT2 / empty window
+    (128, 2, 4, [130, 33], [5, 64], 16, torch.float32, 4, (2, 2)),
+    (64, 1, 8, [200], [20], 8, torch.float16, None, (2, 2)),  # planner picks splits
+    (128, 1, 4, [1, 97], [7, 0], 16, torch.float16, 2, (2, 2)),
+    # 3/4-bit rows; K and V of different widths have different row bytes (strides)
+    (128, 1, 4, [70, 9], [3, 0], 16, torch.float16, 2, (3, 2)),
+    (64, 2, 3, [40, 5], [0, 4], 8, torch.float16, 2, (4, 2)),
+    (64, 1, 2, [33, 60], [5, 2], 1, torch.float32, 3, (2, 4)),
+    (128, 1, 3, [50], [6], 16, torch.float32, 2, (4, 4)),  # equal widths: one row stride
+    (64, 1, 4, [45, 8], [2, 3], 16, torch.float16, 2, (3, 4)),
 ]
 
 
-@pytest.mark.parametrize("d,hkv,group,lens_i,lens_w,page,dtype,splits", CPU_CASES)
-def test_decode_matches_reference(d, hkv, group, lens_i, lens_w, page, dtype, splits):
-    check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits)
+@pytest.mark.parametrize("d,hkv,group,lens_i,lens_w,page,dtype,splits,bits", CPU_CASES)
+def test_decode_matches_reference(d, hkv, group, lens_i, lens_w, page, dtype, splits, bits):
+    check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits, bits=bits)
 
 
 def test_decode_small_blocks_many_steps():
@@ -117,30 +126,40 @@ def test_decode_split_merge_is_split_invariant():
 
 
 @triton.jit
-def _planes_kernel(w_ptr, o_ptr, BITS2, BN: tl.constexpr, W: tl.constexpr, BF16: tl.constexpr):
-    """Writes tiles._code_planes of [BN, W] words as fp32 [BN, 4 planes, 4 W]."""
-    n = tl.arange(0, BN)[:, None]
-    words = tl.load(w_ptr + n * W + tl.arange(0, W)[None, :])
+def _planes_kernel(r_ptr, o_ptr, p_ptr, BITS2, ROW: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr,
+                   BF16: tl.constexpr, BITS: tl.constexpr):
+    """Writes tiles._load_rows of BN storage rows of ROW bytes: the planes as fp32 [BN, 4 planes, Q]
+    and (scale, minimum) as fp32 [BN, 2]."""
+    rows = tl.arange(0, BN)
     cdt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    p0, p1, p2, p3 = tiles._code_planes(words, cdt, BITS2)
-    Q: tl.constexpr = 4 * W
-    o = o_ptr + n * 4 * Q + tl.arange(0, Q)[None, :]
+    p0, p1, p2, p3, s, m = tiles._load_rows(r_ptr, rows * ROW, rows < BN, cdt, BITS2, Q, BITS)
+    o = o_ptr + rows[:, None] * 4 * Q + tl.arange(0, Q)[None, :]
     tl.store(o, p0.to(tl.float32))
     tl.store(o + Q, p1.to(tl.float32))
     tl.store(o + 2 * Q, p2.to(tl.float32))
     tl.store(o + 3 * Q, p3.to(tl.float32))
+    tl.store(p_ptr + 2 * rows, s)
+    tl.store(p_ptr + 2 * rows + 1, m)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("bf16,base", [(False, 1024.0), (True, 128.0)])
-def test_code_planes_are_base_plus_code(bf16, base):
-    """The exponent-trick unpack, exactly, for both dot dtypes (bf16 is checked here without
-    tl.dot, which the interpreter computes wrongly in bf16)."""
-    codes = torch.randint(0, 4, (16, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
-    words = pack_codes(codes).view(torch.int32).to(DEV)
+def test_code_planes_are_base_plus_code(bf16, base, bits):
+    """The exponent-trick unpack of every code width, exactly, for both dot dtypes (bf16 is
+    checked here without tl.dot, which the interpreter computes wrongly in bf16), and the
+    scale/minimum pair after the codes."""
+    gen = torch.Generator().manual_seed(5 + bits)
+    layout = RowLayout(128, bits=bits)
+    codes = torch.randint(0, layout.top + 1, (16, 128), dtype=torch.uint8, generator=gen)
+    params = (torch.randn(16, 2, generator=gen) * 3).half()
+    rows = torch.cat([pack_codes(codes, bits), params.view(torch.uint8)], dim=-1).to(DEV)
+    assert rows.shape[-1] == layout.row_bytes
     out = torch.empty(16, 128, device=DEV)
+    got = torch.empty(16, 2, device=DEV)
     bits2 = tiles.code_bits2(torch.bfloat16 if bf16 else torch.float16)
-    _planes_kernel[(1,)](words, out, bits2, BN=16, W=8, BF16=bf16)
+    _planes_kernel[(1,)](rows, out, got, bits2, ROW=layout.row_bytes, BN=16, Q=32, BF16=bf16, BITS=bits)
     assert torch.equal(out.cpu(), codes.float() + base)
+    assert torch.equal(got.cpu(), params.float())
 
 
 def test_plan_num_splits():

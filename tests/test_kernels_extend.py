@@ -18,7 +18,7 @@ def run_extend(impl, q, k_new, v_new, qo_indptr, cache, layout, sink=2, recent=5
     prefix = (c["int2_indptr"].diff() + c["win_indptr"].diff()).to(qo_indptr.device)
     return impl.extend_attention(q, k_new, v_new, qo_indptr, c["k_rows"], c["v_rows"], c["int2_indptr"],
                                  c["int2_indices"], c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"],
-                                 prefix, sink, recent, q.shape[-1] ** -0.5, layout, **kw)
+                                 prefix, sink, recent, q.shape[-1] ** -0.5, layout, v_layout=c["v_layout"], **kw)
 
 
 def make_chunk(lens_q, hkv, group, d, dtype, gen, dev=DEV):
@@ -31,8 +31,8 @@ def make_chunk(lens_q, hkv, group, d, dtype, gen, dev=DEV):
 
 
 def check_extend(d, hkv, group, lens_i, lens_w, lens_q, page, dtype, seed=0, max_q_len=None,
-                 config=extend.ExtendConfig()):
-    cache, layout, gen = make_cache(lens_i, lens_w, hkv, d, page, dtype, seed)
+                 config=extend.ExtendConfig(), bits=(2, 2)):
+    cache, layout, gen = make_cache(lens_i, lens_w, hkv, d, page, dtype, seed, bits=bits)
     q, k_new, v_new, qo = make_chunk(lens_q, hkv, group, d, dtype, gen)
     out = run_extend(extend, q, k_new, v_new, qo, cache, layout, max_q_len=max_q_len, config=config)
     ref = run_extend(reference, q, k_new, v_new, qo, cache, layout)
@@ -41,16 +41,21 @@ def check_extend(d, hkv, group, lens_i, lens_w, lens_q, page, dtype, seed=0, max
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
-CPU_CASES = [  # d, hkv, group, lens_i, lens_w, lens_q, page, dtype
-    (64, 2, 1, [0, 7], [3, 0], [1, 7], 1, torch.float16),
-    (64, 1, 3, [97], [7], [70], 16, torch.float16),  # two query blocks, chunk crosses key blocks
-    (128, 1, 4, [33, 0, 5], [0, 0, 2], [5, 9, 0], 16, torch.float32),  # plain prefill, empty chunk
+CPU_CASES = [  # d, hkv, group, lens_i, lens_w, lens_q, page, dtype, (key bits, value bits)
+    (64, 2, 1, [0, 7], [3, 0], [1, 7], 1, torch.float16, (2, 2)),
+    (64, 1, 3, [97], [7], [70], 16, torch.float16, (2, 2)),  # two query blocks, chunk crosses key blocks
+    (128, 1, 4, [33, 0, 5], [0, 0, 2], [5, 9, 0], 16, torch.float32, (2, 2)),  # plain prefill, empty chunk
+    # 3/4-bit rows; K and V of different widths have different row bytes (strides)
+    (128, 1, 2, [40, 6], [3, 2], [6, 3], 16, torch.float16, (3, 2)),
+    (64, 2, 1, [37, 0], [4, 0], [5, 2], 8, torch.float32, (4, 2)),
+    (64, 1, 3, [30], [2], [7], 1, torch.float16, (2, 4)),
+    (64, 1, 2, [35, 9], [3, 1], [4, 3], 16, torch.float16, (4, 4)),  # equal widths: one row stride
 ]
 
 
-@pytest.mark.parametrize("d,hkv,group,lens_i,lens_w,lens_q,page,dtype", CPU_CASES)
-def test_extend_matches_reference(d, hkv, group, lens_i, lens_w, lens_q, page, dtype):
-    check_extend(d, hkv, group, lens_i, lens_w, lens_q, page, dtype)
+@pytest.mark.parametrize("d,hkv,group,lens_i,lens_w,lens_q,page,dtype,bits", CPU_CASES)
+def test_extend_matches_reference(d, hkv, group, lens_i, lens_w, lens_q, page, dtype, bits):
+    check_extend(d, hkv, group, lens_i, lens_w, lens_q, page, dtype, bits=bits)
 
 
 def test_extend_small_blocks_many_steps():

@@ -1,5 +1,5 @@
-"""Fused quantize-on-write kernel vs the reference: bit-exact codes/scales given the same
-rotated rows (identity and signed-permutation rotations are exact in any precision),
+"""Fused quantize-on-write kernel vs the reference: bit-exact codes/scales of 2-, 3- and 4-bit
+rows given the same rotated rows (identity and signed-permutation rotations are exact in any precision),
 dequantized values within tolerance under a real rotation, padding slots, windows,
 non-finite inputs. CPU runs under TRITON_INTERPRET=1 (tests/conftest.py)."""
 
@@ -70,11 +70,14 @@ CPU_CASES = [  # t, h, d, dtype, clip ratio, per-head rotation, slot dtype
 ]
 
 
-@pytest.mark.parametrize("t,h,d,dtype,ratio,per_head,idx_dtype", CPU_CASES)
-def test_write_bit_exact(t, h, d, dtype, ratio, per_head, idx_dtype):
+BIT_CASES = [(*case, bits) for case in CPU_CASES for bits in (2, 3, 4) if bits != 3 or case[2] % 32 == 0]
+
+
+@pytest.mark.parametrize("t,h,d,dtype,ratio,per_head,idx_dtype,bits", BIT_CASES)
+def test_write_bit_exact(t, h, d, dtype, ratio, per_head, idx_dtype, bits):
     x, slots, wslots, gen = make_inputs(t, h, d, dtype, seed=t * 31 + d)
     rot = signed_permutation(d, h if per_head else 0, gen)
-    layout = RowLayout(d)
+    layout = RowLayout(d, bits=bits)
     (rk, wk), (rr, wr) = run_both(x, rot, ratio, layout, slots.to(idx_dtype), wslots.to(idx_dtype),
                                   t + 5, t + 3, torch.float16, DEV)
     assert torch.equal(rk, rr), f"{(rk != rr).sum()} bytes differ"
@@ -84,29 +87,33 @@ def test_write_bit_exact(t, h, d, dtype, ratio, per_head, idx_dtype):
     assert (rk[untouched] == 0xAB).all(), "padding slot or unused row was written"
 
 
-def test_write_nonfinite_rows_match_reference():
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_write_nonfinite_rows_match_reference(bits):
     t, h, d = 9, 2, 64
+    layout = RowLayout(d, bits=bits)
     x, slots, wslots, gen = make_inputs(t, h, d, torch.float16, seed=3)
     x[1, 0, 5] = float("inf")
     x[2, 1, :] = float("nan")
     x[3, 0, 7] = -float("inf")
     slots = torch.arange(t)
-    (rk, wk), (rr, wr) = run_both(x, torch.eye(d), 0.96, RowLayout(d), slots, wslots, t, t + 3, torch.float16, DEV)
+    (rk, wk), (rr, wr) = run_both(x, torch.eye(d), 0.96, layout, slots, wslots, t, t + 3, torch.float16, DEV)
     assert torch.equal(rk, rr)
     assert torch.equal(wk, wr)
-    assert torch.isfinite(dequantize_rows(rk, RowLayout(d))).all()
+    assert torch.isfinite(dequantize_rows(rk, layout)).all()
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_write_without_rotation(d):
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_write_without_rotation(d, bits):
     """rotation=None (R_V folded: values arrive rotated): no dot, the same bytes as the reference
     and as an identity rotation, non-finite values sanitized."""
     t, h = 11, 2
+    layout = RowLayout(d, bits=bits)
     x, slots, wslots, gen = make_inputs(t, h, d, torch.float16, seed=d)
     x[2, 1, 3] = float("inf")
     x[4, 0, :] = float("nan")
-    (rn, wn), (rr, wr) = run_both(x, None, 0.92, RowLayout(d), slots, wslots, t + 5, t + 3, torch.float16, DEV)
-    (re, we), _ = run_both(x, torch.eye(d), 0.92, RowLayout(d), slots, wslots, t + 5, t + 3, torch.float16, DEV)
+    (rn, wn), (rr, wr) = run_both(x, None, 0.92, layout, slots, wslots, t + 5, t + 3, torch.float16, DEV)
+    (re, we), _ = run_both(x, torch.eye(d), 0.92, layout, slots, wslots, t + 5, t + 3, torch.float16, DEV)
     assert torch.equal(rn, rr) and torch.equal(wn, wr)
     assert torch.equal(rn, re) and torch.equal(wn, we)
 
@@ -141,12 +148,12 @@ def check_rotated_close(rk, rr, wk, wr, layout, win_dtype):
     torch.testing.assert_close(wk.float(), wr.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_write_real_rotation_close(d):
+@pytest.mark.parametrize("d,bits", [(64, 2), (128, 2), (64, 4), (128, 3)])
+def test_write_real_rotation_close(d, bits):
     t, h = 40, 2
     x, _, wslots, gen = make_inputs(t, h, d, torch.float16, seed=11)
     rot = torch.stack([random_orthogonal(d, gen) for _ in range(h)])
-    layout = RowLayout(d)
+    layout = RowLayout(d, bits=bits)
     (rk, wk), (rr, wr) = run_both(x, rot, 0.92, layout, torch.arange(t), wslots, t, t + 3, torch.float16, DEV)
     check_rotated_close(rk, rr, wk, wr, layout, torch.float16)
 
@@ -176,6 +183,9 @@ def test_ops_dispatch_cpu_uses_reference_and_sub_row_groups():
     assert ops.triton_supports(RowLayout(128)) and not ops.triton_supports(layout)
     assert not ops.triton_supports(RowLayout(32)) and ops.triton_supports(RowLayout(32), attention=False)
     assert ops.triton_supports(RowLayout(256)) and not ops.triton_supports(RowLayout(256), attention=False)
+    for bits in (3, 4):
+        assert ops.triton_supports(RowLayout(128, bits=bits)) and ops.triton_supports(RowLayout(32, bits=bits), False)
+        assert not ops.triton_supports(RowLayout(64, 16, bits=bits))
 
 
 @pytest.mark.gpu

@@ -57,6 +57,7 @@ def test_rag_prefix_hit_rate_and_frontend_program(tmp_path):
     assert oscar["capacity_tokens"] == oscar_cfg.max_total_tokens
     assert oscar["capacity_tokens"] >= 3 * bf16["capacity_tokens"]
     # the pool's window buffers (logged in MiB, 0.1 resolution, with the per-slot map charged in the cell)
+    assert oscar["window_mib_allocated"] != "", "the pool's log line (plugin.py) was not found in the server log"
     allocated = oscar["window_mib_allocated"] * 2**20
     assert oscar_cfg.window_bytes - 0.05 * 2**20 <= allocated
     assert allocated <= oscar_cfg.window_bytes + 8 * (oscar_cfg.max_total_tokens + 1) + 0.05 * 2**20
