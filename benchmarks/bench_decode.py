@@ -29,8 +29,8 @@ GPU_SHAPES = [  # (model, ctx, batch)
 ]
 
 
-def build(model, lens, dtype, dev, seed):
-    """Decode inputs for requests of the given context lengths."""
+def build(model, lens, dtype, dev, seed, bits=(2, 2)):
+    """Decode inputs for requests of the given context lengths; ``bits``: (key, value) code widths."""
     from oscar_sglang.kernels.codec import RowLayout
 
     hq, hkv, d = MODELS[model]
@@ -38,21 +38,24 @@ def build(model, lens, dtype, dev, seed):
     n_win = [min(n, SINK + RECENT) for n in lens]
     i_ptr, i_idx, n = paged_slots([a - b for a, b in zip(lens, n_win)], dev, gen)
     w_ptr, w_idx, m = paged_slots(n_win, dev, gen, page=1)
-    layout = RowLayout(d)
     return dict(
         q=torch.randn(len(lens), hq, d, device=dev, generator=gen).to(dtype),
-        k_rows=random_rows(n, hkv, d, dev, gen), v_rows=random_rows(n, hkv, d, dev, gen),
+        k_rows=random_rows(n, hkv, d, dev, gen, bits[0]), v_rows=random_rows(n, hkv, d, dev, gen, bits[1]),
         int2_indptr=i_ptr, int2_indices=i_idx,
         k_win=torch.randn(m, hkv, d, device=dev, generator=gen).to(dtype),
         v_win=torch.randn(m, hkv, d, device=dev, generator=gen).to(dtype),
-        win_indptr=w_ptr, win_indices=w_idx, sm_scale=d**-0.5, layout=layout,
+        win_indptr=w_ptr, win_indices=w_idx, sm_scale=d**-0.5, layout=RowLayout(d, bits=bits[0]),
+        v_layout=RowLayout(d, bits=bits[1]),
     )
 
 
-def check(model, lens, dtype, dev) -> float:
+IMPLS = {"oscar_int2": (2, 2), "oscar_k3v2": (3, 2)}  # the maximum-capacity mode and the default widths
+
+
+def check(model, lens, dtype, dev, bits=(2, 2)) -> float:
     from oscar_sglang.kernels import decode, reference
 
-    a = build(model, lens, dtype, dev, seed=1)
+    a = build(model, lens, dtype, dev, seed=1, bits=bits)
     out, lse = decode.decode_attention(**a)
     ref, ref_lse = reference.decode_attention(**a)
     tol = 1e-2 if dtype == torch.float16 else 4e-2
@@ -155,18 +158,21 @@ def run_gpu(args, dev):
     for model, ctx, batch in GPU_SHAPES:
         hq, hkv, d = MODELS[model]
         if model not in checked:
-            err = check(model, [3001, 1, 700, 321], torch.bfloat16, dev)
-            print(f"{model}: kernel matches reference (max abs err {err:.3g})")
+            for bits in IMPLS.values():
+                err = check(model, [3001, 1, 700, 321], torch.bfloat16, dev, bits)
+                print(f"{model} K{bits[0]}V{bits[1]}: kernel matches reference (max abs err {err:.3g})")
             checked.add(model)
-        a = build(model, [ctx] * batch, torch.bfloat16, dev, seed=0)
         splits = decode.plan_num_splits(batch, hkv, ctx, sms)
-        out = torch.empty_like(a["q"])
-        ours = time_cuda(lambda: decode.decode_attention(**a, out=out, num_splits=splits), args.iters)
         n_win = min(ctx, SINK + RECENT)
-        row_b = a["layout"].row_bytes
-        ours_bytes = batch * hkv * 2 * ((ctx - n_win) * row_b + n_win * d * 2) + batch * ctx * 4
+        ours = {}
+        for impl, bits in IMPLS.items():
+            a = build(model, [ctx] * batch, torch.bfloat16, dev, seed=0, bits=bits)
+            out = torch.empty_like(a["q"])
+            ms = time_cuda(lambda: decode.decode_attention(**a, out=out, num_splits=splits), args.iters)
+            row_b = a["layout"].row_bytes + a["v_layout"].row_bytes
+            ours[impl] = ms, batch * hkv * ((ctx - n_win) * row_b + 2 * n_win * d * 2) + batch * ctx * 4
+            a = out = None  # free before the baselines allocate
         bf16_bytes = batch * hkv * 2 * ctx * d * 2 + batch * ctx * 4
-        a = None  # free before the baselines allocate
         gen = torch.Generator(device=dev).manual_seed(2)
         base = {}
         for k, f in bf16_baselines(model, ctx, batch, dev, names, gen).items():
@@ -176,10 +182,11 @@ def run_gpu(args, dev):
                 print(f"{k} failed: {type(e).__name__}: {e}")
         torch.cuda.empty_cache()
         best = min(base, key=base.get) if base else ""
-        rows = [dict(bench="decode", model=model, ctx=ctx, batch=batch, impl="oscar_int2", splits=splits,
-                     ms=round(ours, 4), mbytes=round(ours_bytes / 1e6, 2), gbs=round(ours_bytes / ours / 1e6, 1),
-                     frac_copy_bw=round(ours_bytes / ours / 1e6 / copy_gbs, 3), best_bf16=best,
-                     speedup_vs_best_bf16=round(base[best] / ours, 2) if best else "")]
+        rows = [dict(bench="decode", model=model, ctx=ctx, batch=batch, impl=impl, splits=splits,
+                     ms=round(ms, 4), mbytes=round(nbytes / 1e6, 2), gbs=round(nbytes / ms / 1e6, 1),
+                     frac_copy_bw=round(nbytes / ms / 1e6 / copy_gbs, 3), best_bf16=best,
+                     speedup_vs_best_bf16=round(base[best] / ms, 2) if best else "")
+                for impl, (ms, nbytes) in ours.items()]
         for k, ms in sorted(base.items(), key=lambda kv: kv[1]):
             rows.append(dict(bench="decode", model=model, ctx=ctx, batch=batch, impl=k, splits="", ms=round(ms, 4),
                              mbytes=round(bf16_bytes / 1e6, 2), gbs=round(bf16_bytes / ms / 1e6, 1),

@@ -21,7 +21,7 @@ GPU_SHAPES = [("qwen3-8b", p, c) for p in (4096, 32768) for c in (512, 2048)] + 
     ("smollm2-135m", 32768, 2048), ("llama3-70b-tp8", 32768, 2048)]
 
 
-def build(model, prefixes, chunks, dtype, dev, seed):
+def build(model, prefixes, chunks, dtype, dev, seed, bits=(2, 2)):
     from oscar_sglang.kernels.codec import RowLayout
 
     hq, hkv, d = MODELS[model]
@@ -41,17 +41,21 @@ def build(model, prefixes, chunks, dtype, dev, seed):
     return dict(
         q=randn(tq, hq, d), k_new=randn(tq, hkv, d), v_new=randn(tq, hkv, d),
         qo_indptr=torch.tensor([0] + chunks, device=dev).cumsum(0).to(torch.int32),
-        k_rows=random_rows(n, hkv, d, dev, gen), v_rows=random_rows(n, hkv, d, dev, gen),
+        k_rows=random_rows(n, hkv, d, dev, gen, bits[0]), v_rows=random_rows(n, hkv, d, dev, gen, bits[1]),
         int2_indptr=i_ptr, int2_indices=i_idx, k_win=randn(m, hkv, d), v_win=randn(m, hkv, d),
         win_indptr=w_ptr, win_indices=w_idx, prefix_lens=torch.tensor(prefixes, dtype=torch.int32, device=dev),
-        sink=SINK, recent=RECENT, sm_scale=d**-0.5, layout=RowLayout(d),
+        sink=SINK, recent=RECENT, sm_scale=d**-0.5, layout=RowLayout(d, bits=bits[0]),
+        v_layout=RowLayout(d, bits=bits[1]),
     )
 
 
-def check(model, prefixes, chunks, dtype, dev) -> float:
+IMPLS = {"oscar_int2": (2, 2), "oscar_k3v2": (3, 2)}  # the maximum-capacity mode and the default widths
+
+
+def check(model, prefixes, chunks, dtype, dev, bits=(2, 2)) -> float:
     from oscar_sglang.kernels import extend, reference
 
-    a = build(model, prefixes, chunks, dtype, dev, seed=1)
+    a = build(model, prefixes, chunks, dtype, dev, seed=1, bits=bits)
     out = extend.extend_attention(**a)
     ref = reference.extend_attention(**a)
     tol = 1e-2 if dtype == torch.float16 else 4e-2
@@ -103,15 +107,18 @@ def run_gpu(args, dev):
     from oscar_sglang.kernels import extend
 
     for model in MODELS:
-        err = check(model, [3001, 0, 700], [300, 129, 1], torch.bfloat16, dev)
-        print(f"{model}: kernel matches reference (max abs err {err:.3g})")
+        for bits in IMPLS.values():
+            err = check(model, [3001, 0, 700], [300, 129, 1], torch.bfloat16, dev, bits)
+            print(f"{model} K{bits[0]}V{bits[1]}: kernel matches reference (max abs err {err:.3g})")
     for model, prefix, chunk in GPU_SHAPES:
         hq, hkv, d = MODELS[model]
-        a = build(model, [prefix], [chunk], torch.bfloat16, dev, seed=0)
-        ours = time_cuda(lambda: extend.extend_attention(**a, max_q_len=chunk), args.iters)
+        ours = {}
+        for impl, bits in IMPLS.items():
+            a = build(model, [prefix], [chunk], torch.bfloat16, dev, seed=0, bits=bits)
+            ours[impl] = time_cuda(lambda: extend.extend_attention(**a, max_q_len=chunk), args.iters)
+            a = None  # free before the baselines allocate
         n_int2 = max(0, prefix + chunk - RECENT - SINK)
         flops = 4 * chunk * hq * d * (prefix + (chunk + 1) / 2)
-        a = None  # free before the baselines allocate
         gen = torch.Generator(device=dev).manual_seed(2)
         base = {}
         for k, f in bf16_baselines(model, prefix, chunk, dev, gen).items():
@@ -121,9 +128,10 @@ def run_gpu(args, dev):
                 print(f"{k} failed: {type(e).__name__}: {e}")
         torch.cuda.empty_cache()
         best = min(base, key=base.get) if base else ""
-        rows = [dict(bench="extend", model=model, prefix=prefix, chunk=chunk, impl="oscar_int2", ms=round(ours, 4),
-                     tflops=round(flops / ours / 1e9, 1), int2_prefix=n_int2, best_bf16=best,
-                     speedup_vs_best_bf16=round(base[best] / ours, 2) if best else "")]
+        rows = [dict(bench="extend", model=model, prefix=prefix, chunk=chunk, impl=impl, ms=round(ms, 4),
+                     tflops=round(flops / ms / 1e9, 1), int2_prefix=n_int2, best_bf16=best,
+                     speedup_vs_best_bf16=round(base[best] / ms, 2) if best else "")
+                for impl, ms in ours.items()]
         rows += [dict(bench="extend", model=model, prefix=prefix, chunk=chunk, impl=k, ms=round(ms, 4),
                       tflops=round(flops / ms / 1e9, 1), int2_prefix=0, best_bf16=best, speedup_vs_best_bf16="")
                  for k, ms in sorted(base.items(), key=lambda kv: kv[1])]

@@ -111,13 +111,16 @@ def append_rows(rows: list[dict], dev: torch.device, out: str | None) -> None:
     print(f"appended {len(rows)} rows to {', '.join(str(d / (name + '.csv')) for d in dirs)}")
 
 
-def random_rows(n: int, heads: int, d: int, dev: torch.device, gen: torch.Generator) -> torch.Tensor:
-    """Storage rows with random codes and plausible fp16 scale/minimum (fast, any size)."""
-    q = d // 4
-    rows = torch.randint(0, 256, (n, heads, q + 4), dtype=torch.uint8, device=dev, generator=gen)
-    scale = torch.rand(n, heads, device=dev, generator=gen) * 0.5 + 0.2
-    params = torch.stack([scale, -1.5 * scale], dim=-1).half().view(torch.uint8)
-    rows[..., q:] = params
+def random_rows(n: int, heads: int, d: int, dev: torch.device, gen: torch.Generator, bits: int = 2) -> torch.Tensor:
+    """Storage rows of ``bits`` per code (codec.RowLayout) with random codes and plausible fp16
+    scale/minimum (fast, any size)."""
+    from oscar_sglang.kernels.codec import RowLayout
+
+    layout = RowLayout(d, bits=bits)
+    rows = torch.randint(0, 256, (n, heads, layout.row_bytes), dtype=torch.uint8, device=dev, generator=gen)
+    scale = torch.rand(n, heads, device=dev, generator=gen) * 0.5 / layout.top + 0.2 / layout.top
+    params = torch.stack([scale, -0.5 * layout.top * scale], dim=-1).half().view(torch.uint8)
+    rows[..., layout.code_bytes:] = params
     return rows
 
 

@@ -200,6 +200,14 @@ def test_decode_gpu_matrix(d, group, dtype, page, splits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bits", [(3, 2), (4, 2), (2, 3), (4, 4)])
+@pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (128, torch.bfloat16), (128, torch.float16)])
+def test_decode_gpu_bit_widths(d, dtype, bits):
+    require_gpu()
+    check_decode(d, 2, 4, *GPU_LENS, 16, dtype, None, seed=d + bits[0], bits=bits)
+
+
+@pytest.mark.gpu
 def test_decode_gpu_large_batch():
     require_gpu()
     check_decode(128, 8, 4, [4096 + i for i in range(64)], [320] * 64, 16, torch.bfloat16, None)

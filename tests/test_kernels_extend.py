@@ -120,3 +120,11 @@ def test_ops_extend_cpu_is_reference():
 def test_extend_gpu_matrix(d, group, dtype, page):
     require_gpu()
     check_extend(d, 2, group, [0, 1000, 97, 4000], [0, 320, 7, 320], [300, 1, 129, 700], page, dtype, seed=d + group)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [(3, 2), (4, 2), (2, 4)])
+@pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (128, torch.bfloat16)])
+def test_extend_gpu_bit_widths(d, dtype, bits):
+    require_gpu()
+    check_extend(d, 2, 4, [0, 1000, 97, 4000], [0, 320, 7, 320], [300, 1, 129, 700], 16, dtype, seed=d, bits=bits)
