@@ -130,10 +130,10 @@ def capture(module, call) -> list:
 # ----------------------------------------------------------------------------- kernel specs
 # Each spec: shape (hq, hkv, d) -> launches of its launcher at that shape. Add a kernel by
 # adding a function here; a spec whose call raises is reported as skipped with the reason.
-def _write_launches(clip_ratio: float, rotate: bool = True):
+def _write_launches(clip_ratio: float, rotate: bool = True, bits: int = 2):
     def spec(shape):
         _, hkv, d = shape
-        layout = RowLayout(d)
+        layout = RowLayout(d, bits=bits)
         t = WRITE_TOKENS
         x = torch.zeros(t, hkv, d, dtype=torch.bfloat16)
         # per-KV-head rotations (the calibration default); None: values with R_V folded
@@ -190,12 +190,15 @@ def _extend_launches(shape):
 # arches where shared memory is tight (86/89) and on sm_90, decode everywhere, extend and the
 # unrotated (folded) V write on sm_86/90.
 CI_JOBS = {"write_v": (86, 89, 90), "write_k": (86, 89, 90), "write_v_folded": (86, 90), "extend": (86, 90),
+           "write_k3": (89, 90), "write_k4": (90,),
            "decode": (80, 86, 89, 90), "decode_k3v2": (89, 90), "decode_k4v2": (89, 90)}
 
 SPECS = {  # in order of compile cost
     "write_v": _write_launches(0.92),  # V clip (OSCAR default 0.92): 11 rank-selection passes at D=128
     "write_k": _write_launches(0.96),  # K clip (0.96): 6 passes
     "write_v_folded": _write_launches(0.92, rotate=False),  # V when R_V is folded into the weights: no dot
+    "write_k3": _write_launches(0.96, bits=3),  # 3-bit keys (the default): the 1-bit high plane
+    "write_k4": _write_launches(0.96, bits=4),  # 4-bit keys: a second 2-bit plane
     "decode": _decode_launches(),  # -> decode_split, decode_merge
     "decode_k3v2": _decode_launches(3),  # -> decode_split_k3v2 (3-bit keys, 2-bit values)
     "decode_k4v2": _decode_launches(4),  # -> decode_split_k4v2
