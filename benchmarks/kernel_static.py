@@ -172,25 +172,31 @@ def _decode_launches(key_bits: int = 2):
     return spec
 
 
-def _extend_launches(shape):
-    """Current extend signature (prefix_lens, sink, recent); if it changes, this is skipped."""
-    hq, hkv, d = shape
-    layout, rows, win, indptr, indices = _paged_inputs(shape, 64, 2)
-    tq = 64
-    q = torch.zeros(tq, hq, d, dtype=torch.bfloat16)
-    kn = torch.zeros(tq, hkv, d, dtype=torch.bfloat16)
-    qo = torch.tensor([0, 32, 64], dtype=torch.int32)
-    prefix = torch.tensor([32, 32], dtype=torch.int32)
-    return capture(extend, lambda: extend.extend_attention(
-        q, kn, kn, qo, rows, rows, indptr, indices, win, win, indptr, indices, prefix, 64, 256,
-        d ** -0.5, layout, max_q_len=32))
+def _extend_launches(key_bits: int = 2):
+    """Current extend signature (prefix_lens, sink, recent); if it changes, this is skipped.
+    ``key_bits`` keys over 2-bit values: then the extend kernel only (not the split merge)."""
+    def spec(shape):
+        hq, hkv, d = shape
+        layout, rows, win, indptr, indices = _paged_inputs(shape, 64, 2)
+        k_layout = layout.with_bits(key_bits)
+        k_rows = torch.zeros(rows.shape[0], hkv, k_layout.row_bytes, dtype=torch.uint8) if key_bits != 2 else rows
+        tq = 64
+        q = torch.zeros(tq, hq, d, dtype=torch.bfloat16)
+        kn = torch.zeros(tq, hkv, d, dtype=torch.bfloat16)
+        qo = torch.tensor([0, 32, 64], dtype=torch.int32)
+        prefix = torch.tensor([32, 32], dtype=torch.int32)
+        launches = capture(extend, lambda: extend.extend_attention(
+            q, kn, kn, qo, k_rows, rows, indptr, indices, win, win, indptr, indices, prefix, 64, 256,
+            d ** -0.5, k_layout, max_q_len=32, v_layout=layout))
+        return launches if key_bits == 2 else [x for x in launches if x[0].__name__ == "_extend_kernel"]
+    return spec
 
 
 # CI subset (tests/test_kernel_static.py, ~1 min on 2 cores): D=128 only; the write kernel on the
 # arches where shared memory is tight (86/89) and on sm_90, decode everywhere, extend and the
 # unrotated (folded) V write on sm_86/90.
 CI_JOBS = {"write_v": (86, 89, 90), "write_k": (86, 89, 90), "write_v_folded": (86, 90), "extend": (86, 90),
-           "write_k3": (89, 90), "write_k4": (90,),
+           "write_k3": (89, 90), "write_k4": (90,), "extend_k3v2": (86, 90),
            "decode": (80, 86, 89, 90), "decode_k3v2": (89, 90), "decode_k4v2": (89, 90)}
 
 SPECS = {  # in order of compile cost
@@ -202,7 +208,8 @@ SPECS = {  # in order of compile cost
     "decode": _decode_launches(),  # -> decode_split, decode_merge
     "decode_k3v2": _decode_launches(3),  # -> decode_split_k3v2 (3-bit keys, 2-bit values)
     "decode_k4v2": _decode_launches(4),  # -> decode_split_k4v2
-    "extend": _extend_launches,
+    "extend": _extend_launches(),
+    "extend_k3v2": _extend_launches(3),  # 3-bit keys over 2-bit values (the default widths)
 }
 KERNEL_NAMES = {  # JIT function name -> reported kernel name
     "_quantize_write_kernel": None,  # the spec's name (write_k / write_v)
@@ -365,6 +372,8 @@ def run_job(spec: str, cc: int, models: list[str]) -> list[dict]:
             kernel = KERNEL_NAMES.get(fn.__name__) or spec
             if spec.startswith("decode_"):  # a decode variant: decode_split_<variant>
                 kernel += spec[len("decode"):]
+            elif spec.startswith("extend_"):  # an extend variant: its spec's name
+                kernel = spec
             try:
                 rows.extend(_rows_for(kernel, cc, model, fn, args, kwargs, memo))
             except Exception as e:  # noqa: BLE001

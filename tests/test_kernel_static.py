@@ -25,6 +25,7 @@ CORE = {
     "write_v_folded": ("sm_86", "sm_90"),
     "write_k3": ("sm_89", "sm_90"),  # 3-bit keys (the default widths): the 1-bit high plane
     "write_k4": ("sm_90",),
+    "extend_k3v2": ("sm_86", "sm_90"),  # 8 B of spills on sm_86 at num_stages 2 (README)
     "decode_split": ("sm_80", "sm_86", "sm_89", "sm_90"),
     "decode_merge": ("sm_80", "sm_86", "sm_89", "sm_90"),
     "decode_split_k3v2": ("sm_89", "sm_90"),  # 3-bit keys over 2-bit values (the default widths)
