@@ -145,50 +145,53 @@ def _write_launches(clip_ratio: float, rotate: bool = True, bits: int = 2):
     return spec
 
 
-def _paged_inputs(shape, n_tokens: int, batch: int):
+def _paged_inputs(shape, n_tokens: int, batch: int, key_bits: int):
+    """2-bit value rows and ``key_bits`` key rows (one buffer for both at 2 bits, as the pool's
+    equal-width layers; else separate buffers of different row bytes)."""
     hq, hkv, d = shape
-    layout = RowLayout(d)
-    rows = torch.zeros(n_tokens + 8, hkv, layout.row_bytes, dtype=torch.uint8)
+    v_layout = RowLayout(d)
+    k_layout = v_layout.with_bits(key_bits)
+    v_rows = torch.zeros(n_tokens + 8, hkv, v_layout.row_bytes, dtype=torch.uint8)
+    k_rows = v_rows if key_bits == 2 else torch.zeros(n_tokens + 8, hkv, k_layout.row_bytes, dtype=torch.uint8)
     win = torch.zeros(n_tokens + 8, hkv, d, dtype=torch.bfloat16)
     indptr = torch.linspace(0, n_tokens, batch + 1).round().to(torch.int32)  # sglang: int32 indices
     indices = torch.arange(n_tokens, dtype=torch.int32)
-    return layout, rows, win, indptr, indices
+    return k_layout, v_layout, k_rows, v_rows, win, indptr, indices
+
+
+def _variant(launches: list, key_bits: int, kernel: str) -> list:
+    """All launches at 2-bit keys; for a key-width variant only ``kernel`` (the merge it shares
+    with the 2-bit spec is not reported twice)."""
+    return launches if key_bits == 2 else [x for x in launches if x[0].__name__ == kernel]
 
 
 def _decode_launches(key_bits: int = 2):
-    """2-bit K and V rows (one buffer, as the pool's equal-width layers), or ``key_bits`` keys
-    over 2-bit values (separate buffers of different row bytes): then the split kernel only."""
+    """``key_bits`` keys over 2-bit values; a variant reports the split kernel only."""
     def spec(shape):
         hq, hkv, d = shape
-        layout, rows, win, indptr, indices = _paged_inputs(shape, 64, 2)
-        k_layout = layout.with_bits(key_bits)
-        k_rows = torch.zeros(rows.shape[0], hkv, k_layout.row_bytes, dtype=torch.uint8) if key_bits != 2 else rows
+        k_layout, v_layout, k_rows, v_rows, win, indptr, indices = _paged_inputs(shape, 64, 2, key_bits)
         q = torch.zeros(2, hq, d, dtype=torch.bfloat16)
         splits = decode.plan_num_splits(DECODE_BATCH, hkv, DECODE_CONTEXT, DECODE_SMS)
-        launches = capture(decode, lambda: decode.decode_attention(
-            q, k_rows, rows, indptr, indices, win, win, indptr, indices, d ** -0.5, k_layout, num_splits=splits,
-            v_layout=layout))
-        return launches if key_bits == 2 else [x for x in launches if x[0].__name__ == "_decode_split_kernel"]
+        return _variant(capture(decode, lambda: decode.decode_attention(
+            q, k_rows, v_rows, indptr, indices, win, win, indptr, indices, d ** -0.5, k_layout, num_splits=splits,
+            v_layout=v_layout)), key_bits, "_decode_split_kernel")
     return spec
 
 
 def _extend_launches(key_bits: int = 2):
     """Current extend signature (prefix_lens, sink, recent); if it changes, this is skipped.
-    ``key_bits`` keys over 2-bit values: then the extend kernel only (not the split merge)."""
+    ``key_bits`` keys over 2-bit values; a variant reports the extend kernel only."""
     def spec(shape):
         hq, hkv, d = shape
-        layout, rows, win, indptr, indices = _paged_inputs(shape, 64, 2)
-        k_layout = layout.with_bits(key_bits)
-        k_rows = torch.zeros(rows.shape[0], hkv, k_layout.row_bytes, dtype=torch.uint8) if key_bits != 2 else rows
+        k_layout, v_layout, k_rows, v_rows, win, indptr, indices = _paged_inputs(shape, 64, 2, key_bits)
         tq = 64
         q = torch.zeros(tq, hq, d, dtype=torch.bfloat16)
         kn = torch.zeros(tq, hkv, d, dtype=torch.bfloat16)
         qo = torch.tensor([0, 32, 64], dtype=torch.int32)
         prefix = torch.tensor([32, 32], dtype=torch.int32)
-        launches = capture(extend, lambda: extend.extend_attention(
-            q, kn, kn, qo, k_rows, rows, indptr, indices, win, win, indptr, indices, prefix, 64, 256,
-            d ** -0.5, k_layout, max_q_len=32, v_layout=layout))
-        return launches if key_bits == 2 else [x for x in launches if x[0].__name__ == "_extend_kernel"]
+        return _variant(capture(extend, lambda: extend.extend_attention(
+            q, kn, kn, qo, k_rows, v_rows, indptr, indices, win, win, indptr, indices, prefix, 64, 256,
+            d ** -0.5, k_layout, max_q_len=32, v_layout=v_layout)), key_bits, "_extend_kernel")
     return spec
 
 

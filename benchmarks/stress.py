@@ -14,8 +14,8 @@ What it does, against one server started with a small ``--max-total-tokens`` (or
 4. checks: every request completes (length or EOS, not aborted); each output
    equals the prompt's reference (``mismatches``; ``mismatches_at_near_ties`` of them leave it
    at a step where the reference's top two tokens were within TIE_NATS, which float rounding
-   that depends on the batch shape may flip: those do not fail the run); between forwards and at idle no window
-   row is leaked (``kv_health`` leak fields); after ``/flush_cache`` the allocator's free
+   that depends on the batch shape may flip: those do not fail the run); between forwards
+   and at idle no window row is leaked (``kv_health`` leak fields); after ``/flush_cache`` the allocator's free
    size and the free sink rows are exactly back at their initial values.
 
 Counts reported (and appended to benchmarks/results/stress.csv): requests served,
@@ -163,8 +163,9 @@ def run(url: str, prompts: list[list[int]], *, n_requests: int, concurrency: int
     flush(url)
     after = kv_health(url)
     done = [(i, r) for i, r in results if isinstance(r, dict) and completed(r)]
-    mismatched = [i for i, r in done if r["output_ids"] != ref[i][0]]
-    ties = [i for i, r in done if r["output_ids"] != ref[i][0] and near_tie(r["output_ids"], ref[i])]
+    diverged = [(i, r["output_ids"]) for i, r in done if r["output_ids"] != ref[i][0]]
+    mismatched = [i for i, _ in diverged]
+    ties = [i for i, out in diverged if near_tie(out, ref[i])]
     return {
         "device": info["device"],
         "backend": info["attention_backend"],
@@ -200,7 +201,10 @@ def run(url: str, prompts: list[list[int]], *, n_requests: int, concurrency: int
 def append_csv(path: Path, row: dict) -> None:
     """Appends ``row``; a file with other columns is rewritten under the union of both headers."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+    old = []
+    if path.exists():
+        with path.open(newline="") as f:
+            old = list(csv.DictReader(f))
     fields = list(dict.fromkeys([*(old[0] if old else {}), *row]))
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, restval="")

