@@ -118,7 +118,8 @@ def bf16_baselines(model, ctx, batch, dev, names, gen):
 
 SWEEP_SHAPES = [("qwen3-8b", 32768, 1), ("qwen3-8b", 131072, 1), ("qwen3-8b", 16384, 64), ("smollm2-135m", 32768, 1)]
 # (block_n, block_w, num_warps, num_stages): the default (128, 32, 4, 2) first, then its neighbours
-SWEEP_CONFIGS = [(128, 32, 4, 2), (64, 32, 4, 2), (128, 32, 4, 3), (128, 32, 8, 2), (128, 64, 4, 2), (64, 32, 2, 2)]
+SWEEP_CONFIGS = [(128, 32, 4, 2), (64, 32, 4, 2), (128, 32, 4, 3), (128, 32, 8, 2), (128, 64, 4, 2), (64, 32, 2, 2),
+                  (128, 32, 2, 2)]
 
 
 def run_sweep(args, dev):

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .checks import check_head_dim, check_index, check_rows, check_window, plan_splits, sm_count
 from .codec import RowLayout
-from .tiles import _dense_block, _int2_block, _load_q_planes, code_bits2
+from .tiles import _dense_block, _int2_block, _int2_finish, _load_q_codes, _load_q_planes, code_bits2
 
 __all__ = ["DecodeConfig", "plan_num_splits", "decode_attention", "merge_splits"]
 
@@ -44,9 +44,10 @@ MERGE_BLOCK_S = 8  # splits merged per step
 @dataclass(frozen=True)
 class DecodeConfig:
     """Tile sizes and launch knobs, chosen from the static report (``benchmarks/kernel_static.py``,
-    Qwen3-8B heads, sm_90), not from GPU timings: 128 INT2 rows per step issue 32 SASS
-    instructions per (token, KV head), 64 rows 41 (204 registers, no spill: 2 programs of 4 warps
-    per SM, each with two 9 KiB stages of rows in flight); 8 warps issue more (44), 2 warps spill."""
+    Qwen3-8B heads, sm_90), not from GPU timings: 128 INT2 rows per step issue 23.1 SASS
+    instructions per (token, KV head) with 130 registers (no spill; 3 programs of 4 warps per
+    SM), 64 rows 30.6, 8 warps 34.1. 2 warps issue 17.6 with 204 registers (no spill) but leave
+    2 warps per scheduler to hide latency: which is faster needs a GPU (``bench_decode.py --sweep``)."""
 
     block_n: int = 128  # INT2 rows per loop step
     block_w: int = 32  # window rows per loop step
@@ -94,45 +95,56 @@ def _decode_split_kernel(
 
     hrow = tl.arange(0, BLOCK_H)
     hmask = hrow < G
-    qh = q_ptr + b * stride_qb + (hk * G + hrow)[None, :] * stride_qh + tl.arange(0, Q)[:, None]
-    q0, q1, q2, q3, qsum = _load_q_planes(qh, hmask[None, :], Q)
+    qh = q_ptr + b * stride_qb + (hk * G + hrow)[None, :] * stride_qh
+    q0, q1, q2, q3, qsum, qb = _load_q_codes(qh, hmask[None, :], Q)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    macc = tl.zeros([BLOCK_H], tl.float32)
+    msum = tl.zeros([BLOCK_H], tl.float32)
+    ssum = tl.zeros([BLOCK_H], tl.float32)
     acc0 = tl.zeros([Q, BLOCK_H], tl.float32)
     acc1 = tl.zeros([Q, BLOCK_H], tl.float32)
     acc2 = tl.zeros([Q, BLOCK_H], tl.float32)
     acc3 = tl.zeros([Q, BLOCK_H], tl.float32)
-    for start in range(lo, i_hi, BLOCK_N):
+    i_full = lo + tl.maximum(i_hi - lo, 0) // BLOCK_N * BLOCK_N
+    for start in range(lo, i_full, BLOCK_N):  # full blocks: no masks
         offs = start + tl.arange(0, BLOCK_N)
+        slot = tl.load(i_idx + i_beg + offs).to(tl.int64)
+        k_off = slot * stride_krn + hk * stride_krh
+        v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
+        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum = _int2_block(
+            q0, q1, q2, q3, qsum, qb, k_off, v_off, offs, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
+            msum, ssum, scale_log2, code_bits2, Q, K_BITS, V_BITS, None, False)
+    if i_full < i_hi:
+        offs = i_full + tl.arange(0, BLOCK_N)
         nmask = offs < i_hi
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
         k_off = slot * stride_krn + hk * stride_krh
         v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
-        m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
-            q0, q1, q2, q3, qsum, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
-            macc, scale_log2, code_bits2, Q, K_BITS, V_BITS, nmask[:, None])
+        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum = _int2_block(
+            q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
+            msum, ssum, scale_log2, code_bits2, Q, K_BITS, V_BITS, nmask[:, None])
+    acc0, acc1, acc2, acc3 = _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, Q)
+    qd0, qd1, qd2, qd3 = _load_q_planes(qh + tl.arange(0, Q)[:, None], hmask[None, :], Q)
     for start in range(w_lo, w_hi, BLOCK_W):
         offs = start + tl.arange(0, BLOCK_W)
         nmask = offs < w_hi
         slot = tl.load(w_idx + w_beg + offs, mask=nmask, other=0).to(tl.int64)
-        m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
-            q0, q1, q2, q3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
-            nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q, nmask[:, None])
+        m_i, l_i, acc0, acc1, acc2, acc3 = _dense_block(
+            qd0, qd1, qd2, qd3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
+            nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, scale_log2, Q, nmask[:, None])
 
     # Partial result of this split (lse = -inf and out = 0 when it saw no token).
     nonempty = l_i > 0
     inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)[None, :]
-    mterm = macc[None, :]
     hq = hk * G + hrow
     obase = opart_ptr + ((b * (G * tl.num_programs(0)) + hq) * num_splits + sp).to(tl.int64)[None, :] * D
     oc = tl.arange(0, Q)[:, None]
     om = hmask[None, :]
-    tl.store(obase + oc, (acc0 + mterm) * inv, mask=om)
-    tl.store(obase + Q + oc, (acc1 + mterm) * inv, mask=om)
-    tl.store(obase + 2 * Q + oc, (acc2 + mterm) * inv, mask=om)
-    tl.store(obase + 3 * Q + oc, (acc3 + mterm) * inv, mask=om)
+    tl.store(obase + oc, acc0 * inv, mask=om)
+    tl.store(obase + Q + oc, acc1 * inv, mask=om)
+    tl.store(obase + 2 * Q + oc, acc2 * inv, mask=om)
+    tl.store(obase + 3 * Q + oc, acc3 * inv, mask=om)
     lse2 = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     lbase = (b * (G * tl.num_programs(0)) + hq) * num_splits + sp
     tl.store(lpart_ptr + lbase, lse2, mask=hmask)
@@ -227,7 +239,7 @@ def decode_attention(
     lpart = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(hkv, num_splits, bsz)](
         q, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices,
-        opart, lpart, sm_scale * LOG2E, code_bits2(q.dtype), num_splits,
+        opart, lpart, sm_scale * LOG2E, code_bits2(), num_splits,
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
         k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
         G=group, BLOCK_H=max(8, triton.next_power_of_2(group)), D=d,

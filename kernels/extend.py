@@ -36,7 +36,7 @@ import triton.language as tl
 from .checks import check_head_dim, check_index, check_rows, check_window, plan_splits, sm_count
 from .codec import RowLayout
 from .decode import LOG2E, merge_splits
-from .tiles import _dense_block, _int2_block, _load_q_planes, code_bits2
+from .tiles import _dense_block, _int2_block, _int2_finish, _load_q_codes, _load_q_planes, code_bits2
 
 __all__ = ["ExtendConfig", "plan_extend_splits", "extend_attention"]
 
@@ -93,12 +93,13 @@ def _extend_kernel(
     rmask = (tok < q_len) & (r % GP < G)
     a = tl.load(prefix_ptr + b).to(tl.int32)  # the chunk's first position
     t = (a + tok)[None, :]  # query positions; key p is exact iff p < sink or p > t - recent
-    qp = q_ptr + (q_beg + tok)[None, :] * stride_qt + hq[None, :] * stride_qh + tl.arange(0, Q)[:, None]
-    q0, q1, q2, q3, qsum = _load_q_planes(qp, rmask[None, :], Q)
+    qp = q_ptr + (q_beg + tok)[None, :] * stride_qt + hq[None, :] * stride_qh
+    q0, q1, q2, q3, qsum, qb = _load_q_codes(qp, rmask[None, :], Q)
 
     m_i = tl.full([BLOCK_M * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M * GP], tl.float32)
-    macc = tl.zeros([BLOCK_M * GP], tl.float32)
+    msum = tl.zeros([BLOCK_M * GP], tl.float32)
+    ssum = tl.zeros([BLOCK_M * GP], tl.float32)
     acc0 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
     acc1 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
     acc2 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
@@ -115,11 +116,13 @@ def _extend_kernel(
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
         k_off = slot * stride_krn + hk * stride_krh
         v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
-        m_i, l_i, acc0, acc1, acc2, acc3, macc = _int2_block(
-            q0, q1, q2, q3, qsum, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
-            macc, scale_log2, code_bits2, Q, K_BITS, V_BITS, (sink + offs)[:, None] <= t - recent)
+        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum = _int2_block(
+            q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
+            msum, ssum, scale_log2, code_bits2, Q, K_BITS, V_BITS, (sink + offs)[:, None] <= t - recent)
+    acc0, acc1, acc2, acc3 = _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, Q)
 
     if sp == 0:
+        qd0, qd1, qd2, qd3 = _load_q_planes(qp + tl.arange(0, Q)[:, None], rmask[None, :], Q)
         w_beg = tl.load(w_indptr + b).to(tl.int64)
         n_w = (tl.load(w_indptr + b + 1) - w_beg).to(tl.int32)
         n_sink = tl.minimum(tl.minimum(a, sink), n_w)  # window = the sinks, then the ring ending at a
@@ -128,23 +131,22 @@ def _extend_kernel(
             nmask = offs < n_w
             pos = tl.where(offs < n_sink, offs, a - n_w + offs)[:, None]
             slot = tl.load(w_idx + w_beg + offs, mask=nmask, other=0).to(tl.int64)
-            m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
-                q0, q1, q2, q3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
-                nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q,
+            m_i, l_i, acc0, acc1, acc2, acc3 = _dense_block(
+                qd0, qd1, qd2, qd3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
+                nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, scale_log2, Q,
                 (pos < sink) | (pos > t - recent))
         # The chunk itself, causal: only key blocks up to this query block's last token.
         for start in range(0, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)
             nmask = offs < q_len
             ktok = (q_beg + offs).to(tl.int64)
-            m_i, l_i, acc0, acc1, acc2, acc3, macc = _dense_block(
-                q0, q1, q2, q3, ktok * stride_knt + hk * stride_knh, ktok * stride_vnt + hk * stride_vnh,
-                nmask, kn_ptr, vn_ptr, m_i, l_i, acc0, acc1, acc2, acc3, macc, scale_log2, Q,
+            m_i, l_i, acc0, acc1, acc2, acc3 = _dense_block(
+                qd0, qd1, qd2, qd3, ktok * stride_knt + hk * stride_knh, ktok * stride_vnt + hk * stride_vnh,
+                nmask, kn_ptr, vn_ptr, m_i, l_i, acc0, acc1, acc2, acc3, scale_log2, Q,
                 (offs[:, None] <= tok[None, :]) & (((a + offs)[:, None] < sink) | ((a + offs)[:, None] > t - recent)))
 
     nonempty = l_i > 0
     inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)[None, :]
-    mterm = macc[None, :]
     oc = tl.arange(0, Q)[:, None]
     om = rmask[None, :]
     if SPLIT:  # partial [token, head, split] rows of D, as decode's merge reads them
@@ -156,10 +158,10 @@ def _extend_kernel(
     else:
         op = o_ptr + (q_beg + tok)[None, :] * stride_ot + hq[None, :] * stride_oh + oc
         dt = o_ptr.dtype.element_ty
-    tl.store(op, ((acc0 + mterm) * inv).to(dt), mask=om)
-    tl.store(op + Q, ((acc1 + mterm) * inv).to(dt), mask=om)
-    tl.store(op + 2 * Q, ((acc2 + mterm) * inv).to(dt), mask=om)
-    tl.store(op + 3 * Q, ((acc3 + mterm) * inv).to(dt), mask=om)
+    tl.store(op, (acc0 * inv).to(dt), mask=om)
+    tl.store(op + Q, (acc1 * inv).to(dt), mask=om)
+    tl.store(op + 2 * Q, (acc2 * inv).to(dt), mask=om)
+    tl.store(op + 3 * Q, (acc3 * inv).to(dt), mask=om)
 
 
 def extend_attention(
@@ -237,7 +239,7 @@ def extend_attention(
     _extend_kernel[(triton.cdiv(max_q_len, block_m), hkv, bsz * num_splits)](
         q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices,
         k_win, v_win, win_indptr, win_indices, prefix_lens, out, opart, lpart,
-        sm_scale * LOG2E, code_bits2(q.dtype), sink, recent, num_splits, hq,
+        sm_scale * LOG2E, code_bits2(), sink, recent, num_splits, hq,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
         k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1), out.stride(0), out.stride(1),

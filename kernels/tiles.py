@@ -13,12 +13,17 @@ scale s and minimum m (fp16), the plane layout gives four dense quarter dots and
     logit = s * (q . c) + m * sum(q)
     sum_t p_t v_t = sum_t (p_t s_t) c_t + (sum_t p_t m_t) * 1
 
-(p_t s_t is normalized by the block's max scale before the cast to the dot dtype so that
-small scales do not underflow). The codes enter the dots as the numbers B + c, built from the
-words of the row with the exponent trick (``_code_planes``): the low 2 bits from the 32-bit
-words of the 2-bit plane, the high bits (3 and 4 bits) from the high plane's words or-ed into
-mantissa bits 2-3 (B's ulp is 1 up to 2B - 1, so any code up to 15 is exact). The B terms are
-subtracted per row and per key, never per element, the same for every bit width.
+(p_t s_t is normalized by the block's max scale before the cast to fp16 so that small scales
+do not underflow). The code dots are fp16 whatever the query dtype (bf16 queries are rounded
+to fp16 for them: exact for |q| in [2^-14, 65504]). Plane p's codes enter them as the fp16
+numbers B_p + c, B_p = 2^(10 - 2p), built from the row's 32-bit words by one mask-or per two
+codes (``_plane``: the code already sits at mantissa bits 2p.. of its byte, so no shift per
+plane; the high bits of 3 and 4 bits are or-ed in above it). The B_p terms are removed per
+row and per key, never per element: sum_p B_p sum(q_p) from the logits, sum_t p_t s_t B_p
+from the values once at the end (``_int2_finish``). The two halves of a masked word stay one
+register, so the unpacked planes hold their columns in a fixed permutation (``_plane_cols``):
+the code dots read q in that order, and the value accumulators are put back in natural order
+after the quantized loop.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ def _online_update(m_i, l_i, logit):
 @triton.jit
 def _row_params(row_ptr, row_off, nmask, P: tl.constexpr):
     """fp32 (scale, minimum) of each row from one 32-bit load at byte P (fp16 LE pair)."""
-    word = tl.load((row_ptr + row_off + P).to(tl.pointer_type(tl.int32), bitcast=True), mask=nmask, other=0)
+    word = tl.load((row_ptr + row_off + P).to(tl.pointer_type(tl.int32), bitcast=True), mask=nmask,
+                   other=None if nmask is None else 0)
     scale = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     minimum = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return scale.to(tl.float32), minimum.to(tl.float32)
@@ -49,39 +55,56 @@ def _row_params(row_ptr, row_off, nmask, P: tl.constexpr):
 
 @triton.jit
 def _load_q_planes(qp, mask, Q: tl.constexpr):
-    """The four D/4 quarter-planes of a block of query rows, transposed: [Q, rows] each (``qp``
-    points at column 0 of each plane as [Q, rows]), and the row sums of their code-dot copies
-    (``_code_dtype``: fp32 queries are rounded to fp16 there)."""
-    q0 = tl.load(qp, mask=mask, other=0.0)
-    q1 = tl.load(qp + Q, mask=mask, other=0.0)
-    q2 = tl.load(qp + 2 * Q, mask=mask, other=0.0)
-    q3 = tl.load(qp + 3 * Q, mask=mask, other=0.0)
-    cdt: tl.constexpr = _code_dtype(q0.dtype)
-    qsum = tl.sum(q0.to(cdt).to(tl.float32) + q1.to(cdt).to(tl.float32) + q2.to(cdt).to(tl.float32)
-                  + q3.to(cdt).to(tl.float32), axis=0)
-    return q0, q1, q2, q3, qsum
+    """The four D/4 quarter-planes of a block of query rows in natural column order, transposed:
+    [Q, rows] each (``qp`` points at column 0 of each plane as [Q, rows]): the dense blocks' q."""
+    return (tl.load(qp, mask=mask, other=0.0), tl.load(qp + Q, mask=mask, other=0.0),
+            tl.load(qp + 2 * Q, mask=mask, other=0.0), tl.load(qp + 3 * Q, mask=mask, other=0.0))
+
+
+@triton.jit
+def _plane_cols(Q: tl.constexpr):
+    """[Q] plane columns in the order ``_plane`` unpacks them (``plane_order``): position
+    k = b * Q/2 + 2i + a holds column 4i + 2a + b."""
+    k = tl.arange(0, Q)
+    return 4 * ((k % (Q // 2)) // 2) + 2 * (k % 2) + k // (Q // 2)
+
+
+def plane_order(q: int) -> torch.Tensor:
+    """``_plane_cols`` on the host: the plane columns of the unpacked code order."""
+    k = torch.arange(q)
+    return 4 * ((k % (q // 2)) // 2) + 2 * (k % 2) + k // (q // 2)
+
+
+@triton.jit
+def _load_q_codes(qp, mask, Q: tl.constexpr):
+    """The query planes of the code dots: ``qp`` points at column 0 of each plane as [Q, rows];
+    the columns are read in ``_plane_cols`` order and rounded to fp16. Also returns, per row,
+    sum(q) and sum_p B_p * sum(q_p) over the rounded values (the code planes' base terms)."""
+    qc = qp + _plane_cols(Q)[:, None]
+    q0 = tl.load(qc, mask=mask, other=0.0).to(tl.float16)
+    q1 = tl.load(qc + Q, mask=mask, other=0.0).to(tl.float16)
+    q2 = tl.load(qc + 2 * Q, mask=mask, other=0.0).to(tl.float16)
+    q3 = tl.load(qc + 3 * Q, mask=mask, other=0.0).to(tl.float16)
+    s0 = tl.sum(q0.to(tl.float32), axis=0)
+    s1 = tl.sum(q1.to(tl.float32), axis=0)
+    s2 = tl.sum(q2.to(tl.float32), axis=0)
+    s3 = tl.sum(q3.to(tl.float32), axis=0)
+    qb = s0 * _plane_base(0) + s1 * _plane_base(1) + s2 * _plane_base(2) + s3 * _plane_base(3)
+    return q0, q1, q2, q3, s0 + s1 + s2 + s3, qb
 
 
 @triton.constexpr_function
-def _code_dtype(dt):
-    """The dtype of the code dots: bf16 for bf16 queries, else fp16."""
-    return tl.bfloat16 if dt == tl.bfloat16 else tl.float16
+def _plane_base(p):
+    """B_p = 2^(10 - 2p): the fp16 number of ``_plane`` whose low mantissa bits are 0 and in
+    which the code of plane p, at mantissa bits 2p.., has weight 1 (B_p + c exactly)."""
+    return 1024.0 / 4 ** p
 
 
-@triton.constexpr_function
-def _code_value(dt):
-    """B: the ``_code_dtype`` number whose ulp is 1 and whose low mantissa bits are 0, so that
-    its bits or-ed with a code c in 0..15 are the number B + c (bf16 128.0, fp16 1024.0)."""
-    return 128.0 if dt == tl.bfloat16 else 1024.0
-
-
-def code_bits2(dtype: torch.dtype) -> int:
-    """Launcher argument ``code_bits2``: the bits of B (``_code_value``) in both 16-bit halves of
-    a 32-bit word, for queries of ``dtype``. A runtime argument on purpose: held in a register,
-    the mask-and-or of ``_plane`` is one LOP3 (two immediates take two: 9% more SASS in the
-    INT2 loop, ``benchmarks/kernel_static.py``)."""
-    bits = 0x4300 if dtype == torch.bfloat16 else 0x6400
-    return bits | bits << 16
+def code_bits2() -> int:
+    """Launcher argument ``code_bits2``: the bits of B_0 = 1024 in fp16 in both 16-bit halves of
+    a 32-bit word (``_plane`` derives B_1..B_3 from it). A runtime argument on purpose: held in
+    a register, the mask-and-or of ``_plane`` is one LOP3 (two immediates take two)."""
+    return 0x6400 | 0x6400 << 16
 
 
 @triton.constexpr_function
@@ -91,116 +114,137 @@ def _code_bytes(q, bits):
 
 
 @triton.jit
-def _shr(x, s: tl.constexpr):
-    """x >> s for a constexpr s of either sign (s < 0: x << -s)."""
-    if s < 0:
-        y = x << -s
-    elif s > 0:
-        y = x >> s
+def _shl(x, s: tl.constexpr):
+    """x << s for a constexpr s of either sign (s < 0: x >> -s)."""
+    if s > 0:
+        y = x << s
+    elif s < 0:
+        y = x >> -s
     else:
         y = x
     return y
 
 
 @triton.jit
-def _load_rows(row_ptr, row_off, nmask, cdt: tl.constexpr, base2, Q: tl.constexpr, BITS: tl.constexpr):
+def _load_rows(row_ptr, row_off, nmask, base2, Q: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr = True):
     """A block of storage rows (byte offsets [BN], 4-byte aligned) of ``BITS`` per code: the four
-    [BN, Q] planes as ``cdt`` values B + c (``_code_planes``) and the fp32 (scale, minimum) [BN]."""
+    [BN, Q] planes as fp16 numbers B_p + c in ``_plane_cols`` order (``_plane``), and the fp32
+    (scale, minimum) [BN]."""
     row_off = tl.multiple_of(row_off, 4)
     wc = tl.arange(0, Q // 4)[None, :]
-    m2 = nmask[:, None]
+    m2 = nmask[:, None] if MASKED else None
     wp = (row_ptr + row_off[:, None]).to(tl.pointer_type(tl.int32), bitcast=True) + wc
-    words = tl.load(wp, mask=m2, other=0)
+    words = tl.load(wp, mask=m2, other=0 if MASKED else None)
     hi = words  # unused at 2 bits
     if BITS == 4:  # the high plane: Q/4 more int32 words in the same layout
-        hi = tl.load(wp + Q // 4, mask=m2, other=0)
+        hi = tl.load(wp + Q // 4, mask=m2, other=0 if MASKED else None)
     if BITS == 3:  # the 1-bit plane: one 16-bit word per int32 word of the 2-bit plane
         hp = (row_ptr + row_off[:, None] + Q).to(tl.pointer_type(tl.uint16), bitcast=True) + wc
-        hi = tl.load(hp, mask=m2, other=0).to(tl.int32)
+        hi = tl.load(hp, mask=m2, other=0 if MASKED else None).to(tl.int32)
         hi = hi | (hi << 8)
-    p0, p1, p2, p3 = _code_planes(words, hi, cdt, base2, BITS)
-    scale, minimum = _row_params(row_ptr, row_off, nmask, _code_bytes(Q, BITS))
-    return p0, p1, p2, p3, scale, minimum
+    w13 = words >> 8
+    scale, minimum = _row_params(row_ptr, row_off, nmask if MASKED else None, _code_bytes(Q, BITS))
+    return (_plane(words, w13, hi, 0, base2, BITS), _plane(words, w13, hi, 1, base2, BITS),
+            _plane(words, w13, hi, 2, base2, BITS), _plane(words, w13, hi, 3, base2, BITS), scale, minimum)
 
 
 @triton.jit
-def _code_planes(words, hi, cdt: tl.constexpr, base2, BITS: tl.constexpr):
-    """[BN, Q/4] int32 words of plane-layout codes (and ``hi``, their high bits) -> the four
-    [BN, Q] planes as ``cdt`` values B + c (exponent trick: per two codes one shift and one
-    mask-or at 2 bits, no int->float conversion).
+def _plane(words, w13, hi, p: tl.constexpr, base2, BITS: tl.constexpr):
+    """Plane p of [BN, Q/4] int32 words of plane-layout codes (``w13`` = words >> 8; ``hi``:
+    their high bits) as [BN, Q] fp16 numbers B_p + c, by masks alone (no shift per plane).
 
-    A word holds bytes 4i..4i+3; bits 2p..2p+1 of byte j are element j of plane p. Shifting the
-    word right by 2p (bytes 0, 2) or 8 + 2p (bytes 1, 3) and masking with 0x00030003 leaves two
-    codes in the two 16-bit halves, and or-ing the base's bits into both makes them two numbers.
-    High bits go to bits 2-3 of each half, from ``hi``:
+    A word holds bytes 4i..4i+3; bits 2p..2p+1 of byte j are element j of plane p. Masking
+    the word (bytes 0, 2) or w13 (bytes 1, 3) with 0x00030003 << 2p leaves two codes at
+    mantissa bits 2p.. of the two 16-bit halves; or-ing B_p's bits (exponent 10 - 2p, from
+    ``base2`` = B_0's) makes them the fp16 numbers B_p + c. High bits go to mantissa bits
+    2p + 2.. (the code is at most 15 * 4^3 < 1024 mantissa units: exact), from ``hi``:
 
-    - 4 bits: the int32 word of the high plane (same layout): shifted right by 2p - 2 (bytes
-      0, 2) or 2p + 6 (bytes 1, 3), masked with 0x000C000C.
+    - 4 bits: the int32 word of the high plane (same layout) shifted left by 2 (bytes 0, 2) or
+      right by 6 (bytes 1, 3), masked with 0x000C000C << 2p.
     - 3 bits: x = h | h << 8 of the 16-bit word h of the 1-bit plane, whose bits 4m + p hold
       plane p of byte m of the int32 word: x has the bits of bytes 0 and 2 at 0-3 and 16-19, of
-      bytes 1 and 3 at 4-7 and 20-23 (bits 8-15 are never read); shifted right by p - 2 (bytes
-      0, 2) or p + 2 (bytes 1, 3), masked with 0x00040004."""
-    return (_plane(words, hi, 0, base2, cdt, BITS), _plane(words, hi, 1, base2, cdt, BITS),
-            _plane(words, hi, 2, base2, cdt, BITS), _plane(words, hi, 3, base2, cdt, BITS))
+      bytes 1 and 3 at 4-7 and 20-23 (bits 8-15 are never read); shifted left by p + 2 (bytes
+      0, 2) or p - 2 (bytes 1, 3), masked with 0x00040004 << 2p.
 
-
-@triton.jit
-def _plane(words, hi, p: tl.constexpr, base2, cdt: tl.constexpr, BITS: tl.constexpr):
-    e02 = (words >> (2 * p)) & 0x00030003  # halves: bytes 0 and 2 of each word
-    e13 = (words >> (2 * p + 8)) & 0x00030003  # bytes 1 and 3
+    The two halves of one masked word stay one register: the plane's columns come out in
+    ``_plane_cols`` order (k = b * Q/2 + 2i + a: word i, half a, b = 0 for bytes 0/2 and 1 for
+    bytes 1/3), which the launch-time q load and the final accumulator order undo."""
+    m: tl.constexpr = 0x00030003 << (2 * p)
+    base = base2 - p * 0x08000800  # B_p: exponent 2p lower in both halves
+    e02 = (words & m) | base
+    e13 = (w13 & m) | base
     if BITS == 4:
-        e02 = e02 | (_shr(hi, 2 * p - 2) & 0x000C000C)
-        e13 = e13 | (_shr(hi, 2 * p + 6) & 0x000C000C)
+        h: tl.constexpr = 0x000C000C << (2 * p)
+        e02 = e02 | ((hi << 2) & h)
+        e13 = e13 | ((hi >> 6) & h)
     if BITS == 3:
-        e02 = e02 | (_shr(hi, p - 2) & 0x00040004)
-        e13 = e13 | (_shr(hi, p + 2) & 0x00040004)
-    e02 = e02 | base2
-    e13 = e13 | base2
-    x0 = e02.to(tl.int16).to(cdt, bitcast=True)
-    x2 = (e02 >> 16).to(tl.int16).to(cdt, bitcast=True)
-    x1 = e13.to(tl.int16).to(cdt, bitcast=True)
-    x3 = (e13 >> 16).to(tl.int16).to(cdt, bitcast=True)
-    both = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # [BN, Q/4, 2, 2]: [.., k, m] = byte 2k + m
+        h1: tl.constexpr = 0x00040004 << (2 * p)
+        e02 = e02 | (_shl(hi, p + 2) & h1)
+        e13 = e13 | (_shl(hi, p - 2) & h1)
+    x0 = e02.to(tl.int16).to(tl.float16, bitcast=True)
+    x2 = (e02 >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    x1 = e13.to(tl.int16).to(tl.float16, bitcast=True)
+    x3 = (e13 >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    both = tl.permute(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (0, 3, 1, 2))  # [BN, b, i, a]
     return tl.reshape(both, (words.shape[0], 4 * words.shape[1]))
 
 
 @triton.jit
-def _int2_block(q0, q1, q2, q3, qsum, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
-                acc0, acc1, acc2, acc3, macc, scale_log2, code_bits2, Q: tl.constexpr,
-                K_BITS: tl.constexpr, V_BITS: tl.constexpr, extra_mask):
+def _int2_block(q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
+                acc0, acc1, acc2, acc3, msum, ssum, scale_log2, code_bits2, Q: tl.constexpr,
+                K_BITS: tl.constexpr, V_BITS: tl.constexpr, extra_mask, MASKED: tl.constexpr = True):
     """One block of quantized rows (k_off / v_off: byte offsets [BN] of the key / value rows, of
     K_BITS / V_BITS per code) and an extra [BN, rows or 1] visibility mask (the position rule in
-    extend), folded into the running state.
+    extend), folded into the running state; q0..q3, qsum, qb from ``_load_q_codes``.
 
     Keys are the dots' M dimension (logits [BN, rows]), so a few query rows (decode: G heads)
-    pad to 8 columns, not 16 rows. The dots read codes as B + c (``_code_planes``):
-    q . (B + c) = q . c + B * sum(q) for keys; for values the B * sum(p s) term goes into
-    ``macc`` with the minimums."""
-    cdt: tl.constexpr = _code_dtype(q0.dtype)
-    base: tl.constexpr = _code_value(cdt)
-    k0, k1, k2, k3, ks, km = _load_rows(krow_ptr, k_off, nmask, cdt, code_bits2, Q, K_BITS)
-    qk = tl.dot(k0, q0.to(cdt))
-    qk = tl.dot(k1, q1.to(cdt), qk)
-    qk = tl.dot(k2, q2.to(cdt), qk)
-    qk = tl.dot(k3, q3.to(cdt), qk)
-    logit = qk * (ks * scale_log2)[:, None] + ((km - base * ks) * scale_log2)[:, None] * qsum[None, :]
-    logit = tl.where(nmask[:, None] & extra_mask, logit, float("-inf"))
+    pad to 8 columns, not 16 rows. The dots read plane p's codes as B_p + c (``_plane``):
+    sum_p q_p . (B_p + c) = q . c + qb for keys. Values: acc_p (in ``_plane_cols`` order)
+    gathers sum_t p_t s_t (B_p + c_t), ``msum`` sum_t p_t m_t and ``ssum`` sum_t p_t s_t (the
+    rounded weights the dots saw); ``_int2_finish`` removes the B_p terms once."""
+    k0, k1, k2, k3, ks, km = _load_rows(krow_ptr, k_off, nmask, code_bits2, Q, K_BITS, MASKED)
+    qk = tl.dot(k0, q0)
+    qk = tl.dot(k1, q1, qk)
+    qk = tl.dot(k2, q2, qk)
+    qk = tl.dot(k3, q3, qk)
+    a = (ks * scale_log2)[:, None]
+    logit = (qk - qb[None, :]) * a + (km * scale_log2)[:, None] * qsum[None, :]
+    if MASKED:
+        logit = tl.where(nmask[:, None] & extra_mask, logit, float("-inf"))
     m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
-    v0, v1, v2, v3, vs, vm = _load_rows(vrow_ptr, v_off, nmask, cdt, code_bits2, Q, V_BITS)
+    v0, v1, v2, v3, vs, vm = _load_rows(vrow_ptr, v_off, nmask, code_bits2, Q, V_BITS, MASKED)
     smax = tl.max(vs, axis=0)
-    ps = (p * (vs / tl.where(smax > 0, smax, 1.0))[:, None]).to(cdt)
-    a = alpha[None, :]
-    acc0 = acc0 * a + tl.dot(tl.trans(v0), ps) * smax
-    acc1 = acc1 * a + tl.dot(tl.trans(v1), ps) * smax
-    acc2 = acc2 * a + tl.dot(tl.trans(v2), ps) * smax
-    acc3 = acc3 * a + tl.dot(tl.trans(v3), ps) * smax
-    macc = macc * alpha + tl.sum(p * vm[:, None] - (base * smax) * ps.to(tl.float32), axis=0)
-    return m_new, l_i, acc0, acc1, acc2, acc3, macc
+    ps = (p * (vs / tl.where(smax > 0, smax, 1.0))[:, None]).to(tl.float16)
+    al = alpha[None, :]
+    acc0 = acc0 * al + tl.dot(tl.trans(v0), ps) * smax
+    acc1 = acc1 * al + tl.dot(tl.trans(v1), ps) * smax
+    acc2 = acc2 * al + tl.dot(tl.trans(v2), ps) * smax
+    acc3 = acc3 * al + tl.dot(tl.trans(v3), ps) * smax
+    msum = msum * alpha + tl.sum(p * vm[:, None], axis=0)
+    ssum = ssum * alpha + tl.sum(ps.to(tl.float32), axis=0) * smax
+    return m_new, l_i, acc0, acc1, acc2, acc3, msum, ssum
+
+
+@triton.jit
+def _unpermute(acc, Q: tl.constexpr):
+    """[Q, rows] in ``_plane_cols`` order -> natural column order."""
+    x = tl.reshape(acc, (2, Q // 4, 2, acc.shape[1]))  # [b, i, a, rows]
+    return tl.reshape(tl.permute(x, (1, 2, 0, 3)), (Q, acc.shape[1]))
+
+
+@triton.jit
+def _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, Q: tl.constexpr):
+    """The quantized blocks' accumulators in natural column order with the minimums added and
+    the base terms B_p * ssum removed: the dense blocks' (and the output's) running sums."""
+    ms = msum[None, :]
+    ss = ssum[None, :]
+    return (_unpermute(acc0 + ms - _plane_base(0) * ss, Q), _unpermute(acc1 + ms - _plane_base(1) * ss, Q),
+            _unpermute(acc2 + ms - _plane_base(2) * ss, Q), _unpermute(acc3 + ms - _plane_base(3) * ss, Q))
 
 
 @triton.jit
 def _dense_block(q0, q1, q2, q3, k_off, v_off, nmask, kw_ptr, vw_ptr, m_i, l_i,
-                 acc0, acc1, acc2, acc3, macc, scale_log2, Q: tl.constexpr, extra_mask):
+                 acc0, acc1, acc2, acc3, scale_log2, Q: tl.constexpr, extra_mask):
     """One block of full-precision rows (element offsets [BN] of column 0) and an extra
     [BN, rows or 1] visibility mask (causal in extend), folded into the running state."""
     dt = q0.dtype
@@ -221,4 +265,4 @@ def _dense_block(q0, q1, q2, q3, k_off, v_off, nmask, kw_ptr, vw_ptr, m_i, l_i,
     acc1 = acc1 * a + tl.dot(tl.load(vp + Q, mask=mt, other=0.0).to(dt), pd)
     acc2 = acc2 * a + tl.dot(tl.load(vp + 2 * Q, mask=mt, other=0.0).to(dt), pd)
     acc3 = acc3 * a + tl.dot(tl.load(vp + 3 * Q, mask=mt, other=0.0).to(dt), pd)
-    return m_new, l_i, acc0, acc1, acc2, acc3, macc * alpha
+    return m_new, l_i, acc0, acc1, acc2, acc3

@@ -77,20 +77,16 @@ def test_no_spills_on_sm90(rows):
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
 
 
-# SASS warp-instructions per (token, KV head) of the INT2 loop, D=128, since the exponent-trick
-# unpack with keys as the dots' M dimension: 32.3 on sm_90, 36.8-37.5 on sm_80/86/89 (84 before).
-# Issue #13's target is <= 24.
-INT2_LOOP_MAX = 40
+# SASS warp-instructions per (token, KV head) of the quantized loop, D=128: (sm_90 limit, other
+# arches' limit). Since the mask-only unpack into fp16 (no shift per plane, the two halves of a
+# masked word kept as one register: stmatrix on sm_90) and unmasked full blocks, measured: INT2
+# 23.1 on sm_90 (issue #13's target: <= 24), 29.8-31.2 on sm_80/86/89 (was 32.3 / 36.8-37.5);
+# 3-bit keys 30.3 / 38.4 (was 41.3 / 44.5), 4-bit keys 28.0 / 36.2 (was 38.8 / 42.1).
+LOOP_MAX = {"decode_split": (24, 33), "decode_split_k3v2": (32, 40), "decode_split_k4v2": (30, 38)}
 
 
-# The same loop over 3-bit keys (the high bit from a 16-bit load, or-ed into each half) and 2-bit
-# values: 41.3 on sm_90, 44.5 on sm_89; 4-bit keys: 38.8 / 42.1 (issue #14).
-K3V2_LOOP_MAX = 48
-
-
-@pytest.mark.parametrize("kernel,limit", [("decode_split", INT2_LOOP_MAX), ("decode_split_k3v2", K3V2_LOOP_MAX),
-                                          ("decode_split_k4v2", K3V2_LOOP_MAX)])
-def test_decode_inner_loops_found_and_int2_loop_does_not_regress(rows, kernel, limit):
+@pytest.mark.parametrize("kernel", list(LOOP_MAX))
+def test_decode_inner_loops_found_and_int2_loop_does_not_regress(rows, kernel):
     loops = {r["loop"]: r for r in _get(rows, kernel, "sm_90") if r.get("loop")}
     assert set(loops) == {"int2", "window"}, f"SASS loops of {kernel} not found"
     for r in loops.values():
@@ -98,7 +94,7 @@ def test_decode_inner_loops_found_and_int2_loop_does_not_regress(rows, kernel, l
         assert r["est_gpu"] in ("H100-SXM", "H200") and r["est_issue_bound_us_per_Mrow"] > 0
     for arch in CORE[kernel]:
         r = {r["loop"]: r for r in _get(rows, kernel, arch) if r.get("loop")}["int2"]
-        assert r["sass_instr_per_token_kvhead"] <= limit, r
+        assert r["sass_instr_per_token_kvhead"] <= LOOP_MAX[kernel][arch != "sm_90"], r
 
 
 def test_extend_fits_or_is_reported_skipped(rows):

@@ -96,10 +96,12 @@ def test_decode_matches_reference(d, hkv, group, lens_i, lens_w, page, dtype, sp
     check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits, bits=bits)
 
 
-def test_decode_small_blocks_many_steps():
-    """16-row blocks: many loop steps per split, split edges inside pages and blocks."""
+@pytest.mark.parametrize("bits", [(2, 2), (3, 2), (4, 4)])
+def test_decode_small_blocks_many_steps(bits):
+    """16-row blocks: many loop steps per split (the unmasked full blocks, then the masked last
+    one), split edges inside pages and blocks."""
     small = decode.DecodeConfig(block_n=16, block_w=16)
-    check_decode(64, 1, 3, [150, 33], [40, 17], 8, torch.float16, 3, seed=9, config=small)
+    check_decode(64, 1, 3, [150, 33], [40, 17], 8, torch.float16, 3, seed=9, config=small, bits=bits)
 
 
 def test_decode_empty_request_and_out_buffer():
@@ -127,12 +129,11 @@ def test_decode_split_merge_is_split_invariant():
 
 @triton.jit
 def _planes_kernel(r_ptr, o_ptr, p_ptr, BITS2, ROW: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr,
-                   BF16: tl.constexpr, BITS: tl.constexpr):
+                   BITS: tl.constexpr):
     """Writes tiles._load_rows of BN storage rows of ROW bytes: the planes as fp32 [BN, 4 planes, Q]
-    and (scale, minimum) as fp32 [BN, 2]."""
+    (in the unpacked column order) and (scale, minimum) as fp32 [BN, 2]."""
     rows = tl.arange(0, BN)
-    cdt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    p0, p1, p2, p3, s, m = tiles._load_rows(r_ptr, rows * ROW, rows < BN, cdt, BITS2, Q, BITS)
+    p0, p1, p2, p3, s, m = tiles._load_rows(r_ptr, rows * ROW, rows < BN, BITS2, Q, BITS)
     o = o_ptr + rows[:, None] * 4 * Q + tl.arange(0, Q)[None, :]
     tl.store(o, p0.to(tl.float32))
     tl.store(o + Q, p1.to(tl.float32))
@@ -143,11 +144,9 @@ def _planes_kernel(r_ptr, o_ptr, p_ptr, BITS2, ROW: tl.constexpr, BN: tl.constex
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("bf16,base", [(False, 1024.0), (True, 128.0)])
-def test_code_planes_are_base_plus_code(bf16, base, bits):
-    """The exponent-trick unpack of every code width, exactly, for both dot dtypes (bf16 is
-    checked here without tl.dot, which the interpreter computes wrongly in bf16), and the
-    scale/minimum pair after the codes."""
+def test_code_planes_are_base_plus_code(bits):
+    """The mask-only unpack of every code width, exactly: plane p's codes as the fp16 numbers
+    B_p + c (B_p = 1024 / 4^p) in ``tiles.plane_order``, and the scale/minimum pair after the codes."""
     gen = torch.Generator().manual_seed(5 + bits)
     layout = RowLayout(128, bits=bits)
     codes = torch.randint(0, layout.top + 1, (16, 128), dtype=torch.uint8, generator=gen)
@@ -156,9 +155,10 @@ def test_code_planes_are_base_plus_code(bf16, base, bits):
     assert rows.shape[-1] == layout.row_bytes
     out = torch.empty(16, 128, device=DEV)
     got = torch.empty(16, 2, device=DEV)
-    bits2 = tiles.code_bits2(torch.bfloat16 if bf16 else torch.float16)
-    _planes_kernel[(1,)](rows, out, got, bits2, ROW=layout.row_bytes, BN=16, Q=32, BF16=bf16, BITS=bits)
-    assert torch.equal(out.cpu(), codes.float() + base)
+    _planes_kernel[(1,)](rows, out, got, tiles.code_bits2(), ROW=layout.row_bytes, BN=16, Q=32, BITS=bits)
+    order = tiles.plane_order(32)
+    want = torch.cat([codes[:, 32 * p:32 * (p + 1)][:, order].float() + 1024.0 / 4 ** p for p in range(4)], dim=1)
+    assert torch.equal(out.cpu(), want)
     assert torch.equal(got.cpu(), params.float())
 
 
