@@ -1,4 +1,5 @@
-"""Fused quantize-on-write (K and V of one layer) vs what BF16 serving does for the same tokens.
+"""Fused quantize-on-write (K and V of one layer) vs what BF16 serving does for the same tokens,
+and one decode step's write_step (K, V and the query rotation in one launch) vs the launches it replaced.
 
 Per shape (model heads, T new tokens): check the kernel against the reference (bit-exact
 with an identity rotation, within one quantization step with a real rotation), then time
@@ -87,6 +88,39 @@ def run_gpu(args, dev):
         append_rows(rows, dev, args.out)
         k = v = kc = vc = q = None
         torch.cuda.empty_cache()
+    for batch in DECODE_BATCHES:
+        fmt(rows := decode_step_rows("qwen3-8b", batch, dev, args.iters))
+        append_rows(rows, dev, args.out)
+
+
+DECODE_BATCHES = (1, 64)  # decode tokens per step (requests); one head shape (compiles cost seconds)
+
+
+def decode_step_rows(model, batch, dev, iters) -> list[dict]:
+    """One decode step's write per layer at the default widths (K3 with per-head R_K, V2 with R_V
+    folded, window copies) and the query rotation: one write_step launch vs the two writes and a
+    torch rotation of the queries it replaces."""
+    from oscar_sglang.kernels import reference, write
+    from oscar_sglang.kernels.codec import RowLayout
+
+    hq, hkv, d = MODELS[model]
+    gen = torch.Generator(device=dev).manual_seed(2)
+    k, v = (torch.randn(batch, hkv, d, device=dev, generator=gen).bfloat16() for _ in range(2))
+    q = torch.randn(batch, hq, d, device=dev, generator=gen).bfloat16()
+    rot = torch.linalg.qr(torch.randn(hkv, d, d, device=dev, generator=gen))[0].contiguous()
+    lk, lv = RowLayout(d, bits=3), RowLayout(d)
+    rows = [torch.zeros(batch + 8, hkv, lay.row_bytes, dtype=torch.uint8, device=dev) for lay in (lk, lv)]
+    wins = [torch.zeros(batch + 8, hkv, d, dtype=torch.bfloat16, device=dev) for _ in range(2)]
+    slots = torch.randperm(batch + 8, device=dev, generator=gen)[:batch]
+    args = (k, v, rot, None, 0.96, 0.92, lk, lv, *rows, slots, *wins, slots)
+    fused = time_cuda(lambda: write.write_step(*args, q=q), iters)
+    separate = time_cuda(lambda: (write.quantize_kv_write(k, rot, 0.96, lk, rows[0], slots, wins[0], slots),
+                                  write.quantize_kv_write(v, None, 0.92, lv, rows[1], slots, wins[1], slots),
+                                  reference.rotate_queries(q, rot)), iters)
+    torch.testing.assert_close(write.write_step(*args, q=q).float(), reference.rotate_queries(q, rot).float(),
+                               atol=2e-2, rtol=2e-2)
+    return [dict(bench="write_step", model=model, tokens=batch, impl="oscar_write_step", ms=round(fused, 4),
+                 separate_ms=round(separate, 4), ratio_to_separate=round(fused / separate, 3))]
 
 
 def main():

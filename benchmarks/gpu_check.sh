@@ -34,9 +34,9 @@ if [ "${2:-}" = "--sweep" ]; then
     step 300 bench_decode_sweep.log python3 benchmarks/bench_decode.py --sweep --out "$OUT_DIR"
     exit $status
 fi
-step 230 gpu_tests.log python3 -m pytest -q -p no:cacheprovider --maxfail=10 -o addopts="" \
+step 220 gpu_tests.log python3 -m pytest -q -p no:cacheprovider --maxfail=10 -o addopts="" \
     tests/test_kernels_write.py tests/test_kernels_decode.py tests/test_kernels_extend.py tests/test_codec_quant_error.py
 step 140 bench_decode.log python3 benchmarks/bench_decode.py --out "$OUT_DIR"
-step 40 bench_write.log python3 benchmarks/bench_write.py --out "$OUT_DIR"
+step 50 bench_write.log python3 benchmarks/bench_write.py --out "$OUT_DIR"
 step 70 bench_extend.log python3 benchmarks/bench_extend.py --out "$OUT_DIR"
 exit $status

@@ -145,6 +145,22 @@ def _write_launches(clip_ratio: float, rotate: bool = True, bits: int = 2):
     return spec
 
 
+def _write_step_launches(spec_shape):
+    """One decode step's write as the backend launches it with the defaults: 3-bit keys (clip
+    0.96, per-head R_K), 2-bit values with R_V folded (clip 0.92, no rotation), the window
+    copies, and the queries rotated by R_K, in one launch."""
+    hq, hkv, d = spec_shape
+    t = WRITE_TOKENS
+    k_layout, v_layout = RowLayout(d, bits=3), RowLayout(d)
+    k = torch.zeros(t, hkv, d, dtype=torch.bfloat16)
+    rows = [torch.zeros(t + 8, hkv, lay.row_bytes, dtype=torch.uint8) for lay in (k_layout, v_layout)]
+    wins = [torch.zeros(t + 8, hkv, d, dtype=torch.bfloat16) for _ in range(2)]
+    slots = torch.arange(t, dtype=torch.int64)
+    q = torch.zeros(t, hq, d, dtype=torch.bfloat16)
+    return capture(write, lambda: write.write_step(k, k, torch.zeros(hkv, d, d), None, 0.96, 0.92, k_layout, v_layout,
+                                                   *rows, slots, *wins, slots, q=q))
+
+
 def _paged_inputs(shape, n_tokens: int, batch: int, key_bits: int):
     """2-bit value rows and ``key_bits`` key rows (one buffer for both at 2 bits, as the pool's
     equal-width layers; else separate buffers of different row bytes)."""
@@ -199,7 +215,7 @@ def _extend_launches(key_bits: int = 2):
 # arches where shared memory is tight (86/89) and on sm_90, decode everywhere, extend and the
 # unrotated (folded) V write on sm_86/90.
 CI_JOBS = {"write_v": (86, 89, 90), "write_k": (86, 89, 90), "write_v_folded": (86, 90), "extend": (86, 90),
-           "write_k3": (89, 90), "write_k4": (90,), "extend_k3v2": (86, 90),
+           "write_k3": (89, 90), "write_k4": (90,), "write_step": (86, 89, 90), "extend_k3v2": (86, 90),
            "decode": (80, 86, 89, 90), "decode_k3v2": (89, 90), "decode_k4v2": (89, 90)}
 
 SPECS = {  # in order of compile cost
@@ -208,6 +224,7 @@ SPECS = {  # in order of compile cost
     "write_v_folded": _write_launches(0.92, rotate=False),  # V when R_V is folded into the weights: no dot
     "write_k3": _write_launches(0.96, bits=3),  # 3-bit keys (the default): the 1-bit high plane
     "write_k4": _write_launches(0.96, bits=4),  # 4-bit keys: a second 2-bit plane
+    "write_step": _write_step_launches,  # K3 + folded V2 + q @ R_K: the backend's one launch per layer
     "decode": _decode_launches(),  # -> decode_split, decode_merge
     "decode_k3v2": _decode_launches(3),  # -> decode_split_k3v2 (3-bit keys, 2-bit values)
     "decode_k4v2": _decode_launches(4),  # -> decode_split_k4v2
@@ -215,7 +232,7 @@ SPECS = {  # in order of compile cost
     "extend_k3v2": _extend_launches(3),  # 3-bit keys over 2-bit values (the default widths)
 }
 KERNEL_NAMES = {  # JIT function name -> reported kernel name
-    "_quantize_write_kernel": None,  # the spec's name (write_k / write_v)
+    "_write_step_kernel": None,  # the spec's name (write_k / write_v / write_step)
     "_decode_split_kernel": "decode_split",
     "_merge_splits_kernel": "decode_merge",
     "_extend_kernel": "extend",

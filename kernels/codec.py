@@ -24,9 +24,10 @@ Plane layout: byte ``j`` (0 <= j < D/4) holds the codes of elements
 therefore yields four contiguous quarter-vectors, which lets the decode kernel
 compute ``q . codes`` as four dense dot products (no gather, no interleave).
 The 1-bit plane follows the same quarters: byte ``k`` (0 <= k < D/8) holds the
-high bits of elements ``j + p D/4`` for j = 2k in bits p (0-3) and for j = 2k + 1
-in bits 4 + p; read as 16-bit words, word w covers the same j = 4w..4w+3 as the
-32-bit word w of the 2-bit plane, so a kernel unpacks both planes in one pass.
+high bits of elements ``j + p D/4`` for j = 2k in bit 2p and for j = 2k + 1 in bit
+2p + 1; read as 16-bit words, word w covers the same j = 4w..4w+3 as the 32-bit word
+w of the 2-bit plane, and each element's bit sits two places above where its 2-bit code
+does in that word's bytes (shifted as one, both planes unpack by masks alone).
 
 Head_dim 128, one group: 36 / 52 / 68 bytes per row at 2 / 3 / 4 bits, i.e.
 2.25 / 3.25 / 4.25 physical bits per element (BF16: 256 bytes, 16 bits).
@@ -225,16 +226,16 @@ def _unpack_plane2(w: torch.Tensor) -> torch.Tensor:
 
 
 def _pack_plane1(c: torch.Tensor) -> torch.Tensor:
-    """int32 [..., D] in 0..1 -> uint8 [..., D/8]: byte k = bit p of element 2k + p D/4 in bit p,
-    of element 2k + 1 + p D/4 in bit 4 + p."""
+    """int32 [..., D] in 0..1 -> uint8 [..., D/8]: byte k = element 2k + p D/4 in bit 2p, element
+    2k + 1 + p D/4 in bit 2p + 1."""
     p = c.unflatten(-1, (4, c.shape[-1] // 4))  # [..., plane, j]
-    nib = p[..., 0, :] | p[..., 1, :] << 1 | p[..., 2, :] << 2 | p[..., 3, :] << 3  # [..., D/4]
-    return (nib[..., 0::2] | nib[..., 1::2] << 4).to(torch.uint8)
+    pair = p[..., 0::2] | p[..., 1::2] << 1  # [..., plane, D/8]: elements 2k, 2k + 1
+    return (pair[..., 0, :] | pair[..., 1, :] << 2 | pair[..., 2, :] << 4 | pair[..., 3, :] << 6).to(torch.uint8)
 
 
 def _unpack_plane1(w: torch.Tensor) -> torch.Tensor:
-    nib = torch.stack([w & 15, w >> 4], dim=-1).flatten(-2)  # [..., D/4]: the 4 plane bits of j
-    return torch.cat([(nib >> i) & 1 for i in range(4)], dim=-1)
+    pairs = [(w >> (2 * i)) & 3 for i in range(4)]  # plane i: [..., D/8] bit pairs of elements 2k, 2k + 1
+    return torch.cat([torch.stack([x & 1, x >> 1], dim=-1).flatten(-2) for x in pairs], dim=-1)
 
 
 def quantize_rows(x: torch.Tensor, layout: RowLayout, clip_ratio: float) -> torch.Tensor:

@@ -18,7 +18,8 @@ from . import write as _write
 from .checks import triton_supports
 from .codec import RowLayout
 
-__all__ = ["quantize_kv_write", "decode_attention", "extend_attention", "triton_supports"]
+__all__ = ["quantize_kv_write", "write_step", "rotate_queries", "decode_attention", "extend_attention",
+           "triton_supports"]
 
 
 def quantize_kv_write(
@@ -33,6 +34,36 @@ def quantize_kv_write(
 ) -> None:
     impl = _write if x.is_cuda and triton_supports(layout, attention=False) else _reference
     impl.quantize_kv_write(x, rotation, clip_ratio, layout, rows_out, slots, window_out, window_slots)
+
+
+def write_step(
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    rot_k: torch.Tensor | None,
+    rot_v: torch.Tensor | None,
+    clip_k: float,
+    clip_v: float,
+    k_layout: RowLayout | None,
+    v_layout: RowLayout | None,
+    k_rows: torch.Tensor | None,
+    v_rows: torch.Tensor | None,
+    slots: torch.Tensor | None,
+    k_win: torch.Tensor | None = None,
+    v_win: torch.Tensor | None = None,
+    window_slots: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    q_out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    x = next(t for t in (k, v, q) if t is not None)
+    layouts = [lay for t, lay in ((k, k_layout), (v, v_layout)) if t is not None] or [RowLayout(x.shape[-1])]
+    triton_ok = x.is_cuda and all(triton_supports(lay, attention=False) for lay in layouts)
+    impl = _write if triton_ok else _reference
+    return impl.write_step(k, v, rot_k, rot_v, clip_k, clip_v, k_layout, v_layout, k_rows, v_rows, slots,
+                           k_win, v_win, window_slots, q, q_out)
+
+
+def rotate_queries(q: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    return write_step(None, None, rotation, None, 1.0, 1.0, None, None, None, None, None, q=q)
 
 
 def decode_attention(

@@ -21,7 +21,8 @@ import torch
 
 from .codec import RowLayout, dequantize_rows, quantize_rows, rotate, sanitize
 
-__all__ = ["quantize_kv_write", "decode_attention", "extend_attention", "rotated_rows"]
+__all__ = ["quantize_kv_write", "write_step", "rotate_queries", "decode_attention", "extend_attention",
+           "rotated_rows"]
 
 
 def rotated_rows(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
@@ -60,6 +61,30 @@ def quantize_kv_write(
             raise ValueError("window_out given without window_slots")
         wkeep = window_slots >= 0
         window_out[window_slots[wkeep].long()] = xr[wkeep].to(window_out.dtype)
+
+
+def rotate_queries(q: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """q [T, Hq, D] @ R_K in fp32, in q's dtype; a per-KV-head R [Hkv, D, D] rotates the G = Hq / Hkv
+    query heads of KV head h by R[h]."""
+    if rotation.dim() == 2:
+        return rotate(q, rotation).to(q.dtype)
+    t, hq, d = q.shape
+    hkv = rotation.shape[0]
+    return rotate(q.view(t, hkv, hq // hkv, d).transpose(1, 2), rotation).transpose(1, 2).reshape(t, hq, d).to(q.dtype)
+
+
+def write_step(k, v, rot_k, rot_v, clip_k, clip_v, k_layout, v_layout, k_rows, v_rows, slots, k_win=None,
+               v_win=None, window_slots=None, q=None, q_out=None):
+    """``write.write_step``: k and v written as two ``quantize_kv_write`` calls (a None part is
+    skipped); returns q rotated by ``rot_k`` (into ``q_out`` when given), or None without q."""
+    if k is not None:
+        quantize_kv_write(k, rot_k, clip_k, k_layout, k_rows, slots, k_win, window_slots)
+    if v is not None:
+        quantize_kv_write(v, rot_v, clip_v, v_layout, v_rows, slots, v_win, window_slots)
+    if q is None:
+        return None
+    qr = rotate_queries(q, rot_k)
+    return qr if q_out is None else q_out.copy_(qr)
 
 
 def _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices, layout,

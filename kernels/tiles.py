@@ -114,18 +114,6 @@ def _code_bytes(q, bits):
 
 
 @triton.jit
-def _shl(x, s: tl.constexpr):
-    """x << s for a constexpr s of either sign (s < 0: x >> -s)."""
-    if s > 0:
-        y = x << s
-    elif s < 0:
-        y = x >> -s
-    else:
-        y = x
-    return y
-
-
-@triton.jit
 def _load_rows(row_ptr, row_off, nmask, base2, Q: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr = True):
     """A block of storage rows (byte offsets [BN], 4-byte aligned) of ``BITS`` per code: the four
     [BN, Q] planes as fp16 numbers B_p + c in ``_plane_cols`` order (``_plane``), and the fp32
@@ -141,7 +129,7 @@ def _load_rows(row_ptr, row_off, nmask, base2, Q: tl.constexpr, BITS: tl.constex
     if BITS == 3:  # the 1-bit plane: one 16-bit word per int32 word of the 2-bit plane
         hp = (row_ptr + row_off[:, None] + Q).to(tl.pointer_type(tl.uint16), bitcast=True) + wc
         hi = tl.load(hp, mask=m2, other=0 if MASKED else None).to(tl.int32)
-        hi = hi | (hi << 8)
+        hi = (hi | (hi << 8)) << 2
     w13 = words >> 8
     scale, minimum = _row_params(row_ptr, row_off, nmask if MASKED else None, _code_bytes(Q, BITS))
     return (_plane(words, w13, hi, 0, base2, BITS), _plane(words, w13, hi, 1, base2, BITS),
@@ -161,10 +149,11 @@ def _plane(words, w13, hi, p: tl.constexpr, base2, BITS: tl.constexpr):
 
     - 4 bits: the int32 word of the high plane (same layout) shifted left by 2 (bytes 0, 2) or
       right by 6 (bytes 1, 3), masked with 0x000C000C << 2p.
-    - 3 bits: x = h | h << 8 of the 16-bit word h of the 1-bit plane, whose bits 4m + p hold
-      plane p of byte m of the int32 word: x has the bits of bytes 0 and 2 at 0-3 and 16-19, of
-      bytes 1 and 3 at 4-7 and 20-23 (bits 8-15 are never read); shifted left by p + 2 (bytes
-      0, 2) or p - 2 (bytes 1, 3), masked with 0x00040004 << 2p.
+    - 3 bits: ``hi`` = (h | h << 8) << 2 of the 16-bit word h of the 1-bit plane, whose bits
+      2p + m (m = 0, 1) and 8 + 2p + m hold plane p of bytes m and 2 + m of the int32 word: hi
+      has the bits of bytes 0 and 2 at 2p + 2 and 18 + 2p (bits 10-17 are never read), of bytes
+      1 and 3 one above; masked with 0x00040004 << 2p (bytes 0, 2) or shifted right by 1 first
+      (bytes 1, 3).
 
     The two halves of one masked word stay one register: the plane's columns come out in
     ``_plane_cols`` order (k = b * Q/2 + 2i + a: word i, half a, b = 0 for bytes 0/2 and 1 for
@@ -179,8 +168,8 @@ def _plane(words, w13, hi, p: tl.constexpr, base2, BITS: tl.constexpr):
         e13 = e13 | ((hi >> 6) & h)
     if BITS == 3:
         h1: tl.constexpr = 0x00040004 << (2 * p)
-        e02 = e02 | (_shl(hi, p + 2) & h1)
-        e13 = e13 | (_shl(hi, p - 2) & h1)
+        e02 = e02 | (hi & h1)
+        e13 = e13 | ((hi >> 1) & h1)
     x0 = e02.to(tl.int16).to(tl.float16, bitcast=True)
     x2 = (e02 >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     x1 = e13.to(tl.int16).to(tl.float16, bitcast=True)

@@ -23,8 +23,11 @@ hence rare code flips at rounding boundaries).
 
 One kernel body serves K and V and every bit width: the clip index, the per-head rotation
 stride and the code width (constexpr BITS: top code 2^BITS - 1, and which high plane is
-packed after the 2-bit plane of the low bits, codec.py's row layout) are parameters; the
-integration calls this once for k and once for v.
+packed after the 2-bit plane of the low bits, codec.py's row layout) are parameters. One
+launch (``write_step``) writes a layer's k and v and rotates its queries by R_K (q @ R_K,
+the same tf32x3 dots, no sanitizing: ``reference.rotate_queries``): programs [0, H) write k,
+[H, 2H) write v, [2H, 2H + Hq) rotate one query head each. R_K cannot be folded into q_proj
+(RoPE does not commute with a general rotation), so the queries need this every step.
 
 Shared memory: a single x @ R dot against the whole [D, D] fp32 rotation stages R (hi and
 lo tf32 halves) in shared memory: 139,264 bytes at D=128 (compiled for sm_86/89/80/90,
@@ -48,7 +51,7 @@ from .checks import check_head_dim, check_index, check_rows, check_window, sm_co
 from .codec import RowLayout, clip_index
 from .tiles import _code_bytes
 
-__all__ = ["quantize_kv_write"]
+__all__ = ["quantize_kv_write", "write_step", "rotate_queries"]
 
 
 @triton.jit
@@ -113,7 +116,7 @@ def _rot_block(rp, krows, pcols, pmask, K0: tl.constexpr, J: tl.constexpr, D: tl
 
 
 @triton.jit
-def _store_window_plane(wp, xr, wmask, pmask, J: tl.constexpr, Q: tl.constexpr):
+def _store_plane(wp, xr, wmask, pmask, J: tl.constexpr, Q: tl.constexpr):
     tl.store(wp + J * Q, xr.to(wp.dtype.element_ty), mask=wmask[:, None] & pmask[None, :])
 
 
@@ -139,64 +142,71 @@ def _pack_plane2(c0, c1, c2, c3):
 @triton.jit
 def _pack_plane1(c0, c1, c2, c3):
     """1-bit plane of codec.py of bit 2 of the codes [BT, PQ] -> bytes [BT, PQ / 2]: byte k holds
-    element 2k of plane p in bit p and element 2k + 1 in bit 4 + p."""
-    nib = ((c0 >> 2) & 1) | (((c1 >> 2) & 1) << 1) | (((c2 >> 2) & 1) << 2) | (((c3 >> 2) & 1) << 3)
-    even, odd = tl.split(tl.reshape(nib, (nib.shape[0], nib.shape[1] // 2, 2)))
-    return even | (odd << 4)
+    element 2k of plane p in bit 2p and element 2k + 1 in bit 2p + 1."""
+    b = ((c0 >> 2) & 1) | (((c1 >> 2) & 1) << 2) | (((c2 >> 2) & 1) << 4) | (((c3 >> 2) & 1) << 6)
+    even, odd = tl.split(tl.reshape(b, (b.shape[0], b.shape[1] // 2, 2)))
+    return even | (odd << 1)
 
 
 @triton.jit
-def _quantize_write_kernel(
-    x_ptr, rot_ptr, rows_ptr, slots_ptr, win_ptr, wslots_ptr,
-    T, tokens_per_prog,
-    stride_xt, stride_xh, stride_rh,
-    stride_on, stride_oh, stride_wn, stride_wh,
-    D: tl.constexpr, CLIP_IDX: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, ROTATE: tl.constexpr, PRECISION: tl.constexpr, BITS: tl.constexpr,
-):
-    """Per token block: the rotated row as four quarter-planes x @ R[:, jQ:(j+1)Q], each
-    accumulated over KC-row slices of R, so no dot operand is larger than [KC, PQ] (R is
-    re-read per token block: a loop-invariant R would be hoisted and kept in shared memory).
-    Clip rank, min and max combine the four planes before quantizing. For D < 64 (Q < 16,
-    below tl.dot's minimum N) planes are padded to 16 columns, masked everywhere."""
-    h = tl.program_id(0)
-    pid = tl.program_id(1)
+def _rotated_planes(xrow, rp, tmask, D: tl.constexpr, ROTATE: tl.constexpr, SANITIZE: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Row block ``xrow`` [BLOCK_T, 1] pointers (column 0 of each row) as the four fp32 quarter-
+    planes of x @ R ([BLOCK_T, PQ] each, padded columns 0). R's [D, D] block at ``rp`` is read in
+    KC-row slices of plane columns, so no dot operand is larger than [KC, PQ] / [BLOCK_T, KC] fp32
+    (R is re-read per token block: a loop-invariant R would be hoisted and kept in shared memory).
+    ROTATE false: x is already rotated, the planes are its own quarters. SANITIZE: x before the
+    dots (the k/v rows; queries are rotated as they are)."""
     Q: tl.constexpr = D // 4
     PQ: tl.constexpr = 16 if Q < 16 else Q
-    PAD: tl.constexpr = PQ != Q
     KC: tl.constexpr = 32 if D > 32 else D
     cols = tl.arange(0, KC)
     pcols = tl.arange(0, PQ)
     pmask = pcols < Q
+    if ROTATE:
+        xp = xrow + cols[None, :]
+        x0 = tl.zeros([xrow.shape[0], PQ], tl.float32)
+        x1 = tl.zeros([xrow.shape[0], PQ], tl.float32)
+        x2 = tl.zeros([xrow.shape[0], PQ], tl.float32)
+        x3 = tl.zeros([xrow.shape[0], PQ], tl.float32)
+        for k0 in tl.static_range(0, D, KC):
+            xk = tl.load(xp + k0, mask=tmask[:, None], other=0.0).to(tl.float32)
+            if SANITIZE:
+                xk = _sanitize(xk)
+            x0 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 0, D, Q), x0, input_precision=PRECISION)
+            x1 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 1, D, Q), x1, input_precision=PRECISION)
+            x2 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 2, D, Q), x2, input_precision=PRECISION)
+            x3 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 3, D, Q), x3, input_precision=PRECISION)
+    else:
+        xm = tmask[:, None] & pmask[None, :]
+        xp = xrow + pcols[None, :]
+        x0 = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
+        x1 = tl.load(xp + Q, mask=xm, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + 2 * Q, mask=xm, other=0.0).to(tl.float32)
+        x3 = tl.load(xp + 3 * Q, mask=xm, other=0.0).to(tl.float32)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _write_rows(x_ptr, rot_ptr, rows_ptr, win_ptr, slots_ptr, wslots_ptr, h, t_begin, t_end,
+                stride_xt, stride_xh, stride_rh, stride_on, stride_oh, stride_wn, stride_wh,
+                D: tl.constexpr, CLIP_IDX: tl.constexpr, BLOCK_T: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                ROTATE: tl.constexpr, PRECISION: tl.constexpr, BITS: tl.constexpr):
+    """Tokens [t_begin, t_end) of KV head h of one tensor: the rotated row as four quarter-planes,
+    clip rank, min and max over all four, then quantize and pack. For D < 64 (Q < 16, below
+    tl.dot's minimum N) planes are padded to 16 columns, masked everywhere."""
+    Q: tl.constexpr = D // 4
+    PQ: tl.constexpr = 16 if Q < 16 else Q
+    PAD: tl.constexpr = PQ != Q
+    pcols = tl.arange(0, PQ)
+    pmask = pcols < Q
     rp = rot_ptr + h * stride_rh
-    t_begin = pid * tokens_per_prog
-    t_end = tl.minimum(t_begin + tokens_per_prog, T)
     for t0 in range(t_begin, t_end, BLOCK_T):
         tok = t0 + tl.arange(0, BLOCK_T)
         tmask = tok < t_end
         slot = tl.load(slots_ptr + tok, mask=tmask, other=-1).to(tl.int64)
         xrow = x_ptr + tok[:, None].to(tl.int64) * stride_xt + h * stride_xh
-        if ROTATE:
-            xp = xrow + cols[None, :]
-            x0 = tl.zeros([BLOCK_T, PQ], tl.float32)
-            x1 = tl.zeros([BLOCK_T, PQ], tl.float32)
-            x2 = tl.zeros([BLOCK_T, PQ], tl.float32)
-            x3 = tl.zeros([BLOCK_T, PQ], tl.float32)
-            # x @ R as four quarter-planes, accumulated over KC-row slices of R (and KC-column
-            # slices of x): every dot operand is at most [KC, PQ] / [BLOCK_T, KC] fp32.
-            for k0 in tl.static_range(0, D, KC):
-                xk = _sanitize(tl.load(xp + k0, mask=tmask[:, None], other=0.0).to(tl.float32))
-                x0 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 0, D, Q), x0, input_precision=PRECISION)
-                x1 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 1, D, Q), x1, input_precision=PRECISION)
-                x2 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 2, D, Q), x2, input_precision=PRECISION)
-                x3 = tl.dot(xk, _rot_block(rp, cols, pcols, pmask, k0, 3, D, Q), x3, input_precision=PRECISION)
-        else:  # already rotated: the planes are x's own quarters
-            xm = tmask[:, None] & pmask[None, :]
-            xp = xrow + pcols[None, :]
-            x0 = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
-            x1 = tl.load(xp + Q, mask=xm, other=0.0).to(tl.float32)
-            x2 = tl.load(xp + 2 * Q, mask=xm, other=0.0).to(tl.float32)
-            x3 = tl.load(xp + 3 * Q, mask=xm, other=0.0).to(tl.float32)
+        x0, x1, x2, x3 = _rotated_planes(xrow, rp, tmask, D, ROTATE, True, PRECISION)
         x0 = _sanitize(x0)
         x1 = _sanitize(x1)
         x2 = _sanitize(x2)
@@ -205,10 +215,10 @@ def _quantize_write_kernel(
             wslot = tl.load(wslots_ptr + tok, mask=tmask, other=-1).to(tl.int64)
             wp = win_ptr + wslot[:, None] * stride_wn + h * stride_wh + pcols[None, :]
             wmask = wslot >= 0
-            _store_window_plane(wp, x0, wmask, pmask, 0, Q)
-            _store_window_plane(wp, x1, wmask, pmask, 1, Q)
-            _store_window_plane(wp, x2, wmask, pmask, 2, Q)
-            _store_window_plane(wp, x3, wmask, pmask, 3, Q)
+            _store_plane(wp, x0, wmask, pmask, 0, Q)
+            _store_plane(wp, x1, wmask, pmask, 1, Q)
+            _store_plane(wp, x2, wmask, pmask, 2, Q)
+            _store_plane(wp, x3, wmask, pmask, 3, Q)
         if CLIP_IDX < D:
             thr = _kth_largest(tl.abs(x0), tl.abs(x1), tl.abs(x2), tl.abs(x3), D - 1 - CLIP_IDX, PAD, pmask)[:, None]
             x0 = tl.minimum(tl.maximum(x0, -thr), thr)
@@ -252,8 +262,184 @@ def _quantize_write_kernel(
         tl.store((row + P).to(tl.pointer_type(tl.int32), bitcast=True), s_bits | (m_bits << 16), mask=smask)
 
 
+@triton.jit
+def _rotate_queries(q_ptr, qo_ptr, rot_ptr, j, h, t_begin, t_end, stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_rh, D: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+    """Tokens [t_begin, t_end) of query head j, rotated by KV head h's R_K, stored as qo's dtype."""
+    Q: tl.constexpr = D // 4
+    PQ: tl.constexpr = 16 if Q < 16 else Q
+    pcols = tl.arange(0, PQ)
+    pmask = pcols < Q
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        tok = t0 + tl.arange(0, BLOCK_T)
+        tmask = tok < t_end
+        t64 = tok[:, None].to(tl.int64)
+        x0, x1, x2, x3 = _rotated_planes(q_ptr + t64 * stride_qt + j * stride_qh, rot_ptr + h * stride_rh, tmask,
+                                         D, True, False, PRECISION)
+        op = qo_ptr + t64 * stride_ot + j * stride_oh + pcols[None, :]
+        _store_plane(op, x0, tmask, pmask, 0, Q)
+        _store_plane(op, x1, tmask, pmask, 1, Q)
+        _store_plane(op, x2, tmask, pmask, 2, Q)
+        _store_plane(op, x3, tmask, pmask, 3, Q)
+
+
+@triton.jit
+def _write_step_kernel(
+    k_ptr, rk_ptr, krows_ptr, kwin_ptr, v_ptr, rv_ptr, vrows_ptr, vwin_ptr, q_ptr, qo_ptr,
+    slots_ptr, wslots_ptr, T, tokens_per_prog, H, G,
+    stride_kt, stride_kh, stride_rkh, stride_kon, stride_koh, stride_kwn, stride_kwh,
+    stride_vt, stride_vh, stride_rvh, stride_von, stride_voh, stride_vwn, stride_vwh,
+    stride_qt, stride_qh, stride_qot, stride_qoh,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_K: tl.constexpr, K_CLIP: tl.constexpr, K_BITS: tl.constexpr, K_ROTATE: tl.constexpr,
+    HAS_V: tl.constexpr, V_CLIP: tl.constexpr, V_BITS: tl.constexpr, V_ROTATE: tl.constexpr,
+    HAS_Q: tl.constexpr,
+):
+    """Program (part, token range): part [0, H) writes KV head part of k, the next H of v, the
+    next H * G rotate one query head each by R_K (parts absent from this launch take no ids)."""
+    p = tl.program_id(0)
+    t_begin = tl.program_id(1) * tokens_per_prog
+    t_end = tl.minimum(t_begin + tokens_per_prog, T)
+    v0 = H if HAS_K else 0
+    q0 = v0 + H if HAS_V else v0
+    if HAS_K:
+        if p < v0:
+            _write_rows(k_ptr, rk_ptr, krows_ptr, kwin_ptr, slots_ptr, wslots_ptr, p, t_begin, t_end,
+                        stride_kt, stride_kh, stride_rkh, stride_kon, stride_koh, stride_kwn, stride_kwh,
+                        D, K_CLIP, BLOCK_T, HAS_WINDOW, K_ROTATE, PRECISION, K_BITS)
+    if HAS_V:
+        if (p >= v0) & (p < q0):
+            _write_rows(v_ptr, rv_ptr, vrows_ptr, vwin_ptr, slots_ptr, wslots_ptr, p - v0, t_begin, t_end,
+                        stride_vt, stride_vh, stride_rvh, stride_von, stride_voh, stride_vwn, stride_vwh,
+                        D, V_CLIP, BLOCK_T, HAS_WINDOW, V_ROTATE, PRECISION, V_BITS)
+    if HAS_Q:
+        if p >= q0:
+            _rotate_queries(q_ptr, qo_ptr, rk_ptr, p - q0, (p - q0) // G, t_begin, t_end, stride_qt, stride_qh,
+                            stride_qot, stride_qoh, stride_rkh, D, BLOCK_T, PRECISION)
+
+
 def _num_programs_hint(device: torch.device) -> int:
     return 4 * sm_count(device) if device.type == "cuda" else 1  # interpreter: programs buy no parallelism
+
+
+def _rotation_stride(name: str, rotation: torch.Tensor | None, h: int, d: int) -> int:
+    """Per-head stride of a [D, D] (0) or [H, D, D] fp32 rotation; 0 for None (no rotation)."""
+    if rotation is None:
+        return 0
+    if rotation.dtype != torch.float32 or not rotation.is_contiguous():
+        raise ValueError(f"rotation {name} must be contiguous fp32")
+    if rotation.shape == (d, d):
+        return 0
+    if rotation.shape == (h, d, d):
+        return d * d
+    raise ValueError(f"rotation {name} must be [{d}, {d}] or [{h}, {d}, {d}], got {tuple(rotation.shape)}")
+
+
+def _check_part(name: str, x: torch.Tensor, t: int, h: int, d: int, layout: RowLayout, rows: torch.Tensor,
+                win: torch.Tensor | None) -> None:
+    check_head_dim(d, layout, attention=False)
+    if x.shape != (t, h, d) or x.stride(-1) != 1:
+        raise ValueError(f"{name} must be [{t}, {h}, {d}] with a contiguous last dim, got {tuple(x.shape)}")
+    check_rows(f"{name} rows", rows, h, layout)
+    if win is not None:
+        check_window(f"{name} window", win, h, d)
+
+
+def write_step(
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    rot_k: torch.Tensor | None,
+    rot_v: torch.Tensor | None,
+    clip_k: float,
+    clip_v: float,
+    k_layout: RowLayout | None,
+    v_layout: RowLayout | None,
+    k_rows: torch.Tensor | None,
+    v_rows: torch.Tensor | None,
+    slots: torch.Tensor,
+    k_win: torch.Tensor | None = None,
+    v_win: torch.Tensor | None = None,
+    window_slots: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    q_out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """One layer's write in one launch: k [T, H, D] rotated by ``rot_k``, quantized with
+    ``k_layout`` / ``clip_k`` into k_rows[slots] (its rotated copy into k_win[window_slots]);
+    the same for v (``rot_v`` None: already rotated); and q [T, Hq, D] rotated by ``rot_k``
+    into ``q_out`` (q's shape and dtype; allocated when None), which is returned. A part whose
+    tensor is None is not written."""
+    kv = k if k is not None else v
+    ref = kv if kv is not None else q
+    if ref is None:
+        raise ValueError("write_step needs k, v or q")
+    t, d = ref.shape[0], ref.shape[2]
+    if kv is not None:
+        h = kv.shape[1]
+    else:  # queries only: the rotation's heads (one shared rotation: any head count)
+        h = rot_k.shape[0] if rot_k is not None and rot_k.dim() == 3 else 1
+    if k is not None:
+        _check_part("k", k, t, h, d, k_layout, k_rows, k_win)
+    if v is not None:
+        _check_part("v", v, t, h, d, v_layout, v_rows, v_win)
+    stride_rkh = _rotation_stride("rot_k", rot_k, h, d)
+    stride_rvh = _rotation_stride("rot_v", rot_v, h, d)
+    has_window = (k is not None and k_win is not None) or (v is not None and v_win is not None)
+    if has_window:
+        if window_slots is None:
+            raise ValueError("a window given without window_slots")
+        if (k is not None and k_win is None) or (v is not None and v_win is None):
+            raise ValueError("k and v windows go together")
+        check_index("window_slots", window_slots, t)
+    if k is not None or v is not None:
+        check_index("slots", slots, t)
+    group = 1
+    if q is not None:
+        if rot_k is None:
+            raise ValueError("q is rotated by rot_k: give it")
+        if q.dim() != 3 or q.shape[0] != t or q.shape[2] != d or q.shape[1] % h or q.stride(-1) != 1:
+            raise ValueError(f"q must be [{t}, a multiple of {h}, {d}] with a contiguous last dim, got {tuple(q.shape)}")
+        check_head_dim(d, RowLayout(d), attention=False)
+        group = q.shape[1] // h
+        if q_out is None:
+            q_out = torch.empty_like(q)
+        elif q_out.shape != q.shape or q_out.stride(-1) != 1:
+            raise ValueError("q_out must have q's shape and a contiguous last dim")
+    if t == 0:
+        return q_out
+    parts = (h if k is not None else 0) + (h if v is not None else 0) + (q.shape[1] if q is not None else 0)
+    # ptxas, 4 warps, no spills on sm_80..90: D=128 block 16: 138-154 regs (block 32 or 8 warps spill);
+    # D=64 block 64: 168-200 regs (benchmarks/kernel_static.py).
+    block_t = 16 if d == 128 else 64
+    blocks = triton.cdiv(t, block_t)
+    per_prog = triton.cdiv(blocks, max(1, _num_programs_hint(ref.device) // parts)) * block_t
+    wslots = window_slots if has_window else slots
+    dummy = ref  # stands in for absent pointers (never read: their parts are compiled out)
+
+    def strides(x, rows, win):
+        if x is None:
+            return 0, 0, 0, 0, 0, 0
+        return (x.stride(0), x.stride(1), rows.stride(0), rows.stride(1),
+                win.stride(0) if win is not None else 0, win.stride(1) if win is not None else 0)
+
+    ks, vs = strides(k, k_rows, k_win), strides(v, v_rows, v_win)
+    _write_step_kernel[(parts, triton.cdiv(t, per_prog))](
+        dummy if k is None else k, dummy if rot_k is None else rot_k, dummy if k is None else k_rows,
+        k_win if k_win is not None else dummy,
+        dummy if v is None else v, dummy if rot_v is None else rot_v, dummy if v is None else v_rows,
+        v_win if v_win is not None else dummy,
+        dummy if q is None else q, dummy if q is None else q_out,
+        slots, wslots, t, per_prog, h, group,
+        ks[0], ks[1], stride_rkh, *ks[2:],
+        vs[0], vs[1], stride_rvh, *vs[2:],
+        *(q.stride()[:2] if q is not None else (0, 0)), *(q_out.stride()[:2] if q is not None else (0, 0)),
+        D=d, BLOCK_T=block_t, HAS_WINDOW=has_window, PRECISION="tf32x3",
+        HAS_K=k is not None, K_CLIP=min(clip_index(clip_k, d), d) if k is not None else d,
+        K_BITS=k_layout.bits if k is not None else 2, K_ROTATE=rot_k is not None,
+        HAS_V=v is not None, V_CLIP=min(clip_index(clip_v, d), d) if v is not None else d,
+        V_BITS=v_layout.bits if v is not None else 2, V_ROTATE=rot_v is not None,
+        HAS_Q=q is not None, num_warps=4, num_stages=1,
+    )
+    return q_out
 
 
 def quantize_kv_write(
@@ -266,46 +452,14 @@ def quantize_kv_write(
     window_out: torch.Tensor | None = None,
     window_slots: torch.Tensor | None = None,
 ) -> None:
-    """Quantize x [T, H, D] into rows_out[slots] (and its rotated copy into window_out)."""
-    t, h, d = x.shape
-    check_head_dim(d, layout, attention=False)
-    if x.stride(-1) != 1:
-        raise ValueError("x must be contiguous in its last dim")
-    check_rows("rows_out", rows_out, h, layout)
-    if rotation is None:
-        stride_rh = 0
-    elif rotation.dtype != torch.float32 or not rotation.is_contiguous():
-        raise ValueError("rotation must be contiguous fp32")
-    elif rotation.shape == (d, d):
-        stride_rh = 0
-    elif rotation.shape == (h, d, d):
-        stride_rh = d * d
-    else:
-        raise ValueError(f"rotation must be [{d}, {d}] or [{h}, {d}, {d}], got {tuple(rotation.shape)}")
-    check_index("slots", slots, t)
-    has_window = window_out is not None
-    if has_window:
-        if window_slots is None:
-            raise ValueError("window_out given without window_slots")
-        check_index("window_slots", window_slots, t)
-        check_window("window_out", window_out, h, d)
-    if t == 0:
-        return
-    # ptxas, 4 warps, no spills on sm_80..90: D=128 block 16: 138-154 regs (block 32 or 8 warps spill);
-    # D=64 block 64: 168-200 regs (benchmarks/kernel_static.py).
-    block_t = 16 if d == 128 else 64
-    blocks = triton.cdiv(t, block_t)
-    per_prog = triton.cdiv(blocks, max(1, _num_programs_hint(x.device) // h)) * block_t
-    grid = (h, triton.cdiv(t, per_prog))
-    win = window_out if has_window else rows_out
-    wslots = window_slots if has_window else slots
-    _quantize_write_kernel[grid](
-        x, x if rotation is None else rotation, rows_out, slots, win, wslots,
-        t, per_prog,
-        x.stride(0), x.stride(1), stride_rh,
-        rows_out.stride(0), rows_out.stride(1),
-        win.stride(0) if has_window else 0, win.stride(1) if has_window else 0,
-        D=d, CLIP_IDX=min(clip_index(clip_ratio, d), d), BLOCK_T=block_t,
-        HAS_WINDOW=has_window, ROTATE=rotation is not None, PRECISION="tf32x3", BITS=layout.bits,
-        num_warps=4, num_stages=1,
-    )
+    """Quantize x [T, H, D] into rows_out[slots] (and its rotated copy into window_out): one
+    tensor's ``write_step``."""
+    if window_out is not None and window_slots is None:
+        raise ValueError("window_out given without window_slots")
+    write_step(x, None, rotation, None, clip_ratio, 1.0, layout, None, rows_out, None, slots,
+               k_win=window_out, window_slots=window_slots)
+
+
+def rotate_queries(q: torch.Tensor, rotation: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, Hq, D] @ R_K (``reference.rotate_queries``): the queries-only ``write_step``."""
+    return write_step(None, None, rotation, None, 1.0, 1.0, None, None, None, None, None, q=q, q_out=out)

@@ -13,7 +13,7 @@ Per forward:
 1. ``init_forward_metadata`` splits every request's keys into an INT2 segment (slots of
    sglang's request table) and a window segment (its own request-window rows, ``pool.py``),
    copying a cached prefix's window from the retained store on a prefix hit.
-2. Each layer rotates q by R_K, quantizes k/v on write (``ops.quantize_kv_write``),
+2. Each layer quantizes k/v on write and rotates q by R_K (one ``ops.write_step``),
    runs decode or extend attention (extend adds the chunk's own exact rotated k/v and
    applies the rule per query), and un-rotates the output by R_V^T. Decode writes before
    attending (it reads its token from the pool). Extend writes the INT2 rows first and the
@@ -321,12 +321,7 @@ class OscarAttnBackend(AttentionBackend):
 
     # ----------------------------------------------------------------- forward
     def _rotate_q(self, q: torch.Tensor, lid: int) -> torch.Tensor:
-        r = self.rot_k[lid]
-        if r.dim() == 2:
-            return (q.float() @ r).to(q.dtype)
-        t, hq, d = q.shape
-        hkv = r.shape[0]
-        return torch.einsum("thgd,hde->thge", q.float().view(t, hkv, hq // hkv, d), r).reshape(t, hq, d).to(q.dtype)
+        return ops.rotate_queries(q, self.rot_k[lid])
 
     def _unrotate_out(self, o: torch.Tensor, lid: int) -> torch.Tensor:
         if self.values_folded:  # o_proj takes the rotated basis
@@ -341,10 +336,11 @@ class OscarAttnBackend(AttentionBackend):
     def _rot_v(self, lid: int) -> torch.Tensor | None:
         return None if self.rot_v is None else self.rot_v[lid]
 
-    def _write(self, k3, v3, lid: int, win_rows, rotated=None) -> None:
+    def _write(self, q3, k3, v3, lid: int, win_rows, rotated=None) -> torch.Tensor:
+        """Write the layer's k/v and return its rotated queries (one launch on a GPU)."""
         md = self.forward_metadata
-        self.pool.write_rows(lid, md.out_loc, k3, v3, win_rows, self.rot_k[lid], self._rot_v(lid),
-                             self.settings.clip_k[lid], self.settings.clip_v[lid], rotated)
+        return self.pool.write_rows(lid, md.out_loc, k3, v3, win_rows, self.rot_k[lid], self._rot_v(lid),
+                                    self.settings.clip_k[lid], self.settings.clip_v[lid], rotated, q=q3)
 
     def _views(self, q, k, v, layer):
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
@@ -353,11 +349,11 @@ class OscarAttnBackend(AttentionBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         md, lid = self.forward_metadata, layer.layer_id
         q3, k3, v3 = self._views(q, k, v, layer)
-        if save_kv_cache:  # the new token is read back from the pool
-            self._write(k3, v3, lid, md.win_rows)
+        # the new token is read back from the pool
+        qr = self._write(q3, k3, v3, lid, md.win_rows) if save_kv_cache else self._rotate_q(q3, lid)
         k_lay, v_lay = self.pool.layouts(lid)
         out, _ = ops.decode_attention(
-            self._rotate_q(q3, lid), *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
+            qr, *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
             *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, layer.scaling, k_lay,
             num_splits=md.num_splits, v_layout=v_lay,
         )
@@ -366,15 +362,15 @@ class OscarAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         md, lid = self.forward_metadata, layer.layer_id
         q3, k3, v3 = self._views(q, k, v, layer)
-        qr = self._rotate_q(q3, lid)
         # The chunk attends to its own k/v exactly as stored (sanitized, rotated: one non-finite
         # value must not turn the whole chunk NaN through 0 * NaN in the masked attention). The
         # write returns them (its rotation, done once); INT2 rows are written first: queries far
         # enough into the chunk read its older tokens there.
-        kr, vr = (torch.empty(k3.shape, dtype=qr.dtype, device=qr.device) for _ in range(2))
+        kr, vr = (torch.empty(k3.shape, dtype=q3.dtype, device=q3.device) for _ in range(2))
         if save_kv_cache:
-            self._write(k3, v3, lid, None, rotated=(kr, vr, md.chunk_rows))
+            qr = self._write(q3, k3, v3, lid, None, rotated=(kr, vr, md.chunk_rows))
         else:
+            qr = self._rotate_q(q3, lid)
             kr.copy_(rotated_rows(k3, self.rot_k[lid]))
             vr.copy_(rotated_rows(v3, self._rot_v(lid)))
         k_lay, v_lay = self.pool.layouts(lid)

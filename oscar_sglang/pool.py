@@ -23,10 +23,13 @@ Full-precision (rotated, model dtype) windows live beside the rows (``windows.py
 * **Retained store** (the rest): the window of a cached prefix end, copied out of a request
   window when sglang caches the request (``retain_request``) and keyed by slot
   (``ret_of_slot``), so a request that hits that prefix copies it into its own window
-  (``fill_rows``). Rows are freed with their slots; when the store is full, guessed windows
-  (chunk and request ends nobody has hit yet) go first, then proven ones (hit, or where a
-  request left a cached sequence), each class least recently used first. A lost window only
-  shortens later prefix hits (``usable_prefix``).
+  (``fill_rows``). Rows are freed with their slots; when the store is full, the least
+  recently used go first, a proven window (hit, or where a request left a cached sequence)
+  counting as used ``protect`` window allocations (the store's capacity in windows) after it
+  was: it outlives that many newer guesses (chunk and request ends nobody has hit yet), and
+  one nobody has hit for longer goes before them, so a new workload's documents do not starve
+  behind an old workload's proven windows. A lost window only shortens later prefix hits
+  (``usable_prefix``).
 
 All bookkeeping is host-side (CPU tensors, python ints): it is read by the scheduler when it
 matches prefixes and by the backend when it builds a forward's metadata, and every data copy
@@ -46,9 +49,6 @@ from oscar_sglang.kernels.codec import CacheLayout
 from oscar_sglang.windows import SLACK, WindowPlan
 
 logger = logging.getLogger(__name__)
-
-
-_PROVEN = 1 << 40  # added to the LRU clock of proven retained rows: every guess is older than them
 
 
 class OscarKVPool(MHATokenToKVPool):
@@ -87,8 +87,9 @@ class OscarKVPool(MHATokenToKVPool):
         self.v_win = [torch.zeros(rows, head_num, head_dim, dtype=dtype, device=device) for _ in range(layer_num)]
         self.ret_of_slot = torch.full((size + page_size,), -1, dtype=torch.int64)  # retained row index, -1 = none
         self.slot_of_ret = torch.full((plan.retained_rows,), -1, dtype=torch.int64)
-        self.ret_used = torch.zeros(plan.retained_rows, dtype=torch.int64)  # LRU clock of each retained row
-        self.clock = 0
+        self.ret_used = torch.zeros(plan.retained_rows, dtype=torch.int64)  # LRU key of each retained row
+        self.clock = 0  # window allocations so far
+        self.protect = max(1, plan.retained_rows // plan.rows_per_set)  # the store's capacity in windows
         self.in_forward = False
         self.busy = torch.zeros(plan.retained_rows, dtype=torch.bool)  # taken by the forward being planned
         self.fill_misses = 0  # window rows a prefix hit needed but the store had lost (must stay 0)
@@ -187,9 +188,13 @@ class OscarKVPool(MHATokenToKVPool):
         """Bool [n]: which of these slots have a retained window row (a match proves them: touched)."""
         rows = self.ret_of_slot[slots.cpu().long()]
         have = rows >= 0
-        self.clock += 1
-        self.ret_used[rows[have]] = self.clock + _PROVEN
+        self.ret_used[rows[have]] = self._key(proven=True)
         return have
+
+    def _key(self, proven: bool) -> int:
+        """LRU key of a retained row used now: a guess at the clock, a proven window ``protect``
+        allocations later (odd: never equal to a guess's key)."""
+        return 2 * (self.clock + self.protect) + 1 if proven else 2 * self.clock
 
     def usable_prefix(self, slots: torch.Tensor, page_size: int) -> int:
         """Longest page-aligned m <= len(slots) whose window the store holds: the sinks
@@ -227,8 +232,8 @@ class OscarKVPool(MHATokenToKVPool):
 
     def retain_rows(self, slots: torch.Tensor, proven: bool) -> torch.Tensor:
         """Retained rows (global window-row ids) for these distinct slots, allocated where missing.
-        ``proven``: a window a request is known to leave the cache at (used now, kept longest);
-        otherwise a guess (a chunk or request end): its new rows are reclaimed before any proven row."""
+        ``proven``: a window a request is known to leave the cache at (used now, kept ``protect``
+        allocations longer); otherwise a guess (a chunk or request end)."""
         slots = slots.cpu().long()
         rows = self.ret_of_slot[slots]
         need = rows < 0
@@ -240,9 +245,9 @@ class OscarKVPool(MHATokenToKVPool):
         self.slot_of_ret[rows[keep]] = slots[keep]
         self.clock += 1
         if proven:
-            self.ret_used[rows[keep]] = self.clock + _PROVEN
+            self.ret_used[rows[keep]] = self._key(proven=True)
         else:
-            self.ret_used[got] = self.clock
+            self.ret_used[got] = self._key(proven=False)
         return torch.where(keep, rows + self.ret_base, -1)
 
     def move_retained(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
@@ -303,11 +308,12 @@ class OscarKVPool(MHATokenToKVPool):
 
     # ----------------------------------------------------------------- writes
     def write_rows(self, layer_id, slots, k, v, win_rows, rot_k, rot_v, clip_k: float, clip_v: float,
-                   rotated=None) -> None:
+                   rotated=None, q=None):
         """Rotate, quantize and store k/v [T, H, D] at slots; their rotated full-precision copies
         at the window rows ``win_rows``, or, with ``rotated=(k_out, v_out, rows)``, into those
         scratch tensors instead (extend: the chunk's own k/v). ``rot_v`` None: v is already
-        rotated (R_V folded into the weights)."""
+        rotated (R_V folded into the weights). One launch (``ops.write_step``), which with ``q``
+        also rotates the layer's queries by ``rot_k`` and returns them."""
         lid = layer_id - self.start_layer
         if rotated is not None:
             kw, vw, win_rows = rotated
@@ -315,8 +321,8 @@ class OscarKVPool(MHATokenToKVPool):
             kw, vw = self.k_win[lid], self.v_win[lid]
         else:
             kw = vw = None
-        ops.quantize_kv_write(k, rot_k, clip_k, self.key_layouts[lid], self.k_buffer[lid], slots, kw, win_rows)
-        ops.quantize_kv_write(v, rot_v, clip_v, self.value_layouts[lid], self.v_buffer[lid], slots, vw, win_rows)
+        return ops.write_step(k, v, rot_k, rot_v, clip_k, clip_v, self.key_layouts[lid], self.value_layouts[lid],
+                              self.k_buffer[lid], self.v_buffer[lid], slots, kw, vw, win_rows, q=q)
 
     def write_windows(self, layer_id: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store already rotated full-precision k/v [n, H, D] at window rows."""

@@ -31,12 +31,16 @@ def _state():
     kv = torch.randn(2, len(slots), H_KV, D, dtype=torch.float16)
     k_rows, v_rows = pool.get_kv_buffer(0)
     k_win, v_win = pool.get_window_buffers(0)
-    for x, rows, win, lay in zip(kv, (k_rows, v_rows), (k_win, v_win), pool.layouts(0)):
-        ref_rows, ref_win = rows.clone(), win.clone()
-        reference.quantize_kv_write(x, rot, 0.96, lay, ref_rows, slots, ref_win, win_rows)
-        write.quantize_kv_write(x, rot, 0.96, lay, rows, slots, win, win_rows)
+    q = torch.randn(len(slots), H_KV * GROUP, D, dtype=torch.float16)
+    refs = [t.clone() for t in (k_rows, v_rows, k_win, v_win)]
+    args = (rot, None, 0.96, 0.92, *pool.layouts(0))  # as the backend's folded values: no V rotation
+    qr = write.write_step(*kv, *args, k_rows, v_rows, slots, k_win, v_win, win_rows, q=q)
+    ref_qr = reference.write_step(*kv, *args, *refs[:2], slots, *refs[2:], win_rows, q=q)
+    for rows, ref_rows in zip((k_rows, v_rows), refs[:2]):
         assert (rows.float() - ref_rows.float()).abs().gt(0).float().mean() < 0.02  # rare tf32 boundary flips
+    for win, ref_win in zip((k_win, v_win), refs[2:]):
         assert torch.allclose(win.float(), ref_win.float(), atol=1e-2)
+    assert torch.allclose(qr.float(), ref_qr.float(), atol=1e-2)
     backend = object.__new__(OscarAttnBackend)  # only the metadata builder runs
     backend.pool, backend.req_to_token = pool, req_to_token
     return pool, backend, lens, (k_rows, v_rows, k_win, v_win)

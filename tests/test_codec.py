@@ -53,8 +53,9 @@ def test_high_plane_layout(bits):
     assert torch.equal(packed[: d // 4], pack_codes(codes & 3))
     hi = (codes >> 2).int()
     for k in range(d // 8 if bits == 3 else d // 4):
-        if bits == 3:  # byte k: element 2k + p*D/4 in bit p, element 2k + 1 + p*D/4 in bit 4 + p
-            expect = sum(int(hi[2 * k + p * d // 4]) << p | int(hi[2 * k + 1 + p * d // 4]) << (4 + p) for p in range(4))
+        if bits == 3:  # byte k: element 2k + p*D/4 in bit 2p, element 2k + 1 + p*D/4 in bit 2p + 1
+            expect = sum(int(hi[2 * k + p * d // 4]) << 2 * p | int(hi[2 * k + 1 + p * d // 4]) << (2 * p + 1)
+                         for p in range(4))
         else:  # the 2-bit plane layout again
             expect = sum(int(hi[k + p * d // 4]) << (2 * p) for p in range(4))
         assert int(packed[d // 4 + k]) == expect

@@ -158,6 +158,48 @@ def test_write_real_rotation_close(d, bits):
     check_rotated_close(rk, rr, wk, wr, layout, torch.float16)
 
 
+WRITE_STEP_CASES = [  # d, KV heads, group, (key bits, value bits), values folded, per-head rotations
+    (64, 2, 3, (3, 2), True, True),
+    (128, 1, 4, (2, 2), False, False),
+    (32, 2, 2, (4, 3), False, True),
+]
+
+
+@pytest.mark.parametrize("d,h,group,bits,fold_v,per_head", WRITE_STEP_CASES)
+def test_write_step_is_the_separate_writes(d, h, group, bits, fold_v, per_head):
+    """One launch for a layer's k, v and queries: rows and windows bit-exact against the
+    reference's two writes and its query rotation (signed-permutation rotations are exact in
+    any precision, fp16 queries too)."""
+    t = 21
+    k, slots, wslots, gen = make_inputs(t, h, d, torch.float16, seed=d + h)
+    v = (torch.randn(t, h, d, generator=gen) * 2).half()
+    q = torch.randn(t, h * group, d, generator=gen).half()
+    rot_k = signed_permutation(d, h if per_head else 0, gen)
+    rot_v = None if fold_v else signed_permutation(d, h if per_head else 0, gen)
+    layouts = RowLayout(d, bits=bits[0]), RowLayout(d, bits=bits[1])
+    outs = []
+    for impl in (write, reference):
+        bufs = [torch.full((t + 5, h, lay.row_bytes), 0xAB, dtype=torch.uint8, device=DEV) for lay in layouts]
+        wins = [torch.full((t + 3, h, d), -7.0, dtype=torch.float16, device=DEV) for _ in range(2)]
+        qo = impl.write_step(k.to(DEV), v.to(DEV), rot_k.to(DEV), None if rot_v is None else rot_v.to(DEV),
+                             0.96, 0.92, *layouts, *bufs, slots.to(DEV), *wins, wslots.to(DEV), q=q.to(DEV))
+        outs.append([x.cpu() for x in (*bufs, *wins, qo)])
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_rotate_queries_close(per_head):
+    """Queries alone (no k/v part in the launch) under a real rotation, against the fp32 reference."""
+    gen = torch.Generator().manual_seed(3)
+    d, h, group = 64, 2, 3
+    q = torch.randn(9, h * group, d, generator=gen)
+    rot = torch.stack([random_orthogonal(d, gen) for _ in range(h)]) if per_head else random_orthogonal(d, gen)
+    got = write.rotate_queries(q.to(DEV), rot.contiguous().to(DEV)).cpu()
+    assert got.dtype == q.dtype
+    torch.testing.assert_close(got, reference.rotate_queries(q, rot), atol=1e-5, rtol=1e-5)
+
+
 def test_write_rejects_unsupported_layouts():
     x = torch.zeros(2, 1, 64, dtype=torch.float16)
     rows = torch.zeros(2, 1, RowLayout(64, 32).row_bytes, dtype=torch.uint8)

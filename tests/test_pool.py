@@ -141,7 +141,7 @@ def test_store_reclaims_least_recently_used_windows_and_matches_shrink_never_lie
 
 
 def test_store_reclaims_guesses_before_proven_windows():
-    """A window a match has used outlives later guesses (chunk/request ends nobody hit yet), however old."""
+    """A window a match has used outlives the next guesses (chunk/request ends nobody hit yet)."""
     pool = _pool(retained_sets=1)  # 28 rows: two 12-row windows
     a, b, c = torch.arange(1, 17), torch.arange(21, 37), torch.arange(41, 57)
     pool.row_len[0] = 16
@@ -150,6 +150,26 @@ def test_store_reclaims_guesses_before_proven_windows():
     pool.retain_request(0, b)
     pool.retain_request(0, c)  # the store is full: the guess b goes, not the older proven a
     assert [pool.usable_prefix(s, 1) for s in (a, b, c)] == [16, 0, 16]
+
+
+def test_proven_windows_age_behind_newer_guesses():
+    """A proven window nobody hits again outlives ``protect`` newer guesses (the store's capacity in
+    windows), then goes before them: an old workload's proven windows do not starve a new one's."""
+    pool = _pool(size=128, retained_sets=1)  # 28 rows: two 12-row windows
+    assert pool.protect == 2
+    a, b, c, d, e = (torch.arange(1 + 20 * i, 17 + 20 * i) for i in range(5))
+    pool.row_len[0] = 16
+    pool.retain_request(0, a)
+    assert pool.usable_prefix(a, 1) == 16  # a hit: a is proven
+    for s in (b, c, d):  # each evicts the previous guess: a is still protected
+        pool.retain_request(0, s)
+
+    def held(s):  # the window at s's end (sinks, ring) is in the store; usable_prefix would count a hit
+        return bool((pool.ret_of_slot[torch.cat([s[:pool.sink], s[-pool.recent:]])] >= 0).all())
+
+    assert [held(s) for s in (a, b, c, d)] == [True, False, False, True]
+    pool.retain_request(0, e)  # a's protection is spent: a goes, not the newer guess d
+    assert [held(s) for s in (a, d, e)] == [False, True, True]
 
 
 def test_tree_slots_inherit_retained_rows_of_duplicates():
