@@ -44,9 +44,9 @@ MERGE_BLOCK_S = 8  # splits merged per step
 @dataclass(frozen=True)
 class DecodeConfig:
     """Tile sizes and launch knobs, chosen from the static report (``benchmarks/kernel_static.py``,
-    Qwen3-8B heads, sm_90), not from GPU timings: 128 INT2 rows per step issue 23.1 SASS
-    instructions per (token, KV head) with 130 registers (no spill; 3 programs of 4 warps per
-    SM), 64 rows 30.6, 8 warps 34.1. 2 warps issue 17.6 with 204 registers (no spill) but leave
+    Qwen3-8B heads, sm_90), not from GPU timings: 128 INT2 rows per step issue 22.2 SASS
+    instructions per (token, KV head) with 137 registers (no spill; 3 programs of 4 warps per
+    SM), 64 rows 30.1, 8 warps 33.3. 2 warps issue 17.3 with 201 registers (no spill) but leave
     2 warps per scheduler to hide latency: which is faster needs a GPU (``bench_decode.py --sweep``)."""
 
     block_n: int = 128  # INT2 rows per loop step
@@ -102,6 +102,7 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     msum = tl.zeros([BLOCK_H], tl.float32)
     ssum = tl.zeros([BLOCK_H], tl.float32)
+    vscale = tl.full([], 1.0, tl.float32)  # the units of the quantized blocks' value sums (tiles._int2_block)
     acc0 = tl.zeros([Q, BLOCK_H], tl.float32)
     acc1 = tl.zeros([Q, BLOCK_H], tl.float32)
     acc2 = tl.zeros([Q, BLOCK_H], tl.float32)
@@ -112,19 +113,19 @@ def _decode_split_kernel(
         slot = tl.load(i_idx + i_beg + offs).to(tl.int64)
         k_off = slot * stride_krn + hk * stride_krh
         v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
-        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum = _int2_block(
+        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _int2_block(
             q0, q1, q2, q3, qsum, qb, k_off, v_off, offs, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
-            msum, ssum, scale_log2, code_bits2, Q, K_BITS, V_BITS, None, False)
+            msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, None, False)
     if i_full < i_hi:
         offs = i_full + tl.arange(0, BLOCK_N)
         nmask = offs < i_hi
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
         k_off = slot * stride_krn + hk * stride_krh
         v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
-        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum = _int2_block(
+        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _int2_block(
             q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
-            msum, ssum, scale_log2, code_bits2, Q, K_BITS, V_BITS, nmask[:, None])
-    acc0, acc1, acc2, acc3 = _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, Q)
+            msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, nmask[:, None])
+    acc0, acc1, acc2, acc3 = _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q)
     qd0, qd1, qd2, qd3 = _load_q_planes(qh + tl.arange(0, Q)[:, None], hmask[None, :], Q)
     for start in range(w_lo, w_hi, BLOCK_W):
         offs = start + tl.arange(0, BLOCK_W)

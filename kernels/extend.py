@@ -100,6 +100,7 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M * GP], tl.float32)
     msum = tl.zeros([BLOCK_M * GP], tl.float32)
     ssum = tl.zeros([BLOCK_M * GP], tl.float32)
+    vscale = tl.full([], 1.0, tl.float32)  # the units of the quantized blocks' value sums (tiles._int2_block)
     acc0 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
     acc1 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
     acc2 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
@@ -110,16 +111,27 @@ def _extend_kernel(
     share = tl.cdiv(tl.cdiv(n_i, num_splits), BLOCK_N) * BLOCK_N
     i_lo = sp * share
     i_hi = tl.minimum(i_lo + share, n_i)
-    for start in range(i_lo, i_hi, BLOCK_N):
+    # Blocks that every row reads as INT2 (key position sink + j <= t - recent already for the
+    # program's first token a + m0) run without masks; the rest, masked by the position rule.
+    i_full = i_lo + tl.maximum(tl.minimum(i_hi, a + m0 - recent - sink + 1) - i_lo, 0) // BLOCK_N * BLOCK_N
+    for start in range(i_lo, i_full, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        slot = tl.load(i_idx + i_beg + offs).to(tl.int64)
+        k_off = slot * stride_krn + hk * stride_krh
+        v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
+        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _int2_block(
+            q0, q1, q2, q3, qsum, qb, k_off, v_off, offs, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
+            msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, None, False)
+    for start in range(i_full, i_hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         nmask = offs < i_hi
         slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
         k_off = slot * stride_krn + hk * stride_krh
         v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
-        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum = _int2_block(
+        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _int2_block(
             q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
-            msum, ssum, scale_log2, code_bits2, Q, K_BITS, V_BITS, (sink + offs)[:, None] <= t - recent)
-    acc0, acc1, acc2, acc3 = _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, Q)
+            msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, (sink + offs)[:, None] <= t - recent)
+    acc0, acc1, acc2, acc3 = _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q)
 
     if sp == 0:
         qd0, qd1, qd2, qd3 = _load_q_planes(qp + tl.arange(0, Q)[:, None], rmask[None, :], Q)

@@ -180,7 +180,7 @@ def _plane(words, w13, hi, p: tl.constexpr, base2, BITS: tl.constexpr):
 
 @triton.jit
 def _int2_block(q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
-                acc0, acc1, acc2, acc3, msum, ssum, scale_log2, code_bits2, Q: tl.constexpr,
+                acc0, acc1, acc2, acc3, msum, ssum, vscale, scale_log2, code_bits2, Q: tl.constexpr,
                 K_BITS: tl.constexpr, V_BITS: tl.constexpr, extra_mask, MASKED: tl.constexpr = True):
     """One block of quantized rows (k_off / v_off: byte offsets [BN] of the key / value rows, of
     K_BITS / V_BITS per code) and an extra [BN, rows or 1] visibility mask (the position rule in
@@ -189,8 +189,10 @@ def _int2_block(q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_pt
     Keys are the dots' M dimension (logits [BN, rows]), so a few query rows (decode: G heads)
     pad to 8 columns, not 16 rows. The dots read plane p's codes as B_p + c (``_plane``):
     sum_p q_p . (B_p + c) = q . c + qb for keys. Values: acc_p (in ``_plane_cols`` order)
-    gathers sum_t p_t s_t (B_p + c_t), ``msum`` sum_t p_t m_t and ``ssum`` sum_t p_t s_t (the
-    rounded weights the dots saw); ``_int2_finish`` removes the B_p terms once."""
+    gathers sum_t p_t s_t (B_p + c_t) in units of ``vscale`` (the last block's max scale: the
+    dots accumulate in place, one multiply per element and step), ``msum`` sum_t p_t m_t and
+    ``ssum`` sum_t p_t s_t (the rounded weights the dots saw); ``_int2_finish`` puts acc_p back
+    in value units and removes the B_p terms once."""
     k0, k1, k2, k3, ks, km = _load_rows(krow_ptr, k_off, nmask, code_bits2, Q, K_BITS, MASKED)
     qk = tl.dot(k0, q0)
     qk = tl.dot(k1, q1, qk)
@@ -203,15 +205,16 @@ def _int2_block(q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_pt
     m_new, alpha, p, l_i = _online_update(m_i, l_i, logit)
     v0, v1, v2, v3, vs, vm = _load_rows(vrow_ptr, v_off, nmask, code_bits2, Q, V_BITS, MASKED)
     smax = tl.max(vs, axis=0)
-    ps = (p * (vs / tl.where(smax > 0, smax, 1.0))[:, None]).to(tl.float16)
-    al = alpha[None, :]
-    acc0 = acc0 * al + tl.dot(tl.trans(v0), ps) * smax
-    acc1 = acc1 * al + tl.dot(tl.trans(v1), ps) * smax
-    acc2 = acc2 * al + tl.dot(tl.trans(v2), ps) * smax
-    acc3 = acc3 * al + tl.dot(tl.trans(v3), ps) * smax
+    smax = tl.where(smax > 0, smax, 1.0)
+    ps = (p * (vs / smax)[:, None]).to(tl.float16)
+    r = (alpha * (vscale / smax))[None, :]
+    acc0 = tl.dot(tl.trans(v0), ps, acc0 * r)
+    acc1 = tl.dot(tl.trans(v1), ps, acc1 * r)
+    acc2 = tl.dot(tl.trans(v2), ps, acc2 * r)
+    acc3 = tl.dot(tl.trans(v3), ps, acc3 * r)
     msum = msum * alpha + tl.sum(p * vm[:, None], axis=0)
     ssum = ssum * alpha + tl.sum(ps.to(tl.float32), axis=0) * smax
-    return m_new, l_i, acc0, acc1, acc2, acc3, msum, ssum
+    return m_new, l_i, acc0, acc1, acc2, acc3, msum, ssum, smax
 
 
 @triton.jit
@@ -222,13 +225,16 @@ def _unpermute(acc, Q: tl.constexpr):
 
 
 @triton.jit
-def _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, Q: tl.constexpr):
-    """The quantized blocks' accumulators in natural column order with the minimums added and
-    the base terms B_p * ssum removed: the dense blocks' (and the output's) running sums."""
+def _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q: tl.constexpr):
+    """The quantized blocks' accumulators in value units and natural column order with the
+    minimums added and the base terms B_p * ssum removed: the dense blocks' (and the output's)
+    running sums."""
     ms = msum[None, :]
     ss = ssum[None, :]
-    return (_unpermute(acc0 + ms - _plane_base(0) * ss, Q), _unpermute(acc1 + ms - _plane_base(1) * ss, Q),
-            _unpermute(acc2 + ms - _plane_base(2) * ss, Q), _unpermute(acc3 + ms - _plane_base(3) * ss, Q))
+    return (_unpermute(acc0 * vscale + ms - _plane_base(0) * ss, Q),
+            _unpermute(acc1 * vscale + ms - _plane_base(1) * ss, Q),
+            _unpermute(acc2 * vscale + ms - _plane_base(2) * ss, Q),
+            _unpermute(acc3 * vscale + ms - _plane_base(3) * ss, Q))
 
 
 @triton.jit

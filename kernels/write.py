@@ -36,7 +36,8 @@ L40S), so it could not launch there. The kernel instead produces the rotated row
 four quarter-planes (x @ R[:, jQ:(j+1)Q], exactly the plane layout of the storage row, so
 plane j is packed at bits 2j with no reshuffle), each accumulated over 32-row slices of R,
 and R is re-read (L1/L2) per token block instead of being kept resident: 4,096 bytes of
-shared memory and 138 (sm_86/89) / 154 (sm_90) registers at D=128, no spills
+shared memory and 138 (sm_86/89) / 154 (sm_90) registers at D=128 for one 2-bit tensor, 178 /
+154 for the backend's write_step (3-bit k, folded 2-bit v, queries), no spills
 (``benchmarks/kernel_static.py``). Clip rank, min and max combine the four planes, so the
 per-row quantile is still over all D values.
 """
@@ -406,12 +407,15 @@ def write_step(
             raise ValueError("q_out must have q's shape and a contiguous last dim")
     if t == 0:
         return q_out
-    parts = (h if k is not None else 0) + (h if v is not None else 0) + (q.shape[1] if q is not None else 0)
-    # ptxas, 4 warps, no spills on sm_80..90: D=128 block 16: 138-154 regs (block 32 or 8 warps spill);
-    # D=64 block 64: 168-200 regs (benchmarks/kernel_static.py).
+    kv_parts = (h if k is not None else 0) + (h if v is not None else 0)
+    parts = kv_parts + (q.shape[1] if q is not None else 0)
+    # ptxas, 4 warps, no spills on sm_80..90 (benchmarks/kernel_static.py): D=128 block 16: 138-186
+    # registers (block 32 or 8 warps spill); D=64 block 64: 168-218.
     block_t = 16 if d == 128 else 64
     blocks = triton.cdiv(t, block_t)
-    per_prog = triton.cdiv(blocks, max(1, _num_programs_hint(ref.device) // parts)) * block_t
+    # token ranges sized for the k/v parts (the clip rank passes make them the heavy ones): they
+    # alone fill the GPU; the light query programs come on top
+    per_prog = triton.cdiv(blocks, max(1, _num_programs_hint(ref.device) // (kv_parts or parts))) * block_t
     wslots = window_slots if has_window else slots
     dummy = ref  # stands in for absent pointers (never read: their parts are compiled out)
 

@@ -80,9 +80,9 @@ def test_no_spills_on_sm90(rows):
 
 # SASS warp-instructions per (token, KV head) of the quantized loop, D=128: (sm_90 limit, other
 # arches' limit). Since the mask-only unpack into fp16 (no shift per plane, the two halves of a
-# masked word kept as one register: stmatrix on sm_90) and unmasked full blocks, measured: INT2
-# 23.1 on sm_90 (issue #13's target: <= 24), 29.8-31.2 on sm_80/86/89 (was 32.3 / 36.8-37.5);
-# 3-bit keys 29.0 / 37.0 (was 41.3 / 44.5), 4-bit keys 28.0 / 36.2 (was 38.8 / 42.1).
+# masked word kept as one register: stmatrix on sm_90), unmasked full blocks and in-place value
+# dots, measured: INT2 22.2 on sm_90 (issue #13's target: <= 24), 29.5-30.3 on sm_80/86/89 (was
+# 32.3 / 36.8-37.5); 3-bit keys 28.4 / 35.7 (was 41.3 / 44.5), 4-bit keys 27.2 / 34.5 (was 38.8 / 42.1).
 LOOP_MAX = {"decode_split": (24, 33), "decode_split_k3v2": (32, 40), "decode_split_k4v2": (30, 38)}
 
 
