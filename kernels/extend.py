@@ -36,7 +36,8 @@ import triton.language as tl
 from .checks import check_head_dim, check_index, check_rows, check_window, plan_splits, sm_count
 from .codec import RowLayout
 from .decode import LOG2E, merge_splits
-from .tiles import _dense_block, _int2_block, _int2_finish, _load_q_codes, _load_q_planes, code_bits2
+from .tiles import (_dense_block, _int2_block, _int2_finish, _load_q_codes, _load_q_planes, _row_offsets,
+                    code_bits2)
 
 __all__ = ["ExtendConfig", "plan_extend_splits", "extend_attention"]
 
@@ -116,18 +117,16 @@ def _extend_kernel(
     i_full = i_lo + tl.maximum(tl.minimum(i_hi, a + m0 - recent - sink + 1) - i_lo, 0) // BLOCK_N * BLOCK_N
     for start in range(i_lo, i_full, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
-        slot = tl.load(i_idx + i_beg + offs).to(tl.int64)
-        k_off = slot * stride_krn + hk * stride_krh
-        v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
+        k_off, v_off = _row_offsets(i_idx + i_beg, offs, None, hk, stride_krn, stride_krh, stride_vrn, stride_vrh,
+                                    SAME_STRIDES, False)
         m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _int2_block(
             q0, q1, q2, q3, qsum, qb, k_off, v_off, offs, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
             msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, None, False)
     for start in range(i_full, i_hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         nmask = offs < i_hi
-        slot = tl.load(i_idx + i_beg + offs, mask=nmask, other=0).to(tl.int64)
-        k_off = slot * stride_krn + hk * stride_krh
-        v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
+        k_off, v_off = _row_offsets(i_idx + i_beg, offs, nmask, hk, stride_krn, stride_krh, stride_vrn, stride_vrh,
+                                    SAME_STRIDES, True)
         m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _int2_block(
             q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
             msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, (sink + offs)[:, None] <= t - recent)

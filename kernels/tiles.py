@@ -179,6 +179,20 @@ def _plane(words, w13, hi, p: tl.constexpr, base2, BITS: tl.constexpr):
 
 
 @triton.jit
+def _row_offsets(idx_ptr, offs, nmask, hk, stride_krn, stride_krh, stride_vrn, stride_vrh,
+                 SAME_STRIDES: tl.constexpr, MASKED: tl.constexpr):
+    """Byte offsets [BN] of KV head hk's key and value rows of tokens ``offs`` (slot ids read at
+    ``idx_ptr + offs``; SAME_STRIDES: one offset serves both, the V strides are not read)."""
+    if MASKED:
+        slot = tl.load(idx_ptr + offs, mask=nmask, other=0).to(tl.int64)
+    else:
+        slot = tl.load(idx_ptr + offs).to(tl.int64)
+    k_off = slot * stride_krn + hk * stride_krh
+    v_off = k_off if SAME_STRIDES else slot * stride_vrn + hk * stride_vrh
+    return k_off, v_off
+
+
+@triton.jit
 def _int2_block(q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
                 acc0, acc1, acc2, acc3, msum, ssum, vscale, scale_log2, code_bits2, Q: tl.constexpr,
                 K_BITS: tl.constexpr, V_BITS: tl.constexpr, extra_mask, MASKED: tl.constexpr = True):
