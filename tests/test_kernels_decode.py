@@ -104,6 +104,13 @@ def test_decode_small_blocks_many_steps(bits):
     check_decode(64, 1, 3, [150, 33], [40, 17], 8, torch.float16, 3, seed=9, config=small, bits=bits)
 
 
+@pytest.mark.parametrize("d,bits", [(128, (3, 2)), (64, (2, 2))])
+def test_decode_bf16_queries_on_quantized_rows(d, bits):
+    """bf16 queries are rounded to fp16 for the code dots (tiles._load_q_codes). Checked on CPU
+    without window rows: only the dense blocks use bf16 tl.dot, which the interpreter gets wrong."""
+    check_decode(d, 1, 4, [150, 40], [0, 0], 16, torch.bfloat16, 2, seed=d, bits=bits)
+
+
 def test_decode_empty_request_and_out_buffer():
     cache, layout, gen = make_cache([0, 9], [0, 2], 1, 64, 1, torch.float16, seed=1, idx_dtype=torch.int64)
     q = torch.randn(2, 2, 64, generator=gen).half().to(DEV)
