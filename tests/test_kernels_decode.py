@@ -244,6 +244,8 @@ def test_kernels_launch_without_host_syncs():
                                 128 ** -0.5, layout, max_q_len=1, num_splits=3)
         write.quantize_kv_write(x, rot, 0.96, layout, c["k_rows"], slots, c["k_win"], slots)
         write.quantize_kv_write(x, None, 0.92, layout, c["v_rows"], slots)
+        write.write_step(x, x, rot, None, 0.96, 0.92, layout, layout, c["k_rows"], c["v_rows"], slots,
+                         c["k_win"], c["v_win"], slots, q=q)  # the backend's one launch per layer
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
@@ -251,8 +253,9 @@ def test_kernels_launch_without_host_syncs():
 
 @pytest.mark.gpu
 def test_decode_step_captures_and_replays_in_a_cuda_graph():
-    """A decode step's kernels (the K and V writes, then attention with a fixed split count) under
-    torch.cuda.graph: replaying on new inputs in the same buffers equals eager execution."""
+    """A decode step's kernels as the backend launches them (k, v and the query rotation in one
+    write_step, then attention with a fixed split count) under torch.cuda.graph: replaying on new
+    inputs in the same buffers equals eager execution."""
     require_gpu()
     from oscar_sglang.kernels import write
 
@@ -262,12 +265,11 @@ def test_decode_step_captures_and_replays_in_a_cuda_graph():
     x = torch.randn(2, 2, 128, generator=gen).bfloat16().to(DEV)
     rot = torch.linalg.qr(torch.randn(2, 128, 128, generator=gen))[0].contiguous().to(DEV)
     slots = c["int2_indices"][:2].long()
-    out = torch.empty_like(q)
+    out, qr = torch.empty_like(q), torch.empty_like(q)
 
     def step():
-        write.quantize_kv_write(x, rot, 0.96, layout, c["k_rows"], slots)
-        write.quantize_kv_write(x, None, 0.92, layout, c["v_rows"], slots)
-        run_decode(decode, q, cache, layout, out=out, num_splits=4)
+        write.write_step(x, x, rot, None, 0.96, 0.92, layout, layout, c["k_rows"], c["v_rows"], slots, q=q, q_out=qr)
+        run_decode(decode, qr, cache, layout, out=out, num_splits=4)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
