@@ -145,11 +145,11 @@ def _write_launches(clip_ratio: float, rotate: bool = True, bits: int = 2):
     return spec
 
 
-def _write_step_launches(spec_shape):
+def _write_step_launches(shape):
     """One decode step's write as the backend launches it with the defaults: 3-bit keys (clip
     0.96, per-head R_K), 2-bit values with R_V folded (clip 0.92, no rotation), the window
     copies, and the queries rotated by R_K, in one launch."""
-    hq, hkv, d = spec_shape
+    hq, hkv, d = shape
     t = WRITE_TOKENS
     k_layout, v_layout = RowLayout(d, bits=3), RowLayout(d)
     k = torch.zeros(t, hkv, d, dtype=torch.bfloat16)

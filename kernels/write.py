@@ -458,8 +458,6 @@ def quantize_kv_write(
 ) -> None:
     """Quantize x [T, H, D] into rows_out[slots] (and its rotated copy into window_out): one
     tensor's ``write_step``."""
-    if window_out is not None and window_slots is None:
-        raise ValueError("window_out given without window_slots")
     write_step(x, None, rotation, None, clip_ratio, 1.0, layout, None, rows_out, None, slots,
                k_win=window_out, window_slots=window_slots)
 

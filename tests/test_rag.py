@@ -28,7 +28,6 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
 def test_rag_prefix_hit_rate_and_frontend_program(tmp_path):
     import rag_prefix
     import rag_questions
-    import stress
 
     args = rag_prefix.parse_args([
         "--device", "cpu", "--model", "tiny", "--docs", "5", "--doc-tokens", "1024", "--questions", "6",
