@@ -5,8 +5,8 @@ reduced problem, then time it (median, CUDA events, L2 flushed) and report bytes
 GB/s, fraction of the device copy bandwidth measured in this run, and the speedup over the
 fastest BF16 baseline that ran: torch SDPA on dense BF16, our own kernel with every token in
 the BF16 segment (same schedule, 7x the bytes), sglang's Triton decode and FlashInfer's
-paged decode when importable. Each token of a request: (ctx - 320) INT2 rows + 64 sink +
-256 recent BF16 rows, as served.
+paged decode when importable. Each request: (ctx - 320) INT2 rows + 64 sink + 256 more BF16
+window rows (dense window buffers).
 
     python3 benchmarks/bench_decode.py --quick      # CPU: interpreter, reference check only
     python3 benchmarks/bench_decode.py [--out DIR]  # GPU
@@ -32,6 +32,7 @@ GPU_SHAPES = [  # (model, ctx, batch)
 def build(model, lens, dtype, dev, seed, bits=(2, 2)):
     """Decode inputs for requests of the given context lengths; ``bits``: (key, value) code widths."""
     from oscar_sglang.kernels.codec import RowLayout
+    from oscar_sglang.kernels.window import WindowRows
 
     hq, hkv, d = MODELS[model]
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -42,8 +43,8 @@ def build(model, lens, dtype, dev, seed, bits=(2, 2)):
         q=torch.randn(len(lens), hq, d, device=dev, generator=gen).to(dtype),
         k_rows=random_rows(n, hkv, d, dev, gen, bits[0]), v_rows=random_rows(n, hkv, d, dev, gen, bits[1]),
         int2_indptr=i_ptr, int2_indices=i_idx,
-        k_win=torch.randn(m, hkv, d, device=dev, generator=gen).to(dtype),
-        v_win=torch.randn(m, hkv, d, device=dev, generator=gen).to(dtype),
+        k_win=WindowRows.dense(torch.randn(m, hkv, d, device=dev, generator=gen).to(dtype)),
+        v_win=WindowRows.dense(torch.randn(m, hkv, d, device=dev, generator=gen).to(dtype)),
         win_indptr=w_ptr, win_indices=w_idx, sm_scale=d**-0.5, layout=RowLayout(d, bits=bits[0]),
         v_layout=RowLayout(d, bits=bits[1]),
     )
@@ -78,13 +79,14 @@ def bf16_baselines(model, ctx, batch, dev, names, gen):
     kb = torch.randn(n, hkv, d, device=dev, dtype=torch.bfloat16, generator=gen)
     vb = torch.randn_like(kb)
     from oscar_sglang.kernels import decode
+    from oscar_sglang.kernels.codec import RowLayout
+    from oscar_sglang.kernels.window import WindowRows
 
     empty_ptr = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
     rows = torch.zeros(1, hkv, d // 4 + 4, dtype=torch.uint8, device=dev)
-    from oscar_sglang.kernels.codec import RowLayout
-
+    kw, vw = WindowRows.dense(kb), WindowRows.dense(vb)
     fns["triton_bf16_same_kernel"] = lambda: decode.decode_attention(
-        q, rows, rows, empty_ptr, idx[:0], kb, vb, ptr, idx, d**-0.5, RowLayout(d))
+        q, rows, rows, empty_ptr, idx[:0], kw, vw, ptr, idx, d**-0.5, RowLayout(d))
     if "sglang" in names:
         try:
             from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd

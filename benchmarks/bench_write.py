@@ -22,6 +22,7 @@ GPU_SHAPES = [(m, t) for m in MODELS for t in (512, 4096, 32768)]
 
 def make(model, t, dtype, dev, seed, identity=False):
     from oscar_sglang.kernels.codec import RowLayout
+    from oscar_sglang.kernels.window import WindowRows
 
     _, hkv, d = MODELS[model]
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -34,21 +35,25 @@ def make(model, t, dtype, dev, seed, identity=False):
         x=torch.randn(t, hkv, d, device=dev, generator=gen).to(dtype), rotation=rot.contiguous(), layout=layout,
         rows_out=torch.zeros(t + 8, hkv, layout.row_bytes, dtype=torch.uint8, device=dev),
         slots=torch.randperm(t + 8, device=dev, generator=gen)[:t],
-        window_out=torch.zeros(keep.numel() + 1, hkv, d, dtype=dtype, device=dev), window_slots=wslots,
+        window_out=WindowRows.dense(torch.zeros(keep.numel() + 1, hkv, d, dtype=dtype, device=dev)),
+        window_slots=wslots,
     )
 
 
 def check(model, t, dtype, dev) -> str:
     from oscar_sglang.kernels import reference, write
     from oscar_sglang.kernels.codec import dequantize_rows, split_rows
+    from oscar_sglang.kernels.window import WindowRows
 
     for identity in (True, False):
         a = make(model, t, dtype, dev, seed=1, identity=identity)
-        b = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in a.items()}
+        b = {**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in a.items()},
+             "window_out": WindowRows.dense(a["window_out"].data.clone())}
         write.quantize_kv_write(**a, clip_ratio=0.96)
         reference.quantize_kv_write(**b, clip_ratio=0.96)
         if identity:
-            assert torch.equal(a["rows_out"], b["rows_out"]) and torch.equal(a["window_out"], b["window_out"])
+            assert torch.equal(a["rows_out"], b["rows_out"])
+            assert torch.equal(a["window_out"].data, b["window_out"].data)
         else:
             _, sk, _ = split_rows(a["rows_out"], a["layout"])
             _, sr, _ = split_rows(b["rows_out"], a["layout"])
@@ -102,6 +107,7 @@ def decode_step_rows(model, batch, dev, iters) -> list[dict]:
     torch rotation of the queries it replaces."""
     from oscar_sglang.kernels import reference, write
     from oscar_sglang.kernels.codec import RowLayout
+    from oscar_sglang.kernels.window import WindowRows
 
     hq, hkv, d = MODELS[model]
     gen = torch.Generator(device=dev).manual_seed(2)
@@ -110,7 +116,7 @@ def decode_step_rows(model, batch, dev, iters) -> list[dict]:
     rot = torch.linalg.qr(torch.randn(hkv, d, d, device=dev, generator=gen))[0].contiguous()
     lk, lv = RowLayout(d, bits=3), RowLayout(d)
     rows = [torch.zeros(batch + 8, hkv, lay.row_bytes, dtype=torch.uint8, device=dev) for lay in (lk, lv)]
-    wins = [torch.zeros(batch + 8, hkv, d, dtype=torch.bfloat16, device=dev) for _ in range(2)]
+    wins = [WindowRows.dense(torch.zeros(batch + 8, hkv, d, dtype=torch.bfloat16, device=dev)) for _ in range(2)]
     slots = torch.randperm(batch + 8, device=dev, generator=gen)[:batch]
     args = (k, v, rot, None, 0.96, 0.92, lk, lv, *rows, slots, *wins, slots)
     fused = time_cuda(lambda: write.write_step(*args, q=q), iters)

@@ -2,9 +2,9 @@
 
 For each (kernel, arch, model shape) this compiles exactly what the launcher would launch
 (its own tile/warp choices and Triton's argument specialization, captured by running the
-launcher on small CPU tensors of the model's head geometry with the kernels replaced by
-recorders), then reports from ptxas -v (registers, spill bytes) and the compiled metadata
-(shared memory):
+launcher on small CPU tensors of the model's head geometry, window rows in pages of the row
+buffers as the pool keeps them, with the kernels replaced by recorders), then reports from
+ptxas -v (registers, spill bytes) and the compiled metadata (shared memory):
 
 - whether the kernel fits the arch's per-block shared-memory limit (else it cannot launch),
 - an ESTIMATED occupancy (warps/SM from registers, shared memory and the arch's limits),
@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import MODELS, RESULTS, git_commit  # noqa: E402
 from oscar_sglang.kernels import decode, extend, write  # noqa: E402
 from oscar_sglang.kernels.codec import RowLayout  # noqa: E402
+from oscar_sglang.kernels.window import WindowRows  # noqa: E402
 
 NV_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -97,6 +98,7 @@ ISSUE_PER_SM_CLK = 4  # 4 schedulers, 1 warp-instruction each per clock
 # Decode scenario used to pick num_splits (runtime arg; only BLOCK_S of the merge depends on it)
 DECODE_BATCH, DECODE_CONTEXT, DECODE_SMS = 32, 32768, 132
 WRITE_TOKENS = 64  # decode-time write: one token per request of a 64-request batch
+WINDOW_PAGE = 64  # the pool's default page size (oscar_sglang.sizing.PAGE_SIZES)
 
 
 # ----------------------------------------------------------------------------- capture
@@ -130,6 +132,20 @@ def capture(module, call) -> list:
 # ----------------------------------------------------------------------------- kernel specs
 # Each spec: shape (hq, hkv, d) -> launches of its launcher at that shape. Add a kernel by
 # adding a function here; a spec whose call raises is reported as skipped with the reason.
+def _row_buffer(tokens: int, hkv: int, layout: RowLayout) -> torch.Tensor:
+    """uint8 storage rows [N, hkv, row_bytes] of at least ``tokens`` slots, whole pages."""
+    return torch.zeros(-(-tokens // WINDOW_PAGE) * WINDOW_PAGE, hkv, layout.row_bytes, dtype=torch.uint8)
+
+
+def _pool_window(rows: torch.Tensor, d: int) -> WindowRows:
+    """bf16 window rows in pages of WINDOW_PAGE slots of ``rows``, as the pool keeps them: a page
+    holds as many window rows as fit in its narrowest (2-bit) rows."""
+    per_page = WINDOW_PAGE * RowLayout(d).row_bytes // (d * 2)
+    hkv, row_bytes = rows.shape[1:]
+    return WindowRows(rows.view(-1).view(torch.bfloat16), hkv, d, WINDOW_PAGE * hkv * row_bytes // 2,
+                      (per_page - 1).bit_length())
+
+
 def _write_launches(clip_ratio: float, rotate: bool = True, bits: int = 2):
     def spec(shape):
         _, hkv, d = shape
@@ -138,8 +154,8 @@ def _write_launches(clip_ratio: float, rotate: bool = True, bits: int = 2):
         x = torch.zeros(t, hkv, d, dtype=torch.bfloat16)
         # per-KV-head rotations (the calibration default); None: values with R_V folded
         rot = torch.zeros(hkv, d, d) if rotate else None
-        rows = torch.zeros(t + 8, hkv, layout.row_bytes, dtype=torch.uint8)
-        win = torch.zeros(t + 8, hkv, d, dtype=torch.bfloat16)
+        rows = _row_buffer(t + 8, hkv, layout)
+        win = _pool_window(rows, d)
         slots = torch.arange(t, dtype=torch.int64)
         return capture(write, lambda: write.quantize_kv_write(x, rot, clip_ratio, layout, rows, slots, win, slots))
     return spec
@@ -148,13 +164,13 @@ def _write_launches(clip_ratio: float, rotate: bool = True, bits: int = 2):
 def _write_step_launches(shape):
     """One decode step's write as the backend launches it with the defaults: 3-bit keys (clip
     0.96, per-head R_K), 2-bit values with R_V folded (clip 0.92, no rotation), the window
-    copies, and the queries rotated by R_K, in one launch."""
+    copies (in pages of the row buffers), and the queries rotated by R_K, in one launch."""
     hq, hkv, d = shape
     t = WRITE_TOKENS
     k_layout, v_layout = RowLayout(d, bits=3), RowLayout(d)
     k = torch.zeros(t, hkv, d, dtype=torch.bfloat16)
-    rows = [torch.zeros(t + 8, hkv, lay.row_bytes, dtype=torch.uint8) for lay in (k_layout, v_layout)]
-    wins = [torch.zeros(t + 8, hkv, d, dtype=torch.bfloat16) for _ in range(2)]
+    rows = [_row_buffer(t + 8, hkv, lay) for lay in (k_layout, v_layout)]
+    wins = [_pool_window(r, d) for r in rows]
     slots = torch.arange(t, dtype=torch.int64)
     q = torch.zeros(t, hq, d, dtype=torch.bfloat16)
     return capture(write, lambda: write.write_step(k, k, torch.zeros(hkv, d, d), None, 0.96, 0.92, k_layout, v_layout,
@@ -163,16 +179,17 @@ def _write_step_launches(shape):
 
 def _paged_inputs(shape, n_tokens: int, batch: int, key_bits: int):
     """2-bit value rows and ``key_bits`` key rows (one buffer for both at 2 bits, as the pool's
-    equal-width layers; else separate buffers of different row bytes)."""
+    equal-width layers; else separate buffers of different row bytes), and the K and V windows
+    in pages of them."""
     hq, hkv, d = shape
     v_layout = RowLayout(d)
     k_layout = v_layout.with_bits(key_bits)
-    v_rows = torch.zeros(n_tokens + 8, hkv, v_layout.row_bytes, dtype=torch.uint8)
-    k_rows = v_rows if key_bits == 2 else torch.zeros(n_tokens + 8, hkv, k_layout.row_bytes, dtype=torch.uint8)
-    win = torch.zeros(n_tokens + 8, hkv, d, dtype=torch.bfloat16)
+    v_rows = _row_buffer(n_tokens + 8, hkv, v_layout)
+    k_rows = v_rows if key_bits == 2 else _row_buffer(n_tokens + 8, hkv, k_layout)
+    wins = _pool_window(k_rows, d), _pool_window(v_rows, d)
     indptr = torch.linspace(0, n_tokens, batch + 1).round().to(torch.int32)  # sglang: int32 indices
     indices = torch.arange(n_tokens, dtype=torch.int32)
-    return k_layout, v_layout, k_rows, v_rows, win, indptr, indices
+    return k_layout, v_layout, k_rows, v_rows, wins, indptr, indices
 
 
 def _variant(launches: list, key_bits: int, kernel: str) -> list:
@@ -185,28 +202,28 @@ def _decode_launches(key_bits: int = 2):
     """``key_bits`` keys over 2-bit values; a variant reports the split kernel only."""
     def spec(shape):
         hq, hkv, d = shape
-        k_layout, v_layout, k_rows, v_rows, win, indptr, indices = _paged_inputs(shape, 64, 2, key_bits)
+        k_layout, v_layout, k_rows, v_rows, wins, indptr, indices = _paged_inputs(shape, 64, 2, key_bits)
         q = torch.zeros(2, hq, d, dtype=torch.bfloat16)
         splits = decode.plan_num_splits(DECODE_BATCH, hkv, DECODE_CONTEXT, DECODE_SMS)
         return _variant(capture(decode, lambda: decode.decode_attention(
-            q, k_rows, v_rows, indptr, indices, win, win, indptr, indices, d ** -0.5, k_layout, num_splits=splits,
+            q, k_rows, v_rows, indptr, indices, *wins, indptr, indices, d ** -0.5, k_layout, num_splits=splits,
             v_layout=v_layout)), key_bits, "_decode_split_kernel")
     return spec
 
 
 def _extend_launches(key_bits: int = 2):
-    """Current extend signature (prefix_lens, sink, recent); if it changes, this is skipped.
+    """Current extend signature (prefix_lens, sink, block); if it changes, this is skipped.
     ``key_bits`` keys over 2-bit values; a variant reports the extend kernel only."""
     def spec(shape):
         hq, hkv, d = shape
-        k_layout, v_layout, k_rows, v_rows, win, indptr, indices = _paged_inputs(shape, 64, 2, key_bits)
+        k_layout, v_layout, k_rows, v_rows, wins, indptr, indices = _paged_inputs(shape, 64, 2, key_bits)
         tq = 64
         q = torch.zeros(tq, hq, d, dtype=torch.bfloat16)
         kn = torch.zeros(tq, hkv, d, dtype=torch.bfloat16)
         qo = torch.tensor([0, 32, 64], dtype=torch.int32)
         prefix = torch.tensor([32, 32], dtype=torch.int32)
         return _variant(capture(extend, lambda: extend.extend_attention(
-            q, kn, kn, qo, k_rows, v_rows, indptr, indices, win, win, indptr, indices, prefix, 64, 256,
+            q, kn, kn, qo, k_rows, v_rows, indptr, indices, *wins, indptr, indices, prefix, 64, 1024,
             d ** -0.5, k_layout, max_q_len=32, v_layout=v_layout)), key_bits, "_extend_kernel")
     return spec
 

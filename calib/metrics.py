@@ -8,10 +8,9 @@ un-rotated, and used in causal softmax attention against the exact queries:
   quantized;
 - attention-output error = Σ ‖ô - o‖² / Σ ‖o‖² over query positions, o = softmax(q·kᵀ·s) v.
 
-With ``windows`` (the method's 64/256, the default) the first ``sink`` tokens and the ``recent``
-tokens up to and including the query keep full precision, exactly as in serving, and only
-queries at positions >= sink + recent (which see quantized keys) are scored. With
-``windows=None`` every key is quantized and every query is scored.
+With ``windows`` (the file's position rule, ``Windows.rule``) the keys a query reads in full
+precision in serving keep it here too, and only queries that read some key quantized are scored.
+With ``windows=None`` every key is quantized and every query is scored.
 Queries are subsampled with ``query_stride`` to bound the cost (keys never are).
 """
 
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from oscar_sglang.kernels.codec import CacheLayout, RowLayout, fake_quantize, rotate, widths_for
+
+from oscar_sglang.kernels.rule import PositionRule
 
 from .rotations import Windows
 
@@ -77,13 +78,20 @@ class _Prepared:
     group: int
 
 
+def first_scored(rule: PositionRule, t: int) -> int:
+    """The first position < t whose query reads a key quantized under ``rule`` (t if none)."""
+    pos = torch.arange(t)
+    reads = torch.nonzero(rule.exact_from(pos) > rule.sink)
+    return int(reads[0]) if len(reads) else t
+
+
 def pair_masks(pos: torch.Tensor, t: int, windows: Windows | None) -> tuple[torch.Tensor, torch.Tensor]:
     """bool [n, t] masks for queries at ``pos`` over keys 0..t-1: (causal, key read from the INT2 cache)."""
     keys = torch.arange(t, device=pos.device)
     causal = keys[None, :] <= pos[:, None]
     if windows is None:
         return causal, causal
-    return causal, causal & (keys[None, :] >= windows.sink) & (keys[None, :] <= pos[:, None] - windows.recent)
+    return causal, causal & ~windows.rule.exact(pos[:, None], keys[None, :])
 
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, windows: Windows | None,
@@ -91,7 +99,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, w
     """q [H_q, T, D], k/v [H_kv, T, D] of one sequence -> exact attention (None if no query scored)."""
     t = q.shape[1]
     g = q.shape[0] // k.shape[0]
-    start = windows.sink + windows.recent if windows else 0
+    start = first_scored(windows.rule, t) if windows else 0
     pos = torch.arange(start, t, query_stride, device=q.device)
     if len(pos) == 0:
         return None
@@ -200,8 +208,8 @@ class ClipSearch:
 
     def _check(self, num_layers: int) -> None:
         if len(self.den) != num_layers:
-            raise ValueError("the clip search / bit allocation saw no scored queries: use longer sequences "
-                             "than sink + recent")
+            raise ValueError("the clip search / bit allocation saw no scored queries: use sequences longer "
+                             "than the first block after the sinks")
 
     def best(self, key_bits: list[int], value_bits: list[int]) -> tuple[list[float], list[float]]:
         """Per-layer argmin ratios (K, V) at each layer's (key, value) width."""

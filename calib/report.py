@@ -156,10 +156,10 @@ def run_report(args: argparse.Namespace) -> int:
     acc = ErrorAccumulator(cands, layout, windows, args.query_stride)
     observe_attention(load_model(args.model, args.device, args.dtype), seqs, acc, desc="report")
     if not acc.sums:
-        print("error: no query was scored: use --seq-len longer than sink + recent, or --no-windows", file=sys.stderr)
+        print("error: no query was scored: use --seq-len longer than the first block after the sinks, or --no-windows", file=sys.stderr)
         return 2
     names = [c.name for c in cands]
-    win = f"windows sink={windows.sink} recent={windows.recent}" if windows else "no windows (every token quantized)"
+    win = f"position rule {windows.rule.name}, sink {windows.sink}" if windows else "no windows (every token quantized)"
     header = (f"held-out: {len(seqs)} x {seqs.shape[1]} tokens from {len(paths)} files ({paths[0].parent.name}/); "
               f"{win}; group {layout.group}; query stride {args.query_stride}; model {args.model}")
     text = format_tables(acc, names, header)

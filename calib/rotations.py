@@ -28,7 +28,9 @@ from typing import Any, Literal
 import msgspec
 import torch
 
-FORMAT_VERSION = 1
+from oscar_sglang.kernels.rule import PositionRule
+
+FORMAT_VERSION = 2  # 2: windows hold the block rule (sink, block)
 METADATA_KEY = "oscar_sglang.rotations"
 ORTHOGONALITY_TOL = 1e-3
 TENSORS = ("key", "value")
@@ -53,10 +55,15 @@ class ModelFingerprint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
 
 class Windows(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Full-precision windows (tokens): the first ``sink`` and the last ``recent``."""
+    """The position rule served with these rotations (``kernels.rule.PositionRule``): the first
+    ``sink`` tokens and the query's own ``block``-aligned block are read in full precision."""
 
-    sink: int = 64
-    recent: int = 256
+    sink: int = PositionRule.sink
+    block: int = PositionRule.block
+
+    @property
+    def rule(self) -> PositionRule:
+        return PositionRule(sink=self.sink, block=self.block)
 
 
 class Recipe(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -1,13 +1,15 @@
 """What the Triton launchers (write, decode, extend) share: argument checks, the rule of which
-layouts they support (``ops.py`` sends every other layout to the reference), and launch sizing
-from host-known numbers (no device sync)."""
+layouts they support (``ops.py`` sends every other layout to the reference), launch sizing
+from host-known numbers (no device sync), and the kernels' window row addressing."""
 
 from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from .codec import RowLayout
+from .window import WindowRows
 
 
 def sm_count(device: torch.device) -> int:
@@ -57,6 +59,33 @@ def check_index(name: str, t: torch.Tensor, length: int | None = None) -> None:
         raise ValueError(f"{name} must be a contiguous 1-D int32/int64 tensor{want}, got {t.dtype} {tuple(t.shape)}")
 
 
-def check_window(name: str, w: torch.Tensor, hkv: int, d: int) -> None:
-    if w.dim() != 3 or w.shape[1:] != (hkv, d) or w.stride(-1) != 1:
-        raise ValueError(f"{name} must be [M, {hkv}, {d}] contiguous in its last dim, got {tuple(w.shape)}")
+def check_window(name: str, w: WindowRows, hkv: int, d: int) -> None:
+    """Window rows of ``hkv`` heads x ``d`` elements, in a float dtype, over contiguous data."""
+    if not isinstance(w, WindowRows):
+        raise TypeError(f"{name} must be a WindowRows (WindowRows.dense wraps an [M, H, D] tensor), "
+                        f"got {type(w).__name__}")
+    if (w.heads, w.head_dim) != (hkv, d):
+        raise ValueError(f"{name} must have {hkv} heads x {d} head_dim, got {w.heads} x {w.head_dim}")
+    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{name} must be fp16, bf16 or fp32, got {w.dtype}")
+    if not w.data.is_contiguous():
+        raise ValueError(f"{name} data must be contiguous")
+
+
+def check_windows(k_win: WindowRows, v_win: WindowRows, hkv: int, d: int) -> None:
+    """A K and a V window read with one row-id layout (the kernels' one WIN_LOG2)."""
+    check_window("k_win", k_win, hkv, d)
+    check_window("v_win", v_win, hkv, d)
+    if k_win.log2_rows != v_win.log2_rows:
+        raise ValueError(f"k_win and v_win must have the same log2_rows, got {k_win.log2_rows} and {v_win.log2_rows}")
+
+
+@triton.jit
+def _window_offset(ids, page_stride, row_elems, LOG2_ROWS: tl.constexpr):
+    """int64 element offsets of window row ids (``WindowRows.offsets``): page, then the row in it."""
+    ids = ids.to(tl.int64)
+    if LOG2_ROWS == 0:
+        off = ids * page_stride
+    else:
+        off = (ids >> LOG2_ROWS) * page_stride + (ids & ((1 << LOG2_ROWS) - 1)) * row_elems
+    return off

@@ -8,8 +8,8 @@ of two >= 64, one quantization group per row):
   of ``layout`` / ``v_layout`` (2, 3 or 4 bits each: their own row bytes and strides).
 - ``int2_indptr``       int32/int64 [B + 1]; ``int2_indices`` [nnz] slot ids into the rows
   (sglang triton-backend convention: one index per token, any page size).
-- ``k_win``/``v_win``   [M, Hkv, D] rotated full-precision rows (bf16/fp16/fp32);
-  ``win_indptr`` [B + 1], ``win_indices`` slot ids into them.
+- ``k_win``/``v_win``   ``WindowRows`` (window.py): rotated full-precision rows of Hkv x D
+  (bf16/fp16/fp32), dense or in pages; ``win_indptr`` [B + 1], ``win_indices`` row ids into them.
 - returns ``out`` [B, Hq, D] (q.dtype, rotated value basis) and ``lse`` [B, Hq] fp32 (natural log);
   a request with no tokens gets out = 0, lse = -inf.
 
@@ -31,10 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_head_dim, check_index, check_rows, check_window, plan_splits, sm_count
+from .checks import _window_offset, check_head_dim, check_index, check_rows, check_windows, plan_splits, sm_count
 from .codec import RowLayout
 from .tiles import (_dense_block, _int2_block, _int2_finish, _load_q_codes, _load_q_planes, _row_offsets,
                     code_bits2)
+from .window import WindowRows
 
 __all__ = ["DecodeConfig", "plan_num_splits", "decode_attention", "merge_splits"]
 
@@ -69,14 +70,14 @@ def plan_num_splits(batch: int, kv_heads: int, avg_tokens: int, num_sms: int, co
 def _decode_split_kernel(
     q_ptr, krow_ptr, vrow_ptr, i_indptr, i_idx, kw_ptr, vw_ptr, w_indptr, w_idx,
     opart_ptr, lpart_ptr, scale_log2, code_bits2, num_splits,
-    stride_qb, stride_qh, stride_krn, stride_krh, stride_vrn, stride_vrh,
-    stride_kwn, stride_kwh, stride_vwn, stride_vwh,
+    stride_qb, stride_qh, stride_krn, stride_krh, stride_vrn, stride_vrh, kw_page, vw_page,
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, WIN_COST: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, SAME_STRIDES: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, SAME_STRIDES: tl.constexpr, WIN_LOG2: tl.constexpr,
 ):
     """SAME_STRIDES: k_rows and v_rows have equal strides (the launcher compares them), so one
-    byte offset serves both (the V strides are then not read)."""
+    byte offset serves both (the V strides are then not read). Window rows: ``WindowRows`` of
+    page strides kw_page / vw_page and log2_rows WIN_LOG2, rows of Hkv (the grid's first axis) x D."""
     hk = tl.program_id(0)
     sp = tl.program_id(1)
     b = tl.program_id(2)
@@ -126,12 +127,14 @@ def _decode_split_kernel(
             msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, nmask[:, None])
     acc0, acc1, acc2, acc3 = _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q)
     qd0, qd1, qd2, qd3 = _load_q_planes(qh + tl.arange(0, Q)[:, None], hmask[None, :], Q)
+    win_row = tl.num_programs(0) * D  # elements of one window row: Hkv heads x D
     for start in range(w_lo, w_hi, BLOCK_W):
         offs = start + tl.arange(0, BLOCK_W)
         nmask = offs < w_hi
-        slot = tl.load(w_idx + w_beg + offs, mask=nmask, other=0).to(tl.int64)
+        wid = tl.load(w_idx + w_beg + offs, mask=nmask, other=0)
         m_i, l_i, acc0, acc1, acc2, acc3 = _dense_block(
-            qd0, qd1, qd2, qd3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
+            qd0, qd1, qd2, qd3, _window_offset(wid, kw_page, win_row, WIN_LOG2) + hk * D,
+            _window_offset(wid, vw_page, win_row, WIN_LOG2) + hk * D,
             nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, scale_log2, Q, nmask[:, None])
 
     # Partial result of this split (lse = -inf and out = 0 when it saw no token).
@@ -181,9 +184,9 @@ def _merge_splits_kernel(opart_ptr, lpart_ptr, out_ptr, lse_ptr, num_splits, str
     tl.store(lse_ptr + b * H + hq, lse)
 
 
-def win_cost(layout: RowLayout, v_layout: RowLayout, win: torch.Tensor) -> int:
+def win_cost(layout: RowLayout, v_layout: RowLayout, win: WindowRows) -> int:
     """Bytes of one token's K+V window rows relative to its K+V storage rows (split balancing weight)."""
-    return max(1, round(2 * layout.head_dim * win.element_size() / (layout.row_bytes + v_layout.row_bytes)))
+    return max(1, round(2 * layout.head_dim * win.data.element_size() / (layout.row_bytes + v_layout.row_bytes)))
 
 
 def decode_attention(
@@ -192,8 +195,8 @@ def decode_attention(
     v_rows: torch.Tensor,
     int2_indptr: torch.Tensor,
     int2_indices: torch.Tensor,
-    k_win: torch.Tensor,
-    v_win: torch.Tensor,
+    k_win: WindowRows,
+    v_win: WindowRows,
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
     sm_scale: float,
@@ -217,8 +220,7 @@ def decode_attention(
         raise ValueError("q must be contiguous in its last dim")
     check_rows("k_rows", k_rows, hkv, layout)
     check_rows("v_rows", v_rows, hkv, v_layout)
-    for name, w in (("k_win", k_win), ("v_win", v_win)):
-        check_window(name, w, hkv, d)
+    check_windows(k_win, v_win, hkv, d)
     for name, t in (("int2_indptr", int2_indptr), ("int2_indices", int2_indices),
                     ("win_indptr", win_indptr), ("win_indices", win_indices)):
         check_index(name, t)
@@ -238,14 +240,14 @@ def decode_attention(
     opart = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)
     lpart = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(hkv, num_splits, bsz)](
-        q, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices,
+        q, k_rows, v_rows, int2_indptr, int2_indices, k_win.data, v_win.data, win_indptr, win_indices,
         opart, lpart, sm_scale * LOG2E, code_bits2(), num_splits,
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
-        k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
+        k_win.page_stride, v_win.page_stride,
         G=group, BLOCK_H=max(8, triton.next_power_of_2(group)), D=d,
         BLOCK_N=config.block_n, BLOCK_W=config.block_w, WIN_COST=win_cost(layout, v_layout, k_win),
         K_BITS=layout.bits, V_BITS=v_layout.bits, SAME_STRIDES=k_rows.stride() == v_rows.stride(),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        WIN_LOG2=k_win.log2_rows, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     merge_splits(opart, lpart, out, lse)
     return out, lse

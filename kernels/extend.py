@@ -10,10 +10,10 @@ power of two >= 64, one quantization group per row):
   (``int2_indptr``/``int2_indices`` into uint8 ``k_rows``/``v_rows`` [N, Hkv, row_bytes] of
   ``layout`` / ``v_layout``: 2, 3 or 4 bits each, their own row bytes and strides) of
   positions sink, sink + 1, ... (the chunk's own rows are written before attention), the
-  window rows (``win_indptr``/``win_indices`` into ``k_win``/``v_win`` [M, Hkv, D]): the sinks
-  then the ring ending at a - 1, and the chunk's exact k/v (causal). The position rule picks
-  one copy per key: the query at t reads key p exactly iff p < sink or p > t - recent, else
-  its INT2 row.
+  window rows (``win_indptr``/``win_indices``: row ids into ``k_win``/``v_win``, ``WindowRows``
+  of Hkv x D, window.py): the sinks then a run of positions ending at a - 1, and the chunk's
+  exact k/v (causal). The block rule (rule.py) picks one copy per key: the query at t reads
+  key p exactly iff p < sink or p >= (t // block) * block, else its INT2 row.
 - returns ``out`` [Tq, Hq, D] (q.dtype, rotated value basis).
 
 One program per (BLOCK_M chunk tokens x the G query heads of one KV head, request, split),
@@ -33,11 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_head_dim, check_index, check_rows, check_window, plan_splits, sm_count
+from .checks import _window_offset, check_head_dim, check_index, check_rows, check_windows, plan_splits, sm_count
 from .codec import RowLayout
 from .decode import LOG2E, merge_splits
 from .tiles import (_dense_block, _int2_block, _int2_finish, _load_q_codes, _load_q_planes, _row_offsets,
                     code_bits2)
+from .window import WindowRows
 
 __all__ = ["ExtendConfig", "plan_extend_splits", "extend_attention"]
 
@@ -66,18 +67,20 @@ def plan_extend_splits(programs: int, int2_tokens: int, num_sms: int, config: Ex
 def _extend_kernel(
     q_ptr, kn_ptr, vn_ptr, qo_indptr, krow_ptr, vrow_ptr, i_indptr, i_idx,
     kw_ptr, vw_ptr, w_indptr, w_idx, prefix_ptr, o_ptr, opart_ptr, lpart_ptr,
-    scale_log2, code_bits2, sink, recent, num_splits, H,
+    scale_log2, code_bits2, sink, block, num_splits, H,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
-    stride_krn, stride_krh, stride_vrn, stride_vrh, stride_kwn, stride_kwh, stride_vwn, stride_vwh,
+    stride_krn, stride_krh, stride_vrn, stride_vrh, kw_page, vw_page,
     stride_ot, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, SAME_STRIDES: tl.constexpr,
+    WIN_LOG2: tl.constexpr,
 ):
     """Program (token block, KV head, request x split). Its rows are BLOCK_M chunk tokens x the
     G query heads of the KV head (padded to GP), so every K/V block it loads serves the whole
     group. Split sp takes one share of the INT2 prefix; split 0 also takes the window and the
     chunk. With SPLIT, each split writes a partial (out, log2-sum-exp) that the merge combines.
-    K_BITS / V_BITS: code widths of the key / value rows; SAME_STRIDES as in decode."""
+    K_BITS / V_BITS: code widths of the key / value rows; SAME_STRIDES and the window rows
+    (kw_page / vw_page, WIN_LOG2) as in decode."""
     mb = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2) // num_splits
@@ -93,7 +96,7 @@ def _extend_kernel(
     hq = hk * G + r % GP
     rmask = (tok < q_len) & (r % GP < G)
     a = tl.load(prefix_ptr + b).to(tl.int32)  # the chunk's first position
-    t = (a + tok)[None, :]  # query positions; key p is exact iff p < sink or p > t - recent
+    exact_from = ((a + tok) // block * block)[None, :]  # key p >= sink is exact for a query iff p >= exact_from
     qp = q_ptr + (q_beg + tok)[None, :] * stride_qt + hq[None, :] * stride_qh
     q0, q1, q2, q3, qsum, qb = _load_q_codes(qp, rmask[None, :], Q)
 
@@ -112,9 +115,9 @@ def _extend_kernel(
     share = tl.cdiv(tl.cdiv(n_i, num_splits), BLOCK_N) * BLOCK_N
     i_lo = sp * share
     i_hi = tl.minimum(i_lo + share, n_i)
-    # Blocks that every row reads as INT2 (key position sink + j <= t - recent already for the
+    # Blocks that every row reads as INT2 (key position sink + j below the exact block of the
     # program's first token a + m0) run without masks; the rest, masked by the position rule.
-    i_full = i_lo + tl.maximum(tl.minimum(i_hi, a + m0 - recent - sink + 1) - i_lo, 0) // BLOCK_N * BLOCK_N
+    i_full = i_lo + tl.maximum(tl.minimum(i_hi, (a + m0) // block * block - sink) - i_lo, 0) // BLOCK_N * BLOCK_N
     for start in range(i_lo, i_full, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         k_off, v_off = _row_offsets(i_idx + i_beg, offs, None, hk, stride_krn, stride_krh, stride_vrn, stride_vrh,
@@ -129,23 +132,25 @@ def _extend_kernel(
                                     SAME_STRIDES, True)
         m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _int2_block(
             q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
-            msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, (sink + offs)[:, None] <= t - recent)
+            msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, (sink + offs)[:, None] < exact_from)
     acc0, acc1, acc2, acc3 = _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q)
 
     if sp == 0:
         qd0, qd1, qd2, qd3 = _load_q_planes(qp + tl.arange(0, Q)[:, None], rmask[None, :], Q)
         w_beg = tl.load(w_indptr + b).to(tl.int64)
         n_w = (tl.load(w_indptr + b + 1) - w_beg).to(tl.int32)
-        n_sink = tl.minimum(tl.minimum(a, sink), n_w)  # window = the sinks, then the ring ending at a
+        n_sink = tl.minimum(tl.minimum(a, sink), n_w)  # window = the sinks, then a run ending at a - 1
+        win_row = tl.num_programs(1) * D  # elements of one window row: Hkv heads x D
         for start in range(0, n_w, BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)
             nmask = offs < n_w
             pos = tl.where(offs < n_sink, offs, a - n_w + offs)[:, None]
-            slot = tl.load(w_idx + w_beg + offs, mask=nmask, other=0).to(tl.int64)
+            wid = tl.load(w_idx + w_beg + offs, mask=nmask, other=0)
             m_i, l_i, acc0, acc1, acc2, acc3 = _dense_block(
-                qd0, qd1, qd2, qd3, slot * stride_kwn + hk * stride_kwh, slot * stride_vwn + hk * stride_vwh,
+                qd0, qd1, qd2, qd3, _window_offset(wid, kw_page, win_row, WIN_LOG2) + hk * D,
+                _window_offset(wid, vw_page, win_row, WIN_LOG2) + hk * D,
                 nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, scale_log2, Q,
-                (pos < sink) | (pos > t - recent))
+                (pos < sink) | (pos >= exact_from))
         # The chunk itself, causal: only key blocks up to this query block's last token.
         for start in range(0, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)
@@ -154,7 +159,7 @@ def _extend_kernel(
             m_i, l_i, acc0, acc1, acc2, acc3 = _dense_block(
                 qd0, qd1, qd2, qd3, ktok * stride_knt + hk * stride_knh, ktok * stride_vnt + hk * stride_vnh,
                 nmask, kn_ptr, vn_ptr, m_i, l_i, acc0, acc1, acc2, acc3, scale_log2, Q,
-                (offs[:, None] <= tok[None, :]) & (((a + offs)[:, None] < sink) | ((a + offs)[:, None] > t - recent)))
+                (offs[:, None] <= tok[None, :]) & (((a + offs)[:, None] < sink) | ((a + offs)[:, None] >= exact_from)))
 
     nonempty = l_i > 0
     inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)[None, :]
@@ -184,13 +189,13 @@ def extend_attention(
     v_rows: torch.Tensor,
     int2_indptr: torch.Tensor,
     int2_indices: torch.Tensor,
-    k_win: torch.Tensor,
-    v_win: torch.Tensor,
+    k_win: WindowRows,
+    v_win: WindowRows,
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
     prefix_lens: torch.Tensor,
     sink: int,
-    recent: int,
+    block: int,
     sm_scale: float,
     layout: RowLayout,
     out: torch.Tensor | None = None,
@@ -202,7 +207,7 @@ def extend_attention(
     """Extend attention. ``layout``: the key rows', ``v_layout``: the value rows' (None: ``layout``).
     ``max_q_len`` (longest chunk, host int) avoids a device sync; None reads it from
     ``qo_indptr``. ``num_splits`` of each INT2 prefix: None plans it from host-known sizes
-    (``plan_extend_splits``)."""
+    (``plan_extend_splits``). ``sink``, ``block``: the block rule (``rule.PositionRule``)."""
     tq, hq, d = q.shape
     hkv = k_new.shape[1]
     v_layout = layout if v_layout is None else v_layout
@@ -217,8 +222,9 @@ def extend_attention(
         raise ValueError("k_new and v_new must have the same number of heads")
     check_rows("k_rows", k_rows, hkv, layout)
     check_rows("v_rows", v_rows, hkv, v_layout)
-    for name, w in (("k_win", k_win), ("v_win", v_win)):
-        check_window(name, w, hkv, d)
+    check_windows(k_win, v_win, hkv, d)
+    if sink < 0 or block <= 0:
+        raise ValueError(f"the block rule needs sink >= 0 and block > 0, got sink {sink}, block {block}")
     for name, t in (("qo_indptr", qo_indptr), ("int2_indptr", int2_indptr), ("int2_indices", int2_indices),
                     ("win_indptr", win_indptr), ("win_indices", win_indices), ("prefix_lens", prefix_lens)):
         check_index(name, t)
@@ -249,14 +255,14 @@ def extend_attention(
         opart = lpart = out
     _extend_kernel[(triton.cdiv(max_q_len, block_m), hkv, bsz * num_splits)](
         q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices,
-        k_win, v_win, win_indptr, win_indices, prefix_lens, out, opart, lpart,
-        sm_scale * LOG2E, code_bits2(), sink, recent, num_splits, hq,
+        k_win.data, v_win.data, win_indptr, win_indices, prefix_lens, out, opart, lpart,
+        sm_scale * LOG2E, code_bits2(), sink, block, num_splits, hq,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
-        k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1), out.stride(0), out.stride(1),
+        k_win.page_stride, v_win.page_stride, out.stride(0), out.stride(1),
         G=group, GP=gp, D=d, BLOCK_M=block_m, BLOCK_N=config.block_n, SPLIT=split,
         K_BITS=layout.bits, V_BITS=v_layout.bits, SAME_STRIDES=k_rows.stride() == v_rows.stride(),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        WIN_LOG2=k_win.log2_rows, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
         merge_splits(opart, lpart, out)

@@ -17,6 +17,7 @@ from . import reference as _reference
 from . import write as _write
 from .checks import triton_supports
 from .codec import RowLayout
+from .window import WindowRows
 
 __all__ = ["quantize_kv_write", "write_step", "rotate_queries", "decode_attention", "extend_attention",
            "triton_supports"]
@@ -29,7 +30,7 @@ def quantize_kv_write(
     layout: RowLayout,
     rows_out: torch.Tensor,
     slots: torch.Tensor,
-    window_out: torch.Tensor | None = None,
+    window_out: WindowRows | None = None,
     window_slots: torch.Tensor | None = None,
 ) -> None:
     impl = _write if x.is_cuda and triton_supports(layout, attention=False) else _reference
@@ -48,8 +49,8 @@ def write_step(
     k_rows: torch.Tensor | None,
     v_rows: torch.Tensor | None,
     slots: torch.Tensor | None,
-    k_win: torch.Tensor | None = None,
-    v_win: torch.Tensor | None = None,
+    k_win: WindowRows | None = None,
+    v_win: WindowRows | None = None,
     window_slots: torch.Tensor | None = None,
     q: torch.Tensor | None = None,
     q_out: torch.Tensor | None = None,
@@ -72,8 +73,8 @@ def decode_attention(
     v_rows: torch.Tensor,
     int2_indptr: torch.Tensor,
     int2_indices: torch.Tensor,
-    k_win: torch.Tensor,
-    v_win: torch.Tensor,
+    k_win: WindowRows,
+    v_win: WindowRows,
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
     sm_scale: float,
@@ -98,13 +99,13 @@ def extend_attention(
     v_rows: torch.Tensor,
     int2_indptr: torch.Tensor,
     int2_indices: torch.Tensor,
-    k_win: torch.Tensor,
-    v_win: torch.Tensor,
+    k_win: WindowRows,
+    v_win: WindowRows,
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
     prefix_lens: torch.Tensor,
     sink: int,
-    recent: int,
+    block: int,
     sm_scale: float,
     layout: RowLayout,
     out: torch.Tensor | None = None,
@@ -114,7 +115,7 @@ def extend_attention(
     impl = _extend if q.is_cuda and _triton_attention(layout, v_layout) else _reference
     return impl.extend_attention(
         q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win,
-        win_indptr, win_indices, prefix_lens, sink, recent, sm_scale, layout, out=out, max_q_len=max_q_len,
+        win_indptr, win_indices, prefix_lens, sink, block, sm_scale, layout, out=out, max_q_len=max_q_len,
         v_layout=v_layout,
     )
 

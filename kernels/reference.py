@@ -8,7 +8,7 @@ is fp32; results are cast to the caller's dtype at the end. Slow by design
 Shapes (Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim):
 
 - storage rows  uint8 [N, Hkv, layout.row_bytes] (codec.py row layout)
-- window rows   bf16/fp16/fp32 [M, Hkv, D], already rotated
+- window rows   ``WindowRows`` (window.py) of Hkv x D, bf16/fp16/fp32, already rotated; row ids
 - indptr        int32/int64 [B + 1]; indices int32/int64 slot ids (one per token)
 - queries       rotated by R_K; outputs are in the rotated value basis (R_V).
 """
@@ -20,6 +20,8 @@ import math
 import torch
 
 from .codec import RowLayout, dequantize_rows, quantize_rows, rotate, sanitize
+from .rule import PositionRule
+from .window import WindowRows
 
 __all__ = ["quantize_kv_write", "write_step", "rotate_queries", "decode_attention", "extend_attention",
            "rotated_rows"]
@@ -47,11 +49,12 @@ def quantize_kv_write(
     layout: RowLayout,
     rows_out: torch.Tensor,
     slots: torch.Tensor,
-    window_out: torch.Tensor | None = None,
+    window_out: WindowRows | None = None,
     window_slots: torch.Tensor | None = None,
 ) -> None:
     """Rotate, quantize and scatter x [T, H, D] into rows_out[slots] (slot -1 skipped);
-    optionally scatter the rotated full-precision row into window_out[window_slots]."""
+    optionally scatter the rotated full-precision row into rows ``window_slots`` of window_out
+    (-1 skipped)."""
     xr = rotated_rows(x, rotation)
     rows = quantize_rows(xr, layout, clip_ratio)
     keep = slots >= 0
@@ -60,7 +63,7 @@ def quantize_kv_write(
         if window_slots is None:
             raise ValueError("window_out given without window_slots")
         wkeep = window_slots >= 0
-        window_out[window_slots[wkeep].long()] = xr[wkeep].to(window_out.dtype)
+        window_out.scatter(window_slots[wkeep], xr[wkeep])
 
 
 def rotate_queries(q: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -94,8 +97,8 @@ def _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, w
     w0, w1 = int(win_indptr[b]), int(win_indptr[b + 1])
     qi = int2_indices[i0:i1].long()
     wi = win_indices[w0:w1].long()
-    k = torch.cat([dequantize_rows(k_rows[qi], layout), k_win[wi].float()], dim=0)
-    v = torch.cat([dequantize_rows(v_rows[qi], v_layout), v_win[wi].float()], dim=0)
+    k = torch.cat([dequantize_rows(k_rows[qi], layout), k_win.gather(wi).float()], dim=0)
+    v = torch.cat([dequantize_rows(v_rows[qi], v_layout), v_win.gather(wi).float()], dim=0)
     return k, v
 
 
@@ -130,8 +133,8 @@ def decode_attention(
     v_rows: torch.Tensor,
     int2_indptr: torch.Tensor,
     int2_indices: torch.Tensor,
-    k_win: torch.Tensor,
-    v_win: torch.Tensor,
+    k_win: WindowRows,
+    v_win: WindowRows,
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
     sm_scale: float,
@@ -167,31 +170,33 @@ def extend_attention(
     v_rows: torch.Tensor,
     int2_indptr: torch.Tensor,
     int2_indices: torch.Tensor,
-    k_win: torch.Tensor,
-    v_win: torch.Tensor,
+    k_win: WindowRows,
+    v_win: WindowRows,
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
     prefix_lens: torch.Tensor,
     sink: int,
-    recent: int,
+    block: int,
     sm_scale: float,
     layout: RowLayout,
     out: torch.Tensor | None = None,
     max_q_len: int | None = None,
     v_layout: RowLayout | None = None,
 ) -> torch.Tensor:
-    """Chunk queries q [Tq, Hq, D] under the position rule: the query at position t reads
-    key j in full precision iff ``j < sink`` or ``j > t - recent``, else from its INT2 row.
+    """Chunk queries q [Tq, Hq, D] under the block rule (``rule.PositionRule(sink, block)``): the
+    query at position t reads key j <= t in full precision iff ``j < sink`` or
+    ``j >= (t // block) * block``, else from its INT2 row.
 
     Request b's chunk starts at position a = prefix_lens[b]. Its keys come from three places:
     the INT2 segment (positions ``sink, sink + 1, ...``: the prefix and the chunk's own tokens,
     whose rows are written before attention), the window segment (the sinks ``0 .. min(sink, a)``
-    then the ring, i.e. the positions just before a), and the chunk's exact k_new/v_new
-    (position a + j, causal). ``layout``/``v_layout`` as in ``decode_attention``.
+    then a run of positions ending at a - 1), and the chunk's exact k_new/v_new (position a + j,
+    causal). ``layout``/``v_layout`` as in ``decode_attention``.
     Returns out [Tq, Hq, D] (q.dtype).
     ``max_q_len`` is accepted for signature parity and ignored."""
     del max_q_len
     v_layout = _check_gqa(q.shape[1], k_new.shape[1], q.shape[2], layout, v_layout)
+    rule = PositionRule(sink=sink, block=block)
     res = torch.empty_like(q) if out is None else out
     dev = q.device
     for b in range(qo_indptr.numel() - 1):
@@ -203,17 +208,15 @@ def extend_attention(
         w0, w1 = int(win_indptr[b]), int(win_indptr[b + 1])
         qi, wi = int2_indices[i0:i1].long(), win_indices[w0:w1].long()
         n_sink = min(sink, a, w1 - w0)
-        n_ring = (w1 - w0) - n_sink
+        n_run = (w1 - w0) - n_sink
         pos_int2 = sink + torch.arange(i1 - i0, device=dev)
-        pos_win = torch.cat([torch.arange(n_sink, device=dev), a - n_ring + torch.arange(n_ring, device=dev)])
+        pos_win = torch.cat([torch.arange(n_sink, device=dev), a - n_run + torch.arange(n_run, device=dev)])
         pos_new = a + torch.arange(e - s, device=dev)
         t = pos_new[:, None]  # query positions
-        exact = lambda p: (p[None, :] < sink) | (p[None, :] > t - recent)  # noqa: E731
-        mask = torch.cat([(pos_int2[None, :] <= t - recent) & (pos_int2[None, :] >= sink),
-                          exact(pos_win) & (pos_win[None, :] < t),
-                          exact(pos_new) & (pos_new[None, :] <= t)], dim=1)
-        k = torch.cat([dequantize_rows(k_rows[qi], layout), k_win[wi].float(), k_new[s:e].float()], dim=0)
-        v = torch.cat([dequantize_rows(v_rows[qi], v_layout), v_win[wi].float(), v_new[s:e].float()], dim=0)
+        mask = torch.cat([(pos_int2 <= t) & ~rule.exact(t, pos_int2),  # read quantized
+                          rule.exact(t, pos_win), rule.exact(t, pos_new)], dim=1)
+        k = torch.cat([dequantize_rows(k_rows[qi], layout), k_win.gather(wi).float(), k_new[s:e].float()], dim=0)
+        v = torch.cat([dequantize_rows(v_rows[qi], v_layout), v_win.gather(wi).float(), v_new[s:e].float()], dim=0)
         o, _ = _attend(q[s:e].float(), k, v, sm_scale, mask.unsqueeze(0))
         res[s:e] = o.to(res.dtype)
     return res

@@ -9,8 +9,8 @@ use the reference, as ``ops`` does):
   None: x is already in the rotated basis (V with R_V folded into the weights), no dot at all.
 - ``rows_out``   uint8 [N, H, row_bytes], codec.py storage rows; last two dims contiguous.
 - ``slots``      int32/int64 [T] destination row per token, -1 = padding (skipped).
-- ``window_out`` optional [M, H, D] (bf16/fp16/fp32), receives the rotated full-precision row
-  at ``window_slots[t]`` (int32/int64 [T], -1 skipped).
+- ``window_out`` optional ``WindowRows`` of H x D (bf16/fp16/fp32, dense or in pages: window.py),
+  receives the rotated full-precision row at row id ``window_slots[t]`` (int32/int64 [T], -1 skipped).
 
 What is stored is exactly ``reference.quantize_kv_write``: the row is sanitized,
 rotated in ~fp32 (``tl.dot`` with ``input_precision="tf32x3"``, in [BLOCK_T, 32] x [32, D/4]
@@ -36,9 +36,9 @@ L40S), so it could not launch there. The kernel instead produces the rotated row
 four quarter-planes (x @ R[:, jQ:(j+1)Q], exactly the plane layout of the storage row, so
 plane j is packed at bits 2j with no reshuffle), each accumulated over 32-row slices of R,
 and R is re-read (L1/L2) per token block instead of being kept resident: 4,096 bytes of
-shared memory and 138 (sm_86/89) / 154 (sm_90) registers at D=128 for one 2-bit tensor, 178 /
-154 for the backend's write_step (3-bit k, folded 2-bit v, queries), no spills
-(``benchmarks/kernel_static.py``). Clip rank, min and max combine the four planes, so the
+shared memory and 139 (sm_86/89) / 148 (sm_90) registers at D=128 for one 2-bit tensor, 142 /
+151 for the backend's write_step (3-bit k, folded 2-bit v, queries), window rows in pages of
+the row buffers, no spills (``benchmarks/kernel_static.py``). Clip rank, min and max combine the four planes, so the
 per-row quantile is still over all D values.
 """
 
@@ -48,9 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_head_dim, check_index, check_rows, check_window, sm_count
+from .checks import _window_offset, check_head_dim, check_index, check_rows, check_window, sm_count
 from .codec import RowLayout, clip_index
 from .tiles import _code_bytes
+from .window import WindowRows
 
 __all__ = ["quantize_kv_write", "write_step", "rotate_queries"]
 
@@ -189,13 +190,15 @@ def _rotated_planes(xrow, rp, tmask, D: tl.constexpr, ROTATE: tl.constexpr, SANI
 
 
 @triton.jit
-def _write_rows(x_ptr, rot_ptr, rows_ptr, win_ptr, slots_ptr, wslots_ptr, h, t_begin, t_end,
-                stride_xt, stride_xh, stride_rh, stride_on, stride_oh, stride_wn, stride_wh,
+def _write_rows(x_ptr, rot_ptr, rows_ptr, win_ptr, slots_ptr, wslots_ptr, h, H, t_begin, t_end,
+                stride_xt, stride_xh, stride_rh, stride_on, stride_oh, win_page,
                 D: tl.constexpr, CLIP_IDX: tl.constexpr, BLOCK_T: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                ROTATE: tl.constexpr, PRECISION: tl.constexpr, BITS: tl.constexpr):
-    """Tokens [t_begin, t_end) of KV head h of one tensor: the rotated row as four quarter-planes,
-    clip rank, min and max over all four, then quantize and pack. For D < 64 (Q < 16, below
-    tl.dot's minimum N) planes are padded to 16 columns, masked everywhere."""
+                ROTATE: tl.constexpr, PRECISION: tl.constexpr, BITS: tl.constexpr, WIN_LOG2: tl.constexpr):
+    """Tokens [t_begin, t_end) of KV head h (of H) of one tensor: the rotated row as four quarter-
+    planes, clip rank, min and max over all four, then quantize and pack; its window copy at the
+    row ids ``wslots_ptr`` (``WindowRows`` of page stride win_page, log2_rows WIN_LOG2, rows of
+    H x D). For D < 64 (Q < 16, below tl.dot's minimum N) planes are padded to 16 columns,
+    masked everywhere."""
     Q: tl.constexpr = D // 4
     PQ: tl.constexpr = 16 if Q < 16 else Q
     PAD: tl.constexpr = PQ != Q
@@ -213,8 +216,8 @@ def _write_rows(x_ptr, rot_ptr, rows_ptr, win_ptr, slots_ptr, wslots_ptr, h, t_b
         x2 = _sanitize(x2)
         x3 = _sanitize(x3)
         if HAS_WINDOW:
-            wslot = tl.load(wslots_ptr + tok, mask=tmask, other=-1).to(tl.int64)
-            wp = win_ptr + wslot[:, None] * stride_wn + h * stride_wh + pcols[None, :]
+            wslot = tl.load(wslots_ptr + tok, mask=tmask, other=-1)
+            wp = win_ptr + (_window_offset(wslot, win_page, H * D, WIN_LOG2) + h * D)[:, None] + pcols[None, :]
             wmask = wslot >= 0
             _store_plane(wp, x0, wmask, pmask, 0, Q)
             _store_plane(wp, x1, wmask, pmask, 1, Q)
@@ -288,10 +291,11 @@ def _rotate_queries(q_ptr, qo_ptr, rot_ptr, j, h, t_begin, t_end, stride_qt, str
 def _write_step_kernel(
     k_ptr, rk_ptr, krows_ptr, kwin_ptr, v_ptr, rv_ptr, vrows_ptr, vwin_ptr, q_ptr, qo_ptr,
     slots_ptr, wslots_ptr, T, tokens_per_prog, H, G,
-    stride_kt, stride_kh, stride_rkh, stride_kon, stride_koh, stride_kwn, stride_kwh,
-    stride_vt, stride_vh, stride_rvh, stride_von, stride_voh, stride_vwn, stride_vwh,
+    stride_kt, stride_kh, stride_rkh, stride_kon, stride_koh, kw_page,
+    stride_vt, stride_vh, stride_rvh, stride_von, stride_voh, vw_page,
     stride_qt, stride_qh, stride_qot, stride_qoh,
-    D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_WINDOW: tl.constexpr, WIN_LOG2: tl.constexpr,
+    PRECISION: tl.constexpr,
     HAS_K: tl.constexpr, K_CLIP: tl.constexpr, K_BITS: tl.constexpr, K_ROTATE: tl.constexpr,
     HAS_V: tl.constexpr, V_CLIP: tl.constexpr, V_BITS: tl.constexpr, V_ROTATE: tl.constexpr,
     HAS_Q: tl.constexpr,
@@ -305,14 +309,14 @@ def _write_step_kernel(
     q0 = v0 + H if HAS_V else v0
     if HAS_K:
         if p < v0:
-            _write_rows(k_ptr, rk_ptr, krows_ptr, kwin_ptr, slots_ptr, wslots_ptr, p, t_begin, t_end,
-                        stride_kt, stride_kh, stride_rkh, stride_kon, stride_koh, stride_kwn, stride_kwh,
-                        D, K_CLIP, BLOCK_T, HAS_WINDOW, K_ROTATE, PRECISION, K_BITS)
+            _write_rows(k_ptr, rk_ptr, krows_ptr, kwin_ptr, slots_ptr, wslots_ptr, p, H, t_begin, t_end,
+                        stride_kt, stride_kh, stride_rkh, stride_kon, stride_koh, kw_page,
+                        D, K_CLIP, BLOCK_T, HAS_WINDOW, K_ROTATE, PRECISION, K_BITS, WIN_LOG2)
     if HAS_V:
         if (p >= v0) & (p < q0):
-            _write_rows(v_ptr, rv_ptr, vrows_ptr, vwin_ptr, slots_ptr, wslots_ptr, p - v0, t_begin, t_end,
-                        stride_vt, stride_vh, stride_rvh, stride_von, stride_voh, stride_vwn, stride_vwh,
-                        D, V_CLIP, BLOCK_T, HAS_WINDOW, V_ROTATE, PRECISION, V_BITS)
+            _write_rows(v_ptr, rv_ptr, vrows_ptr, vwin_ptr, slots_ptr, wslots_ptr, p - v0, H, t_begin, t_end,
+                        stride_vt, stride_vh, stride_rvh, stride_von, stride_voh, vw_page,
+                        D, V_CLIP, BLOCK_T, HAS_WINDOW, V_ROTATE, PRECISION, V_BITS, WIN_LOG2)
     if HAS_Q:
         if p >= q0:
             _rotate_queries(q_ptr, qo_ptr, rk_ptr, p - q0, (p - q0) // G, t_begin, t_end, stride_qt, stride_qh,
@@ -337,7 +341,7 @@ def _rotation_stride(name: str, rotation: torch.Tensor | None, h: int, d: int) -
 
 
 def _check_part(name: str, x: torch.Tensor, t: int, h: int, d: int, layout: RowLayout, rows: torch.Tensor,
-                win: torch.Tensor | None) -> None:
+                win: WindowRows | None) -> None:
     check_head_dim(d, layout, attention=False)
     if x.shape != (t, h, d) or x.stride(-1) != 1:
         raise ValueError(f"{name} must be [{t}, {h}, {d}] with a contiguous last dim, got {tuple(x.shape)}")
@@ -358,14 +362,15 @@ def write_step(
     k_rows: torch.Tensor | None,
     v_rows: torch.Tensor | None,
     slots: torch.Tensor,
-    k_win: torch.Tensor | None = None,
-    v_win: torch.Tensor | None = None,
+    k_win: WindowRows | None = None,
+    v_win: WindowRows | None = None,
     window_slots: torch.Tensor | None = None,
     q: torch.Tensor | None = None,
     q_out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """One layer's write in one launch: k [T, H, D] rotated by ``rot_k``, quantized with
-    ``k_layout`` / ``clip_k`` into k_rows[slots] (its rotated copy into k_win[window_slots]);
+    ``k_layout`` / ``clip_k`` into k_rows[slots] (its rotated copy into window rows
+    ``window_slots`` of ``k_win``);
     the same for v (``rot_v`` None: already rotated); and q [T, Hq, D] rotated by ``rot_k``
     into ``q_out`` (q's shape and dtype; allocated when None), which is returned. A part whose
     tensor is None is not written."""
@@ -390,6 +395,9 @@ def write_step(
             raise ValueError("a window given without window_slots")
         if (k is not None and k_win is None) or (v is not None and v_win is None):
             raise ValueError("k and v windows go together")
+        if k is not None and v is not None and k_win.log2_rows != v_win.log2_rows:
+            raise ValueError(f"k and v windows must have the same log2_rows, got {k_win.log2_rows} and "
+                             f"{v_win.log2_rows}")
         check_index("window_slots", window_slots, t)
     if k is not None or v is not None:
         check_index("slots", slots, t)
@@ -409,8 +417,8 @@ def write_step(
         return q_out
     kv_parts = (h if k is not None else 0) + (h if v is not None else 0)
     parts = kv_parts + (q.shape[1] if q is not None else 0)
-    # ptxas, 4 warps, no spills on sm_80..90 (benchmarks/kernel_static.py): D=128 block 16: 138-186
-    # registers (block 32 or 8 warps spill); D=64 block 64: 168-218.
+    # ptxas, 4 warps, no spills on sm_80..90 (benchmarks/kernel_static.py): D=128 block 16: 128-176
+    # registers (block 32 or 8 warps spill); D=64 block 64: 164-221.
     block_t = 16 if d == 128 else 64
     blocks = triton.cdiv(t, block_t)
     # token ranges sized for the k/v parts (the clip rank passes make them the heavy ones): they
@@ -421,22 +429,22 @@ def write_step(
 
     def strides(x, rows, win):
         if x is None:
-            return 0, 0, 0, 0, 0, 0
-        return (x.stride(0), x.stride(1), rows.stride(0), rows.stride(1),
-                win.stride(0) if win is not None else 0, win.stride(1) if win is not None else 0)
+            return 0, 0, 0, 0, 0
+        return x.stride(0), x.stride(1), rows.stride(0), rows.stride(1), win.page_stride if win is not None else 0
 
     ks, vs = strides(k, k_rows, k_win), strides(v, v_rows, v_win)
+    win_log2 = (k_win if k is not None else v_win).log2_rows if has_window else 0  # k's and v's are equal
     _write_step_kernel[(parts, triton.cdiv(t, per_prog))](
         dummy if k is None else k, dummy if rot_k is None else rot_k, dummy if k is None else k_rows,
-        k_win if k_win is not None else dummy,
+        k_win.data if k_win is not None else dummy,
         dummy if v is None else v, dummy if rot_v is None else rot_v, dummy if v is None else v_rows,
-        v_win if v_win is not None else dummy,
+        v_win.data if v_win is not None else dummy,
         dummy if q is None else q, dummy if q is None else q_out,
         slots, wslots, t, per_prog, h, group,
         ks[0], ks[1], stride_rkh, *ks[2:],
         vs[0], vs[1], stride_rvh, *vs[2:],
         *(q.stride()[:2] if q is not None else (0, 0)), *(q_out.stride()[:2] if q is not None else (0, 0)),
-        D=d, BLOCK_T=block_t, HAS_WINDOW=has_window, PRECISION="tf32x3",
+        D=d, BLOCK_T=block_t, HAS_WINDOW=has_window, WIN_LOG2=win_log2, PRECISION="tf32x3",
         HAS_K=k is not None, K_CLIP=min(clip_index(clip_k, d), d) if k is not None else d,
         K_BITS=k_layout.bits if k is not None else 2, K_ROTATE=rot_k is not None,
         HAS_V=v is not None, V_CLIP=min(clip_index(clip_v, d), d) if v is not None else d,
@@ -453,11 +461,11 @@ def quantize_kv_write(
     layout: RowLayout,
     rows_out: torch.Tensor,
     slots: torch.Tensor,
-    window_out: torch.Tensor | None = None,
+    window_out: WindowRows | None = None,
     window_slots: torch.Tensor | None = None,
 ) -> None:
-    """Quantize x [T, H, D] into rows_out[slots] (and its rotated copy into window_out): one
-    tensor's ``write_step``."""
+    """Quantize x [T, H, D] into rows_out[slots] (and its rotated copy into rows ``window_slots``
+    of window_out): one tensor's ``write_step``."""
     write_step(x, None, rotation, None, clip_ratio, 1.0, layout, None, rows_out, None, slots,
                k_win=window_out, window_slots=window_slots)
 

@@ -1,23 +1,25 @@
-"""The ``oscar`` attention backend: rotated INT2 KV with BF16 sink/recent windows.
+"""The ``oscar`` attention backend: rotated 2-4-bit KV rows with full-precision sinks and blocks.
 
 "INT2" below names the quantized storage rows, whatever their width: every layer's K and V rows
 have the code widths (2, 3 or 4 bits) of the rotations file's bit allocation (``pool.layouts``).
 
-The position rule: the query at position t reads key j in full precision iff ``j < sink``
-or ``j > t - recent``, else from its INT2 row, in decode and extend, for a chunk's own
-tokens and for cached ones. The quantized model is then one function of the token
-sequence: cached == uncached, any chunk size == any other, batched == alone.
+The position rule (``kernels/rule.py``): the query at position t reads key j in full precision
+iff ``j < sink`` or j is in t's own block (``j >= exact_from(t) = t // block * block``), else
+from its INT2 row, in decode and extend, for a chunk's own tokens and for cached ones. The
+quantized model is then one function of the token sequence: cached == uncached, any chunk size
+== any other, batched == alone.
 
 Per forward:
 
 1. ``init_forward_metadata`` splits every request's keys into an INT2 segment (slots of
-   sglang's request table) and a window segment (its own request-window rows, ``pool.py``),
-   copying a cached prefix's window from the retained store on a prefix hit.
+   sglang's request table) and a window segment (rows of its window table, ``windows.py``,
+   which the scheduler hooks moved to this forward: a prefix hit's table reads the cached
+   prefix's attached rows).
 2. Each layer quantizes k/v on write and rotates q by R_K (one ``ops.write_step``),
    runs decode or extend attention (extend adds the chunk's own exact rotated k/v and
    applies the rule per query), and un-rotates the output by R_V^T. Decode writes before
    attending (it reads its token from the pool). Extend writes the INT2 rows first and the
-   window rows after attention, so a chunk's ring rows cannot evict the ring it reads.
+   window rows after attention.
 
 The same code runs on CPU (pure-torch references) and GPU (Triton kernels): the
 ``kernels.ops`` interface dispatches on the tensors' device.
@@ -59,15 +61,15 @@ class ForwardMetadata:
     batch size reads views of them."""
 
     out_loc: torch.Tensor  # [T] slots written this forward
-    win_rows: torch.Tensor | None  # decode: [T] their request-window rows; extend: None
+    win_rows: torch.Tensor | None  # decode: [T] their window rows; extend: None
     qo_indptr: torch.Tensor  # [B+1] extend chunk boundaries (decode: arange)
     int2_indptr: torch.Tensor  # [B+1]
     int2_indices: torch.Tensor  # slot ids into the INT2 rows, position order
     win_indptr: torch.Tensor  # [B+1]
-    win_indices: torch.Tensor  # request-window rows: the sinks, then the ring, position order
+    win_indices: torch.Tensor  # window rows: the sinks, then the block part, position order
     prefix_lens: torch.Tensor | None = None  # extend: [B] first position of each chunk
     win_src: torch.Tensor | None = None  # extend: chunk tokens whose window rows are written after attention
-    win_dst: torch.Tensor | None = None  # extend: ... and those rows (request windows, retained store)
+    win_dst: torch.Tensor | None = None  # extend: ... and those window rows
     num_splits: int | None = None  # decode split-KV count, fixed under CUDA graphs
     max_q_len: int | None = None  # extend: the longest chunk (host int: no sync per layer)
     chunk_rows: torch.Tensor | None = None  # extend: arange(T), the chunk tokens' rows in the rotated scratch
@@ -84,12 +86,6 @@ def _indptr(counts: torch.Tensor) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def _ranges(starts: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(owner, value) of the concatenated ranges [starts[b], starts[b] + lens[b]) (host tensors)."""
-    owner = torch.repeat_interleave(torch.arange(lens.numel()), lens)
-    return owner, starts[owner] + torch.arange(owner.numel()) - (lens.cumsum(0) - lens)[owner]
-
-
 def _gather_slots(req_to_token, req_rows_dev, starts: torch.Tensor, lens: torch.Tensor):
     """indptr and slots of positions [starts[b], starts[b] + lens[b]) of every request, gathered
     on the device from sglang's request table (host-known sizes: no device sync)."""
@@ -102,18 +98,17 @@ def _gather_slots(req_to_token, req_rows_dev, starts: torch.Tensor, lens: torch.
     return _up(_indptr(lens), dev), req_to_token[req_rows_dev[owner], pos].to(torch.int64)
 
 
-def _window_segments(pool: OscarKVPool, req_rows: torch.Tensor, sink_hi: torch.Tensor, ring_lo: torch.Tensor,
-                     ring_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per request, the sinks [0, sink_hi) then the ring [ring_lo, ring_hi), as request-window
-    rows in position order: host (indptr [B + 1], rows)."""
-    n_sink, n_ring = sink_hi.clamp(min=0), (ring_hi - ring_lo).clamp(min=0)
-    owner_s, pos_s = _ranges(torch.zeros_like(ring_lo), n_sink)
-    owner_r, pos_r = _ranges(ring_lo, n_ring)
-    owner, pos = torch.cat([owner_s, owner_r]), torch.cat([pos_s, pos_r])
-    if owner.numel():  # sinks (< sink) come before the ring (>= sink) of the same request
-        order = torch.argsort(owner * (int(ring_hi.max()) + 1) + pos)
-        owner, pos = owner[order], pos[order]
-    return _indptr(n_sink + n_ring), pool.window_rows(req_rows[owner], pos)
+def _gather_window(table, rows_dev, n_sink: torch.Tensor, col0: torch.Tensor, n_block: torch.Tensor):
+    """indptr and window row ids of every request: its table's columns [0, n_sink[b]) (the sinks), then
+    [col0[b], col0[b] + n_block[b]) (its block), gathered on the device (host-known sizes: no sync)."""
+    dev = table.device
+    lens = n_sink + n_block
+    total = int(lens.sum())
+    lens_d, sink_d, col0_d = _up(lens, dev), _up(n_sink, dev), _up(col0, dev)
+    owner = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens_d, output_size=total)
+    j = torch.arange(total, device=dev) - (lens_d.cumsum(0) - lens_d)[owner]
+    col = torch.where(j < sink_d[owner], j, col0_d[owner] + j - sink_d[owner])
+    return _up(_indptr(lens), dev), table[rows_dev[owner], col].to(torch.int64)
 
 
 class OscarAttnBackend(AttentionBackend):
@@ -162,94 +157,41 @@ class OscarAttnBackend(AttentionBackend):
     def _metadata(self, req_rows: torch.Tensor, seq_lens: torch.Tensor, new_lens: torch.Tensor, out_loc,
                   decode: bool) -> ForwardMetadata:
         """Index tensors of one forward under the position rule (``req_rows``/``seq_lens``/``new_lens``:
-        host int64 [B]; ``out_loc``: the written slots on the device).
+        host int64 [B]; ``out_loc``: the written slots on the device). The window store has already
+        moved every request's table to this forward (``plugin``: ``begin_extend`` / ``begin_decode``).
 
-        Decode writes its token (INT2 row + request window) first and reads the INT2 rows of
-        [sink, n - recent) and the window: sinks and the ring [n - recent, n). Extend writes the
-        chunk's INT2 rows first, attends (INT2 rows of [sink, e - recent), the window before the
-        chunk: sinks and [a - recent + 1, a), the chunk exactly; per-query masks pick one copy of
-        each key) and writes the chunk's window rows afterwards, so they cannot evict the ring it
-        reads. A request whose window row does not hold its prefix (a prefix-cache hit) first
-        copies that window from the retained store.
+        Decode writes its token at t = n - 1 (storage row + window row) first and reads the quantized
+        rows of [sink, exact_from(t)) and the window: sinks and [exact_from(t), t]. Extend writes the
+        chunk's storage rows first, attends (quantized rows of [sink, exact_from(e - 1)), the window
+        before the chunk: sinks and [exact_from(a), a), the chunk exactly; per-query masks pick one
+        copy of each key) and writes the chunk's window rows afterwards (``ExtendPlan``).
         """
-        self.pool.begin_forward()
-        try:
-            return self._build_metadata(req_rows, seq_lens, new_lens, out_loc, decode)
-        finally:
-            self.pool.end_forward()
-
-    def _build_metadata(self, req_rows, seq_lens, new_lens, out_loc, decode: bool) -> ForwardMetadata:
-        pool, s, r = self.pool, self.pool.sink, self.pool.recent
-        dev = pool.k_win[0].device
+        store, rule = self.pool.store, self.pool.rule
+        s = rule.sink
+        dev = store.table_dev.device
+        store.flush()
         rows_d = _up(req_rows, dev)
-        starts = seq_lens - new_lens
-        int2_hi = seq_lens - r
-        int2_indptr, int2_indices = _gather_slots(self.req_to_token, rows_d, torch.full_like(seq_lens, s),
-                                                  (int2_hi - s).clamp(min=0))
+        last = seq_lens - 1
+        quant_hi = rule.exact_from(last).clamp(min=s)  # quantized keys: [sink, exact_from(last query))
+        int2_indptr, int2_indices = _gather_slots(self.req_to_token, rows_d, torch.full_like(seq_lens, s), quant_hi - s)
         if decode:
-            win_indptr, win_rows = _window_segments(pool, req_rows, seq_lens.clamp(max=s),
-                                                    (seq_lens - r).clamp(min=s), seq_lens)
-            written = pool.window_rows(req_rows, seq_lens - 1)
-            for row, n in zip(req_rows.tolist(), seq_lens.tolist()):
-                pool.row_len[row] = n
+            block_lo = quant_hi
+            win_indptr, win_ids = _gather_window(store.table_dev, rows_d, seq_lens.clamp(max=s), s + block_lo % rule.block,
+                                                 (seq_lens - block_lo).clamp(min=0))
+            written = store.table[req_rows, torch.where(last < s, last, s + last % rule.block)]
             return ForwardMetadata(out_loc, _up(written, dev), _up(_indptr(new_lens), dev), int2_indptr, int2_indices,
-                                   _up(win_indptr, dev), _up(win_rows, dev))
-        win_indptr, win_rows = _window_segments(pool, req_rows, starts.clamp(max=s),
-                                                (starts - r + 1).clamp(min=s), starts)
-        self._fill_prefix_windows(req_rows.tolist(), starts.tolist())
-        # the chunk's window rows: its sinks and its last `recent` tokens (the ring after it)
+                                   win_indptr, win_ids)
+        plans = [store.plans.pop(int(r)) for r in req_rows]
         first = new_lens.cumsum(0) - new_lens
-        owner, pos = _ranges(starts, new_lens)
-        keep = (pos < s) | (pos >= seq_lens[owner] - r)
-        src, dst = (first[owner] + pos - starts[owner])[keep], pool.window_rows(req_rows[owner], pos)[keep]
-        stash_src, stash_dst = self._retain_chunk_ends(req_rows.tolist(), starts, seq_lens, first, out_loc)
-        for row, n in zip(req_rows.tolist(), seq_lens.tolist()):
-            pool.row_len[row] = n
+        prefix = [p.prefix_ids for p in plans]
+        src = torch.cat([p.write_offsets + f for p, f in zip(plans, first.tolist())])
+        dst = torch.cat([p.write_ids for p in plans])
         total = int(new_lens.sum())
         return ForwardMetadata(out_loc, None, _up(_indptr(new_lens), dev), int2_indptr, int2_indices,
-                               _up(win_indptr, dev), _up(win_rows, dev), _up(starts, dev),
-                               _up(torch.cat([src, stash_src]), dev), _up(torch.cat([dst, stash_dst]), dev),
+                               _up(_indptr(torch.tensor([len(p) for p in prefix], dtype=torch.int64)), dev),
+                               _up(torch.cat(prefix), dev), _up(seq_lens - new_lens, dev), _up(src, dev), _up(dst, dev),
                                max_q_len=int(new_lens.max()) if total else 0,
                                chunk_rows=torch.arange(total, device=dev))
-
-    def _fill_prefix_windows(self, req_rows: list[int], starts: list[int]) -> None:
-        """Requests starting on a cached prefix whose window their row does not hold: copy it
-        from the retained store (the scheduler only matches prefixes whose window is there)."""
-        pool = self.pool
-        for row, a in zip(req_rows, starts):
-            if a > 0 and pool.row_len[row] != a:
-                pool.copy_rows(*pool.fill_rows(row, self.req_to_token[row, :a], a))
-                pool.row_len[row] = a
-
-    def _retain_chunk_ends(self, req_rows: list[int], starts, seq_lens, first, out_loc):
-        """Every chunk keeps the window at its end in the store (the next chunk, a repeat of the
-        same prompt or a request leaving the cache there can hit it), and a request whose prefix
-        hit was shortened (``pool.snapshot_at``: the store lacked the window where it leaves the
-        cached sequence) keeps the window there too. Rows are keyed by the request's own slots
-        (sglang's cache insert hands them to the tree's slots: ``plugin._release_kv``); positions
-        before the chunk are copied from the request window now, the chunk's own are written after
-        attention (returned as (chunk token, retained row))."""
-        pool, empty = self.pool, torch.zeros(0, dtype=torch.int64)
-        src, dst = [empty], [empty]
-        out_host = None
-        for b, row in enumerate(req_rows):
-            a, e = int(starts[b]), int(seq_lens[b])
-            m = pool.snapshot_at.get(row)
-            if m is not None and m <= e:
-                del pool.snapshot_at[row]
-            for end, proven in ((e, False), *(((m, True),) if m is not None and m > a else ())):
-                wanted = pool.retained_positions(end)
-                old = [p for p in wanted if p < a]
-                new = torch.tensor([p for p in wanted if a <= p < e], dtype=torch.int64)
-                if old:  # from the request window (what it no longer holds was kept by an earlier chunk)
-                    pool.retain_from_request(row, old, self.req_to_token[row, old], proven)
-                if new.numel():
-                    out_host = out_loc.cpu() if out_host is None else out_host
-                    tok = int(first[b]) + new - a
-                    rows = pool.retain_rows(out_host[tok], proven)
-                    src.append(tok[rows >= 0])
-                    dst.append(rows[rows >= 0])
-        return torch.cat(src), torch.cat(dst)
 
     def init_forward_metadata(self, forward_batch):
         mode = forward_batch.forward_mode
@@ -274,7 +216,7 @@ class OscarAttnBackend(AttentionBackend):
         return 1
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        dev, i64 = self.pool.k_win[0].device, torch.int64
+        dev, i64 = self.pool.store.table_dev.device, torch.int64
         self.graph = ForwardMetadata(
             out_loc=torch.zeros(max_bs, dtype=i64, device=dev),
             win_rows=torch.full((max_bs,), -1, dtype=i64, device=dev),
@@ -282,14 +224,14 @@ class OscarAttnBackend(AttentionBackend):
             int2_indptr=torch.zeros(max_bs + 1, dtype=i64, device=dev),
             int2_indices=torch.zeros(max_bs * self.req_to_token.shape[1], dtype=torch.int32, device=dev),
             win_indptr=torch.zeros(max_bs + 1, dtype=i64, device=dev),
-            win_indices=torch.zeros(max_bs * (self.pool.sink + self.pool.recent), dtype=torch.int32, device=dev),
+            win_indices=torch.zeros(max_bs * self.pool.store.cols, dtype=torch.int32, device=dev),
         )
         self.graph_metadata = {}
 
     def _graph_splits(self, bs: int) -> int:
         """Split count baked into the graph of batch size bs: sized for long contexts
         (short ones leave most splits empty, which exit at once)."""
-        sms = sm_count(self.pool.k_win[0].device)
+        sms = sm_count(self.pool.store.table_dev.device)
         return plan_num_splits(bs, self.pool.head_num, self.req_to_token.shape[1], sms)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
@@ -354,7 +296,7 @@ class OscarAttnBackend(AttentionBackend):
         k_lay, v_lay = self.pool.layouts(lid)
         out, _ = ops.decode_attention(
             qr, *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
-            *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, layer.scaling, k_lay,
+            *self.pool.window_rows(lid), md.win_indptr, md.win_indices, layer.scaling, k_lay,
             num_splits=md.num_splits, v_layout=v_lay,
         )
         return self._unrotate_out(out, lid).to(q.dtype).reshape(q.shape[0], -1)
@@ -376,8 +318,8 @@ class OscarAttnBackend(AttentionBackend):
         k_lay, v_lay = self.pool.layouts(lid)
         out = ops.extend_attention(
             qr, kr, vr, md.qo_indptr, *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
-            *self.pool.get_window_buffers(lid), md.win_indptr, md.win_indices, md.prefix_lens,
-            self.pool.sink, self.pool.recent, layer.scaling, k_lay, max_q_len=md.max_q_len, v_layout=v_lay,
+            *self.pool.window_rows(lid), md.win_indptr, md.win_indices, md.prefix_lens,
+            self.pool.rule.sink, self.pool.rule.block, layer.scaling, k_lay, max_q_len=md.max_q_len, v_layout=v_lay,
         )
         if save_kv_cache:  # window rows after attention: see _metadata
             self.pool.write_windows(lid, md.win_dst, kr[md.win_src], vr[md.win_src])

@@ -59,7 +59,7 @@ class Side:
     name: str
     tokens: int = 0  # KV token capacity (sglang's max_total_num_tokens)
     cell_bytes: int = 0  # KV bytes per token
-    window_bytes: int = 0  # BF16 windows (OSCAR only)
+    window_bytes: int = 0  # KV pages holding full-precision window rows after the run (OSCAR only)
     ppl: float = math.nan
     ppl_tokens: int = 0
     ttft_cold: float = math.nan
@@ -117,7 +117,7 @@ def measure(side: Side, url: str, document: str, passage: str, max_tokens: int) 
 
     info = requests.get(f"{url}/get_server_info", timeout=60).json()
     side.tokens = int(info["max_total_num_tokens"])
-    side.window_bytes = int(info["internal_states"][0].get("kv_health", {}).get("window_bytes", 0))
+    page_bytes = int(info.get("page_size") or 1) * side.cell_bytes
     side.ppl, side.ppl_tokens = perplexity(url, passage)
     prompt = document_prompt(document)
     side.ttft_cold, _ = time_to_first_token(url, prompt + "Question: " + TIMED_QUESTIONS[0] + "\nAnswer:")
@@ -128,30 +128,27 @@ def measure(side: Side, url: str, document: str, passage: str, max_tokens: int) 
     timed = [time_to_first_token(url, prompt + "Question: " + q + "\nAnswer:") for q in TIMED_QUESTIONS[1:]]
     side.ttft_cached = statistics.median(t for t, _ in timed)
     side.cached_tokens = min(int(m["cached_tokens"]) for _, m in timed)
+    health = requests.get(f"{url}/get_server_info", timeout=60).json()["internal_states"][0].get("kv_health", {})
+    side.window_bytes = int(health.get("window_pages", 0)) * page_bytes
     side.prompt_tokens = int(timed[0][1]["prompt_tokens"])
     return side
 
 
 # ------------------------------------------------------------------ sizing
 def budget_args(cfg, rot, budget: int) -> tuple[list[str], list[str], int, int]:
-    """sglang flags that give each server the same KV budget in bytes, and the two cells (B/token).
-
-    BF16: ``--max-total-tokens budget // cell``. OSCAR: the window plan the plugin would choose
-    for this budget (``windows.split_budget``), its running count, and the tokens the rest holds.
-    ``cfg``: the model's Hugging Face config; ``rot``: its validated rotations.
+    """sglang flags that give each server the same KV budget in bytes, and the two cells (B/token):
+    ``--max-total-tokens budget // cell`` (``sizing.split_budget``; OSCAR's window rows take pages
+    of the same pool). ``cfg``: the model's Hugging Face config; ``rot``: its validated rotations.
     """
     from oscar_sglang.kernels.codec import CacheLayout
-    from oscar_sglang.windows import split_budget
+    from oscar_sglang.sizing import split_budget
 
     m = rot.meta
     split = split_budget(
         budget_bytes=budget, head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
         kv_heads=cfg.num_key_value_heads, layers=cfg.num_hidden_layers, itemsize=2,
-        token_row_bytes=CacheLayout.of(m.model.head_dim, m.group_size, m.key_bits, m.value_bits).token_row_bytes,
-        sink=rot.meta.windows.sink, recent=rot.meta.windows.recent)
-    return (["--max-total-tokens", str(split.bf16_tokens)],
-            ["--max-total-tokens", str(split.oscar_tokens), "--max-running-requests",
-             str(split.plan.max_running_requests)],
+        token_row_bytes=CacheLayout.of(m.model.head_dim, m.group_size, m.key_bits, m.value_bits).token_row_bytes)
+    return (["--max-total-tokens", str(split.bf16_tokens)], ["--max-total-tokens", str(split.oscar_tokens)],
             split.bf16_cell, split.oscar_cell)
 
 
@@ -162,7 +159,7 @@ def table(bf16: Side, oscar: Side, budget_mib: int) -> str:
 
     rows = [
         ("KV bytes per token", f"{bf16.cell_bytes:,}", f"{oscar.cell_bytes:,}", ratio(bf16.cell_bytes, oscar.cell_bytes)),
-        ("BF16 windows (MiB)", "-", f"{oscar.window_bytes / 2**20:.1f}", ""),
+        ("full-precision rows (MiB)", "-", f"{oscar.window_bytes / 2**20:.1f}", ""),
         (f"KV tokens in {budget_mib} MiB", f"{bf16.tokens:,}", f"{oscar.tokens:,}", ratio(oscar.tokens, bf16.tokens)),
         (f"perplexity ({oscar.ppl_tokens} held-out tokens)", f"{bf16.ppl:.3f}", f"{oscar.ppl:.3f}",
          f"{100 * (oscar.ppl / bf16.ppl - 1):+.1f}%"),

@@ -12,18 +12,19 @@
 
     max_total_num_tokens, available_size, evictable_size, protected_size
     evicted_tokens                  tokens evicted by the radix cache since start
-    with an OscarKVPool, also:
-    window_bytes                    bytes of the BF16 windows (request rows + retained store)
-    request_rows, retained_rows, retained_free, retained_owned
-    window_fill_misses              window rows a prefix hit needed but the store had lost
-    window_rows_of_free_slots       retained rows still owned by a slot the allocator holds as free
-    window_map_mismatches           slot_of_ret / ret_of_slot disagree
-    retained_rows_lost              retained rows neither free nor owned
-    retained_free_duplicates        a retained row listed twice in the free list
+    with an OscarKVPool, also (``windows.WindowStore.health``):
+    window_pages                    KV pages holding full-precision window rows
+    window_pages_running            ... of which running requests hold
+    window_pages_cached             ... of which only cached prefixes hold (evictable)
+    window_ref_errors               pages whose hold counts disagree with the tables and attachments
+    window_map_errors               slot <-> row attachment maps that disagree
+    window_free_page_errors         window pages the allocator also lists as free
+    window_attached_free_slot_errors  rows attached to slots the allocator lists as free
+    window_idle_row_errors          request rows with no request that still hold rows
 
 At idle, after ``/flush_cache``, a healthy server has ``available_size ==
-max_total_num_tokens``, ``retained_free == retained_rows`` and the five leak fields 0;
-the leak fields must be 0 at any time between forwards.
+max_total_num_tokens`` and ``window_pages == 0``; the ``*_errors`` fields must be 0 at any time
+between forwards.
 """
 
 from __future__ import annotations
@@ -38,44 +39,15 @@ logger = logging.getLogger(__name__)
 _STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
 _TREE = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache"
 HOOKED_TARGETS = (f"{_STATE}._add_memory_usage", f"{_TREE}._evict")
-LEAK_FIELDS = ("window_fill_misses", "window_rows_of_free_slots", "window_map_mismatches", "retained_rows_lost",
-               "retained_free_duplicates")
+LEAK_FIELDS = ("window_ref_errors", "window_map_errors", "window_free_page_errors",
+               "window_attached_free_slot_errors", "window_idle_row_errors")
 _EVICTED_ATTR = "_oscar_evicted_tokens"
 
 
-def free_slots(allocator: Any) -> torch.Tensor:
-    """Slot ids the allocator holds as free (int64, any order)."""
+def free_pages(allocator: Any) -> torch.Tensor:
+    """Page ids the allocator holds as free (int64, any order)."""
     pages = allocator.get_all_free_pages()
-    if pages is None:
-        return torch.empty(0, dtype=torch.int64)
-    pages = pages.to(torch.int64)
-    page = allocator.page_size
-    if page == 1:
-        return pages
-    return (pages.reshape(-1, 1) * page + torch.arange(page, device=pages.device)).reshape(-1)
-
-
-def window_health(pool: Any, free: torch.Tensor) -> dict[str, int]:
-    """Consistency of an OscarKVPool's retained-window maps against the allocator's free slots."""
-    owner = pool.slot_of_ret
-    rows = torch.nonzero(owner >= 0).reshape(-1)
-    slots = owner[rows]
-    mismatched = int((pool.ret_of_slot[slots] != rows).sum())
-    back = torch.nonzero(pool.ret_of_slot >= 0).reshape(-1)
-    mismatched += int((owner[pool.ret_of_slot[back]] != back).sum())
-    ret_free = pool.ret_free
-    unique_free = set(ret_free)
-    return {
-        "request_rows": int(pool.request_rows),
-        "retained_rows": int(owner.numel()),
-        "retained_free": len(ret_free),
-        "retained_owned": int(rows.numel()),
-        "window_fill_misses": int(pool.fill_misses),
-        "window_rows_of_free_slots": int(torch.isin(slots, free.cpu()).sum()),
-        "window_map_mismatches": mismatched,
-        "retained_rows_lost": int(owner.numel()) - len(unique_free) - int(rows.numel()),
-        "retained_free_duplicates": len(ret_free) - len(unique_free),
-    }
+    return torch.empty(0, dtype=torch.int64) if pages is None else pages.to(torch.int64)
 
 
 def kv_health(scheduler: Any) -> dict[str, int]:
@@ -92,8 +64,7 @@ def kv_health(scheduler: Any) -> dict[str, int]:
     }
     pool = allocator.get_kvcache()
     if isinstance(pool, OscarKVPool):
-        slot_map = pool.ret_of_slot.numel() * pool.ret_of_slot.element_size()  # charged in the per-token cell
-        report |= window_health(pool, free_slots(allocator)) | {"window_bytes": int(pool.window_bytes() - slot_map)}
+        report |= pool.store.health(free_pages(allocator))
         leaks = {k: report[k] for k in LEAK_FIELDS if report[k]}
         if leaks:
             logger.warning("OSCAR window rows leaked or inconsistent: %s", leaks)

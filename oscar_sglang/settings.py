@@ -16,6 +16,7 @@ import msgspec
 from oscar_sglang.calib.rotations import Rotations, RotationsError, fingerprint_from_hf_config, load_rotations
 from oscar_sglang.kernels.checks import triton_supports
 from oscar_sglang.kernels.codec import CacheLayout, RowLayout
+from oscar_sglang.kernels.rule import PositionRule
 
 BACKEND_NAME = "oscar"
 
@@ -29,12 +30,17 @@ class OscarSettings(msgspec.Struct, frozen=True, kw_only=True):
     head_dim: int
     group_size: int | None
     sink: int
-    recent: int
+    block: int
     clip_k: tuple[float, ...]
     clip_v: tuple[float, ...]
     key_bits: tuple[int, ...]
     value_bits: tuple[int, ...]
     granularity: str
+
+    @property
+    def rule(self) -> PositionRule:
+        """Which keys a query reads in full precision (the rotations file's windows)."""
+        return PositionRule(sink=self.sink, block=self.block)
 
     @property
     def layouts(self) -> CacheLayout:
@@ -85,11 +91,12 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
     if kv_dtype not in ("auto", "bf16", "bfloat16"):
         raise OscarError(f"--oscar stores its own quantized KV cache: drop --kv-cache-dtype {kv_dtype}.")
     if getattr(server_args, "enable_hierarchical_cache", False):
-        raise OscarError("--oscar keeps cached prefixes' BF16 windows on the GPU only; host offload would restore "
-                         "them without: drop --enable-hierarchical-cache.")
+        raise OscarError("--oscar: host offload (--enable-hierarchical-cache) would bring cached prefixes back without "
+                         "the full-precision sink rows a hit reads (they live in window pages beside the tree's "
+                         "slots): drop --enable-hierarchical-cache.")
     if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
-        raise OscarError("--oscar does not transfer BF16 windows between prefill and decode servers: "
-                         "drop --disaggregation-mode.")
+        raise OscarError("--oscar does not transfer the full-precision sink and block rows between prefill and "
+                         "decode servers: drop --disaggregation-mode.")
     if getattr(server_args, "enable_page_major_kv_layout", False) or getattr(server_args, "enable_unified_memory", False):
         raise OscarError("--oscar uses sglang's per-layer MHA pool: drop --enable-page-major-kv-layout/--enable-unified-memory.")
     try:
@@ -112,7 +119,7 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
             head_dim=meta.model.head_dim,
             group_size=meta.group_size,
             sink=meta.windows.sink,
-            recent=meta.windows.recent,
+            block=meta.windows.block,
             clip_k=tuple(meta.clip_k),
             clip_v=tuple(meta.clip_v),
             key_bits=tuple(meta.key_bits),

@@ -1,127 +1,388 @@
-"""BF16 window sizing: the one place that decides how many window rows exist.
+"""Full-precision window rows: where they live, who holds them, which a cached prefix can reuse.
 
-The position rule (``backend.py``) needs, per running request, its sinks and its last
-``recent`` tokens in full precision, and, per cached prefix that a later request may hit,
-the same window at the prefix's end. Both are rows of ``2 * layers * kv_heads * head_dim``
-model-dtype elements (K and V, all layers):
+Under the block rule (``kernels/rule.py``) the query at position t reads exactly the sinks
+(positions < sink) and its own block [exact_from(t), t]. So a running request needs rotated
+full-precision rows for its sinks and for the block it is in, and a prefix hit of m cached tokens
+needs the sinks and [exact_from(m), m) of the cached sequence, or recomputes from exact_from(m).
 
-- request windows: ``sink + recent`` rows for every row of sglang's request table
-  (``max_running_requests + 1``: row 0 is its padding row), owned by that row alone;
-- the retained store: windows of cached prefix ends, keyed by slot, least recently used
-  first out. Losing one costs a recompute at the next hit, never precision. Each cached
-  prefix end that later requests leave the cache at costs one window (sink + recent rows,
-  about 7x as many INT2 tokens), so short shared prefixes gain less than long ones.
+**Where.** Window rows live in pages of sglang's own token pool: a page of ``page_size`` slots,
+taken from the allocator like any KV page, holds ``rows_per_page`` rows in the bytes of its
+quantized rows (``pool.py``). Row id ``w = page << log2_ids | i`` (i < rows_per_page). Window memory
+is thus part of the KV budget, taken when a request needs it and given back when nothing does.
 
-With ``--max-running-requests`` unset, the running count is derived so that the windows
-take at most ``WINDOW_SHARE`` of the KV budget (at most ``MAX_DERIVED_RUNNING``); set, the
-reservation is exactly what it needs, refused if it does not fit. No sglang import here.
+**Who holds a page** (``refs``): every request-table entry that reads one of its rows (``held``,
+the running requests) and every radix-tree slot one of its rows is attached to. A page goes back
+to the allocator the moment nothing holds it.
+
+- Request table (per row of sglang's request table): column ``col(p)`` (p for sinks, else
+  sink + p % block) holds the row id of position p for the sinks and the current block; a host
+  tensor and its device mirror (``table_dev``, updated before each forward by ``flush``).
+- Attachments (``win_of_slot``): when sglang caches a request's tokens, the rows of its sinks and of
+  its current block are attached to the tree's slots at those positions, so every later request
+  under that prefix reads the same rows (one set of sinks per distinct beginning). They go when
+  sglang frees the slot (the node is evicted) or, while no running request holds them, when the
+  allocator needs the memory: least recently used first, tails before sinks. A lost tail costs a
+  recompute of at most block - 1 tokens at the next hit, never precision.
+
+Everything here is host-side bookkeeping (python ints and CPU tensors) run by the scheduler
+process; the only device work is the table mirror and the pages' bytes themselves.
 """
 
 from __future__ import annotations
 
-import msgspec
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
-from oscar_sglang.settings import OscarError
+import torch
 
-WINDOW_SHARE = 0.10  # of the KV budget, when the running count is derived
-MAX_DERIVED_RUNNING = 64  # beyond this, ask for it with --max-running-requests
-RETAINED_SHARE = 0.05  # of the KV budget for the retained store (at least 2 windows, at most 32)
-MAX_RETAINED_SETS = 32
-SLACK = 16  # a retained window also covers prefix ends up to this many tokens earlier (retokenized text)
-_MAP_BYTES = 8  # int64 window-map entry per retained row (host side, charged anyway)
+from oscar_sglang.kernels.rule import PositionRule
 
-
-class WindowPlan(msgspec.Struct, frozen=True, kw_only=True):
-    sink: int
-    recent: int
-    request_rows: int  # request-table rows (max_running_requests + 1)
-    retained_sets: int  # windows of cached prefix ends the store holds
-    row_bytes: int  # one window row, K and V, all layers
-
-    @property
-    def max_running_requests(self) -> int:
-        return self.request_rows - 1
-
-    @property
-    def rows_per_set(self) -> int:
-        return self.sink + self.recent
-
-    @property
-    def retained_rows(self) -> int:
-        return self.retained_sets * (self.rows_per_set + SLACK)
-
-    @property
-    def total_bytes(self) -> int:
-        rows = self.request_rows * self.rows_per_set + self.retained_rows
-        return rows * self.row_bytes + self.retained_rows * _MAP_BYTES
+_EMPTY = torch.zeros(0, dtype=torch.int64)
 
 
-def window_row_bytes(*, head_dim: int, kv_heads: int, layers: int, itemsize: int, **_) -> int:
-    """Bytes of one window row: K and V, every layer, model dtype."""
-    return 2 * layers * kv_heads * head_dim * itemsize
+def rows_per_page(page_size: int, row_bytes: Iterable[int], head_dim: int, itemsize: int) -> int:
+    """Window rows one page of ``page_size`` slots holds: its narrowest quantized row (of any layer,
+    K or V) must hold a window row's head_dim elements of every head."""
+    return page_size * min(row_bytes) // (head_dim * itemsize)
 
 
-def oscar_cell_size(token_row_bytes: int, kv_heads: int) -> int:
-    """Bytes one token slot costs: its K and V storage rows in every layer (``token_row_bytes`` per
-    KV head, ``CacheLayout.token_row_bytes``) + its retained-window map entry."""
-    return kv_heads * token_row_bytes + _MAP_BYTES
+@dataclass
+class ExtendPlan:
+    """What one request's extend forward reads and writes (host tensors)."""
+
+    prefix_ids: torch.Tensor  # window rows the chunk's queries read before it: sinks, then [exact_from(a), a)
+    write_offsets: torch.Tensor  # chunk tokens (offset from the chunk start) whose rows are written ...
+    write_ids: torch.Tensor  # ... into these window rows, after attention
 
 
-def plan_for(sink: int, recent: int, row_bytes: int, running: int, budget_bytes: int = 0) -> WindowPlan:
-    """The plan for exactly ``running`` concurrent requests (and a store sized from the budget)."""
-    set_bytes = (sink + recent + SLACK) * row_bytes
-    retained = min(MAX_RETAINED_SETS, max(2, running // 2, int(RETAINED_SHARE * budget_bytes) // set_bytes))
-    return WindowPlan(sink=sink, recent=recent, request_rows=running + 1, retained_sets=retained,
-                      row_bytes=row_bytes)
+class WindowStore:
+    def __init__(self, rule: PositionRule, page_size: int, per_page: int, num_slots: int, request_rows: int,
+                 device: torch.device | str):
+        if not rule.rebuildable:
+            raise ValueError(f"the served position rule must be rebuildable, got {rule.name}")
+        if per_page < 1:
+            raise ValueError("a window page must hold at least one row")
+        self.rule = rule
+        self.page_size = page_size
+        self.per_page = per_page
+        self.log2_ids = (per_page - 1).bit_length()
+        self.num_pages = num_slots // page_size
+        self.cols = rule.sink + rule.block
+        self.device = torch.device(device)
+        self.refs = torch.zeros(self.num_pages, dtype=torch.int32)
+        self.held = torch.zeros(self.num_pages, dtype=torch.int32)
+        self.used = torch.zeros(self.num_pages, dtype=torch.int64)  # LRU clock of attached pages
+        self.sink_page = torch.zeros(self.num_pages, dtype=torch.bool)
+        self.win_of_slot = torch.full((num_slots,), -1, dtype=torch.int64)
+        self.slot_of_win = torch.full((self.num_pages << self.log2_ids,), -1, dtype=torch.int64)
+        self.table = torch.full((request_rows, self.cols), -1, dtype=torch.int64)
+        self.table_dev = torch.full((request_rows, self.cols), -1, dtype=torch.int32, device=self.device)
+        self._take: Callable[[int], torch.Tensor | None] | None = None
+        self._give: Callable[[torch.Tensor], None] | None = None
+        self.snapshot_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # request -> its full prefix match
+        self.reset()
 
+    def bind(self, take: Callable[[int], torch.Tensor | None], give: Callable[[torch.Tensor], None]) -> None:
+        """The allocator's page hand-out (``take(n)`` -> n page ids or None) and return (``give(pages)``)."""
+        self._take, self._give = take, give
 
-def plan_windows(*, sink: int, recent: int, head_dim: int, kv_heads: int, layers: int, itemsize: int,
-                 budget_bytes: int, max_running_requests: int | None, share_of: int | None = None) -> WindowPlan:
-    """The window reservation for this budget; raises OscarError when it cannot fit. The shares
-    (derived running count, store size) are of ``share_of`` when given (a pool capped by
-    --max-total-tokens), else of the budget."""
-    share = share_of or budget_bytes
-    row_bytes = window_row_bytes(head_dim=head_dim, kv_heads=kv_heads, layers=layers, itemsize=itemsize)
-    gib = 2**30
-    if max_running_requests is not None:
-        plan = plan_for(sink, recent, row_bytes, max_running_requests, share)
-        if plan.total_bytes >= budget_bytes:
-            raise OscarError(
-                f"--oscar: BF16 windows for --max-running-requests {max_running_requests} need "
-                f"{plan.total_bytes / gib:.2f} GiB, more than the {budget_bytes / gib:.2f} GiB KV budget: "
-                "lower --max-running-requests or raise --mem-fraction-static.")
-        return plan
-    running = 1
-    while running < MAX_DERIVED_RUNNING and plan_for(sink, recent, row_bytes, running + 1, share).total_bytes \
-            <= WINDOW_SHARE * share:
-        running += 1
-    plan = plan_for(sink, recent, row_bytes, running, share)
-    if plan.total_bytes >= budget_bytes / 2:
-        raise OscarError(
-            f"--oscar: BF16 windows for one request need {plan.total_bytes / gib:.2f} GiB, half or more of the "
-            f"{budget_bytes / gib:.2f} GiB KV budget: raise --mem-fraction-static.")
-    return plan
+    def reset(self) -> None:
+        """Forget everything (sglang cleared its allocator: nothing is cached or running)."""
+        self.refs.zero_()
+        self.held.zero_()
+        self.used.zero_()
+        self.sink_page.zero_()
+        self.win_of_slot.fill_(-1)
+        self.slot_of_win.fill_(-1)
+        self.table.fill_(-1)
+        self.table_dev.fill_(-1)
+        self.clock = 0
+        self.attached = 0
+        self.row_len = [-1] * self.table.shape[0]
+        self.cursor = [(-1, 0)] * self.table.shape[0]  # (page, next row) each request writes new rows into
+        self.snap: dict[int, tuple[list[int], list[int]]] = {}  # row -> (positions, ids) kept for attaching only
+        self.plans: dict[int, ExtendPlan] = {}
+        self._pending: list[tuple[int, int, int]] = []  # (row, col, id) not yet mirrored on the device
 
+    # ------------------------------------------------------------------ geometry
+    def col(self, p: int) -> int:
+        return p if p < self.rule.sink else self.rule.sink + p % self.rule.block
 
-class BudgetSplit(msgspec.Struct, frozen=True, kw_only=True):
-    """One KV budget served by BF16 and by --oscar: cells (bytes per token) and tokens."""
+    def page_of(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids >> self.log2_ids
 
-    bf16_cell: int
-    oscar_cell: int
-    bf16_tokens: int
-    oscar_tokens: int  # what the budget holds after the window plan
-    plan: WindowPlan
+    def pages_for(self, rows: int) -> int:
+        return -(-rows // self.per_page)
 
+    def window_positions(self, t: int) -> list[int]:
+        """Positions whose rows the query at t reads, itself included: sinks, then its block up to t."""
+        sinks, block = self.rule.window(t)
+        return [*sinks, *block, t]
 
-def split_budget(*, budget_bytes: int, head_dim: int, kv_heads: int, layers: int, itemsize: int,
-                 token_row_bytes: int, sink: int, recent: int, max_running_requests: int | None = None) -> BudgetSplit:
-    """The arithmetic of the hooked sglang sizing at one budget (the demo, the capacity and RAG
-    benchmarks): BF16 holds budget / cell tokens; --oscar first takes the window plan out.
-    ``token_row_bytes``: one token's K+V storage rows of one KV head, all layers
-    (``codec.CacheLayout.token_row_bytes``)."""
-    shape = dict(head_dim=head_dim, kv_heads=kv_heads, layers=layers, itemsize=itemsize)
-    plan = plan_windows(sink=sink, recent=recent, budget_bytes=budget_bytes,
-                        max_running_requests=max_running_requests, **shape)
-    bf16_cell, oscar_cell = window_row_bytes(**shape), oscar_cell_size(token_row_bytes, kv_heads)
-    return BudgetSplit(bf16_cell=bf16_cell, oscar_cell=oscar_cell, bf16_tokens=budget_bytes // bf16_cell,
-                       oscar_tokens=(budget_bytes - plan.total_bytes) // oscar_cell, plan=plan)
+    # ------------------------------------------------------------------ pages
+    def _hold(self, ids: torch.Tensor, by_request: bool) -> None:
+        pages = self.page_of(ids[ids >= 0])
+        ones = torch.ones_like(pages, dtype=torch.int32)
+        self.refs.index_add_(0, pages, ones)
+        if by_request:
+            self.held.index_add_(0, pages, ones)
+
+    def _release(self, ids: torch.Tensor, by_request: bool) -> None:
+        """Drop one hold per id; pages nobody holds any more go back to the allocator."""
+        pages = self.page_of(ids[ids >= 0])
+        if pages.numel() == 0:
+            return
+        ones = torch.ones_like(pages, dtype=torch.int32)
+        self.refs.index_add_(0, pages, -ones)
+        if by_request:
+            self.held.index_add_(0, pages, -ones)
+        gone = pages.unique()
+        gone = gone[self.refs[gone] == 0]
+        if gone.numel():
+            self.sink_page[gone] = False
+            self._give(gone)
+
+    def _new_pages(self, n: int) -> torch.Tensor:
+        pages = self._take(n) if n else _EMPTY
+        if pages is None:
+            raise RuntimeError(f"OSCAR: no KV memory left for {n} full-precision window pages; sglang's admission "
+                               "should have reserved them (lower --max-running-requests or raise "
+                               "--mem-fraction-static)")
+        return pages.cpu().long()
+
+    def _starts_page(self, page: int, nxt: int, p: int) -> bool:
+        """Whether position p (after the cursor's page / next row) takes a new page: the cursor's is
+        full or none, or p begins the non-sink rows or a block (callers' runs are contiguous
+        within a block, so a gap always falls on one of these)."""
+        s = self.rule.sink
+        return page < 0 or nxt >= self.per_page or p == s or (p > s and p % self.rule.block == 0)
+
+    def _alloc(self, row: int, positions: list[int]) -> torch.Tensor:
+        """New row ids for ascending positions of request ``row``, written page by page: a page is
+        never shared between the sinks and the rest, between blocks, or between requests."""
+        if not positions:
+            return _EMPTY
+        starts, (page, nxt) = [], self.cursor[row]
+        for p in positions:
+            if self._starts_page(page, nxt, p):
+                starts.append(p)
+                page, nxt = 0, 0
+            nxt += 1
+        new = iter(self._new_pages(len(starts)).tolist())
+        starts, (page, nxt) = set(starts), self.cursor[row]
+        ids = []
+        for p in positions:
+            if p in starts:
+                page, nxt = next(new), 0
+            ids.append(page << self.log2_ids | nxt)
+            nxt += 1
+        self.cursor[row] = (page, nxt)
+        out = torch.tensor(ids, dtype=torch.int64)
+        self._hold(out, by_request=True)
+        return out
+
+    def _set(self, row: int, positions: list[int], ids: torch.Tensor) -> None:
+        cols = [self.col(p) for p in positions]
+        self.table[row, cols] = ids
+        self._pending += zip([row] * len(cols), cols, ids.tolist())
+
+    def _drop(self, row: int, positions: Iterable[int]) -> None:
+        cols = [self.col(p) for p in positions]
+        if cols:
+            ids = self.table[row, cols]
+            self.table[row, cols] = -1
+            self._release(ids, by_request=True)
+
+    # ------------------------------------------------------------------ requests
+    def lookup(self, slots: torch.Tensor, touch: bool = False) -> torch.Tensor:
+        """Row ids attached to these slots (-1: none); ``touch`` marks their pages used now."""
+        ids = self.win_of_slot[slots.cpu().long()]
+        if touch and (ids >= 0).any():
+            self.clock += 1
+            self.used[self.page_of(ids[ids >= 0])] = self.clock
+        return ids
+
+    def pin(self, ids: torch.Tensor) -> torch.Tensor:
+        """Hold rows a request admitted on a prefix hit will read (before sglang allocates, which may
+        evict); ``begin_extend(hit=ids)`` hands the holds to its table."""
+        self._hold(ids, by_request=True)
+        return ids
+
+    def unpin(self, ids: torch.Tensor) -> None:
+        self._release(ids, by_request=True)
+
+    def begin_extend(self, row: int, start: int, end: int, hit: torch.Tensor | None = None,
+                     snapshot_end: int | None = None) -> None:
+        """Request ``row`` extends positions [start, end). A new request on a prefix hit of ``start``
+        tokens brings ``hit`` (pinned ids of ``rule.window(start)``'s positions). Records the
+        forward's plan (``plans[row]``) and moves the table to the block of ``end``.
+        ``snapshot_end``: a cached prefix end M inside this chunk whose tail rows the request keeps
+        until sglang caches it (``attach``), so the next request that leaves the cache at M hits it."""
+        r, s = self.rule, self.rule.sink
+        if self.row_len[row] != start:
+            self.release_row(row)
+            if start:
+                if hit is None:
+                    raise RuntimeError(f"OSCAR: request row {row} starts at {start} without its prefix's window")
+                self._set(row, [*r.window(start)[0], *r.window(start)[1]], hit)
+        elif hit is not None:
+            self.unpin(hit)
+        sinks, block = r.window(start)
+        prefix_ids = self.table[row, [self.col(p) for p in [*sinks, *block]]]
+        if (prefix_ids < 0).any():
+            raise RuntimeError(f"OSCAR: request row {row} lacks window rows before position {start}")
+        first = max(s, r.exact_from(end))
+        if r.exact_from(end) > r.exact_from(start):  # a new block begins inside the chunk
+            self._drop(row, block)
+            self.cursor[row] = (-1, 0)
+        keep = [p for p in range(start, end) if p < s or p >= first]
+        snap = []
+        if snapshot_end is not None and start < snapshot_end <= end and r.exact_from(snapshot_end) < first:
+            snap = [p for p in range(max(start, s, r.exact_from(snapshot_end)), snapshot_end)]
+        positions = sorted({*keep, *snap})
+        ids = self._alloc(row, positions)
+        by_pos = dict(zip(positions, ids.tolist()))
+        self._set(row, keep, torch.tensor([by_pos[p] for p in keep], dtype=torch.int64))
+        if snap:
+            self.snap[row] = (snap, [by_pos[p] for p in snap])
+        self.plans[row] = ExtendPlan(prefix_ids, torch.tensor(positions, dtype=torch.int64) - start, ids)
+        self.row_len[row] = end
+
+    def begin_decode(self, row: int, t: int) -> int:
+        """Request ``row`` writes position t (its length becomes t + 1): returns t's row id."""
+        if self.row_len[row] != t:
+            raise RuntimeError(f"OSCAR: request row {row} decodes position {t} but its window holds {self.row_len[row]}")
+        r = self.rule
+        if t > r.sink and t % r.block == 0:  # a new block: the old one is no longer read
+            self._drop(row, range(max(r.sink, t - r.block), t))
+            self.cursor[row] = (-1, 0)
+        ids = self._alloc(row, [t])
+        self._set(row, [t], ids)
+        self.row_len[row] = t + 1
+        return int(ids[0])
+
+    def decode_pages_needed(self, rows: Iterable[tuple[int, int]]) -> int:
+        """New pages the next decode step takes for these (row, position) pairs."""
+        return sum(self._starts_page(*self.cursor[row], t) for row, t in rows)
+
+    def release_row(self, row: int) -> None:
+        """sglang freed request-table row ``row``: drop everything it holds."""
+        held = self.table[row].clone()
+        self.table[row] = -1
+        self._release(held, by_request=True)
+        if row in self.snap:
+            self._release(torch.tensor(self.snap.pop(row)[1], dtype=torch.int64), by_request=True)
+        self.plans.pop(row, None)
+        self.row_len[row] = -1
+        self.cursor[row] = (-1, 0)
+
+    # ------------------------------------------------------------------ the radix tree
+    def attach(self, row: int, slots_by_pos: Callable[[list[int]], torch.Tensor], upto: int) -> None:
+        """sglang cached request ``row``'s first ``upto`` positions: attach the rows it holds for them
+        (sinks, current block, snapshot) to the tree's slots there (``slots_by_pos(positions)``),
+        where no row is attached yet. The snapshot's own hold ends here."""
+        n = self.row_len[row]
+        sinks, block = self.rule.window(n)
+        positions = [p for p in [*sinks, *block] if p < upto]
+        ids = self.table[row, [self.col(p) for p in positions]] if positions else _EMPTY
+        snap_pos, snap_ids = self.snap.pop(row, ([], []))
+        keep = [i for i, p in enumerate(snap_pos) if p < upto]
+        positions += [snap_pos[i] for i in keep]
+        ids = torch.cat([ids, torch.tensor([snap_ids[i] for i in keep], dtype=torch.int64)])
+        if positions:
+            slots = slots_by_pos(positions).cpu().long()
+            free = (self.win_of_slot[slots] < 0) & (ids >= 0)
+            slots, ids, pos = slots[free], ids[free], torch.tensor(positions)[free]
+            self.win_of_slot[slots] = ids
+            self.slot_of_win[ids] = slots
+            pages = self.page_of(ids)
+            self.refs.index_add_(0, pages, torch.ones_like(pages, dtype=torch.int32))
+            self.sink_page[pages[pos < self.rule.sink]] = True
+            self.clock += 1
+            self.used[pages] = self.clock
+            self.attached += int(free.sum())
+        if snap_ids:
+            self._release(torch.tensor(snap_ids, dtype=torch.int64), by_request=True)
+
+    def detach(self, slots: torch.Tensor) -> None:
+        """sglang freed these slots: their attached rows are no longer the tree's."""
+        if self.attached == 0 or slots.numel() == 0:
+            return
+        slots = slots.cpu().long()
+        ids = self.win_of_slot[slots]
+        have = ids >= 0
+        if have.any():
+            ids = ids[have]
+            self.win_of_slot[slots[have]] = -1
+            self.slot_of_win[ids] = -1
+            self.attached -= int(have.sum())
+            self._release(ids, by_request=False)
+
+    def usable_prefix(self, slots: torch.Tensor) -> int:
+        """Longest page-aligned m <= n = len(slots) (a cached prefix, one slot per position) whose
+        window rows are all attached: the sinks and [exact_from(m), m). Never below the block start
+        exact_from(n) when the sinks are attached (nothing to rebuild there); 0 without them."""
+        n, s = slots.numel(), self.rule.sink
+        lo = self.rule.rebuild_start(n)
+        pos = torch.cat([torch.arange(min(s, n)), torch.arange(min(max(s, lo), n), n)])
+        ids = self.lookup(slots[pos.to(slots.device)])
+        missing = torch.nonzero(ids < 0).flatten()
+        first = int(pos[missing[0]]) if missing.numel() else n
+        m = first // self.page_size * self.page_size
+        if m < lo:
+            return 0
+        self.lookup(slots[pos[pos < m].to(slots.device)], touch=True)
+        return m
+
+    # ------------------------------------------------------------------ eviction
+    def evictable_pages(self) -> int:
+        return int(((self.refs > 0) & (self.held == 0)).sum()) if self.attached else 0
+
+    def evict(self, pages: int) -> int:
+        """Give back at least ``pages`` pages that only the tree holds (tails before sinks, least recently
+        used first), or all there are; returns how many."""
+        cand = torch.nonzero((self.refs > 0) & (self.held == 0)).flatten() if self.attached else _EMPTY
+        if pages <= 0 or cand.numel() == 0:
+            return 0
+        order = torch.argsort(self.sink_page[cand].long() * (self.clock + 1) + self.used[cand], stable=True)
+        victims = cand[order[:pages]]
+        slots = self.slot_of_win[((victims[:, None] << self.log2_ids) + torch.arange(self.per_page)).flatten()]
+        self.detach(slots[slots >= 0])
+        return victims.numel()
+
+    # ------------------------------------------------------------------ device mirror
+    def flush(self) -> None:
+        """Mirror the table changes on the device (before a forward reads it)."""
+        if self._pending:
+            row, col, ids = torch.tensor(self._pending, dtype=torch.int64).T
+            dev = self.device
+            self.table_dev[row.to(dev, non_blocking=True), col.to(dev, non_blocking=True)] = \
+                ids.to(dev, non_blocking=True).to(torch.int32)
+            self._pending = []
+
+    # ------------------------------------------------------------------ health
+    def health(self, free_pages: torch.Tensor) -> dict[str, int]:
+        """Page counts and consistency checks (every ``*_errors`` field is 0 in a healthy store)
+        against the allocator's free pages."""
+        expect_held = torch.zeros_like(self.refs)
+        for ids in [self.table[self.table >= 0], *(torch.tensor(v[1], dtype=torch.int64) for v in self.snap.values())]:
+            expect_held.index_add_(0, self.page_of(ids), torch.ones_like(ids, dtype=torch.int32))
+        attached = self.win_of_slot[self.win_of_slot >= 0]
+        expect_refs = expect_held.clone()
+        expect_refs.index_add_(0, self.page_of(attached), torch.ones_like(attached, dtype=torch.int32))
+        linked = torch.nonzero(self.win_of_slot >= 0).flatten()
+        used = torch.nonzero(self.refs > 0).flatten()
+        free = free_pages.cpu().long()
+        idle_rows = [r for r, n in enumerate(self.row_len) if n < 0 and bool((self.table[r] >= 0).any())]
+        return {
+            "window_pages": int(used.numel()),
+            "window_pages_running": int((self.held > 0).sum()),
+            "window_pages_cached": int(((self.refs > 0) & (self.held == 0)).sum()),
+            "window_ref_errors": int((expect_refs != self.refs).sum() + (expect_held != self.held).sum()),
+            "window_map_errors": int((self.slot_of_win[self.win_of_slot[linked]] != linked).sum())
+            + int(attached.numel() != self.attached),
+            "window_free_page_errors": int(torch.isin(used, free).sum()),
+            "window_attached_free_slot_errors": int(torch.isin(linked // self.page_size, free).sum()),
+            "window_idle_row_errors": len(idle_rows),
+        }

@@ -29,7 +29,7 @@ def random_orthogonal(n: int, d: int, seed: int) -> torch.Tensor:
     return q.float().contiguous()
 
 
-def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, recent: int = 256, seed: int = 0,
+def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, block: int = 1024, seed: int = 0,
                     granularity: str = "layer", bits: tuple[list[int], list[int]] | None = None) -> Path:
     """A valid rotations file for the model in ``model_dir`` with random orthogonal R_K, R_V;
     ``bits``: per-layer (key, value) code widths (default: none recorded, i.e. all 2-bit)."""
@@ -46,7 +46,7 @@ def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, recent: int 
     meta = RotationsMeta(
         format_version=FORMAT_VERSION, model=fp, granularity=granularity,
         clip_k=[0.96] * fp.num_layers, clip_v=[0.92] * fp.num_layers,
-        recipe=Recipe(name="identity"), windows=Windows(sink=sink, recent=recent),
+        recipe=Recipe(name="identity"), windows=Windows(sink=sink, block=block),
         bits=BitAllocation(key_bits=bits[0], value_bits=bits[1]) if bits else None,
         provenance=Provenance(data="random orthogonal (tests)", token_sha256="0" * 64, num_tokens=0, seq_len=0,
                               tool_version="test"),
@@ -54,14 +54,22 @@ def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, recent: int 
     return save_rotations(path, key, value, meta)
 
 
-def make_pool(size: int, head_num: int, head_dim: int, layers: int, *, sink: int, recent: int, request_rows: int,
-              retained_sets: int = 1, page_size: int = 1, dtype=torch.float16, layouts=None):
-    """An OscarKVPool on CPU with an explicit window plan (``layouts``: a CacheLayout; default all 2-bit)."""
+def make_pool(size: int, head_num: int, head_dim: int, layers: int, *, sink: int, block: int, request_rows: int,
+              page_size: int = 16, dtype=torch.float16, layouts=None):
+    """An OscarKVPool on CPU and the OSCAR allocator over it (sglang's real paged allocator; window
+    pages come from it). ``layouts``: a CacheLayout (default all 2-bit)."""
+    from oscar_sglang.allocator import OscarTokenToKVPoolAllocator
     from oscar_sglang.kernels.codec import CacheLayout, RowLayout
+    from oscar_sglang.kernels.rule import PositionRule
     from oscar_sglang.pool import OscarKVPool
-    from oscar_sglang.windows import WindowPlan
 
-    plan = WindowPlan(sink=sink, recent=recent, request_rows=request_rows, retained_sets=retained_sets,
-                      row_bytes=2 * layers * head_num * head_dim * dtype.itemsize)
     layouts = layouts or CacheLayout.uniform(RowLayout(head_dim), layers)
-    return OscarKVPool(size, page_size, dtype, head_num, head_dim, layers, "cpu", layouts=layouts, plan=plan)
+    pool = OscarKVPool(size, page_size, dtype, head_num, head_dim, layers, "cpu", layouts=layouts,
+                       rule=PositionRule(sink=sink, block=block), request_rows=request_rows)
+    return pool, OscarTokenToKVPoolAllocator(size, page_size, torch.int64, "cpu", pool, need_sort=False)
+
+
+def take_slots(allocator, n: int) -> torch.Tensor:
+    """n token slots from the allocator (whole pages; the rest of the last page is unused)."""
+    page = allocator.page_size
+    return allocator.alloc(-(-n // page) * page)[:n]

@@ -1,5 +1,5 @@
 """The position rule through the oscar backend: the query at position t reads key j in full
-precision iff j < sink or j > t - recent, else from its INT2 row, whatever the chunking, the
+precision iff j < sink or j is in t's block, else from its INT2 row, whatever the chunking, the
 cache history or the batch.
 
 Every case runs the backend's real metadata, write and attention path (CPU references) on
@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_backend_graph import HKV, HQ, D, _backend
+from support import take_slots
+from test_backend_graph import BLOCK, HKV, HQ, SINK, D, _backend, begin
 
-SINK, RECENT = 2, 4  # the _backend windows
-T = 14
+T = 36  # two and a quarter blocks
 
 
 def _inputs(seed: int = 4):
@@ -32,11 +32,12 @@ def _batch(backend, mode, rows, seq_lens, new_lens):
                            out_cache_loc=out)
 
 
-def _run(backend, layer, rows, spans, q, k, v):
+def _run(backend, layer, rows, spans, q, k, v, hits=None):
     """One extend over requests ``rows``, request b computing positions spans[b] = (a, e) of q/k/v."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     fb = _batch(backend, ForwardMode.EXTEND, rows, [e for _, e in spans], [e - a for a, e in spans])
+    begin(backend, ForwardMode.EXTEND, rows, [e for _, e in spans], [e - a for a, e in spans], hits)
     backend.init_forward_metadata(fb)
     idx = torch.cat([torch.arange(a, e) for a, e in spans])
     return backend.forward_extend(q[idx].flatten(1), k[idx].flatten(1), v[idx].flatten(1), layer,
@@ -47,6 +48,7 @@ def _decode(backend, layer, rows, pos, q, k, v):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     fb = _batch(backend, ForwardMode.DECODE, rows, [pos + 1] * len(rows), [1] * len(rows))
+    begin(backend, ForwardMode.DECODE, rows, [pos + 1] * len(rows), [1] * len(rows))
     backend.init_forward_metadata(fb)
     return backend.forward_decode(q[pos].expand(len(rows), -1, -1).flatten(1),
                                   k[pos].expand(len(rows), -1, -1).flatten(1),
@@ -69,7 +71,7 @@ def _rule(backend, q, k, v):
     g = HQ // HKV
     for t in range(T):
         j = torch.arange(t + 1)
-        exact = ((j < SINK) | (j > t - RECENT))[:, None, None]
+        exact = ((j < SINK) | (j >= t // BLOCK * BLOCK))[:, None, None]
         kk = torch.where(exact, kr[: t + 1], kq[: t + 1]).repeat_interleave(g, 1)
         vv = torch.where(exact, vr[: t + 1], vq[: t + 1]).repeat_interleave(g, 1)
         p = torch.softmax(torch.einsum("hd,nhd->hn", qr[t], kk) * D**-0.5, dim=-1)
@@ -77,16 +79,18 @@ def _rule(backend, q, k, v):
     return backend._unrotate_out(out, 0).float()
 
 
-def _table(backend, rows):
-    slots = torch.randperm(120, generator=torch.Generator().manual_seed(1))[: T * len(rows)] + 1
+def _table(backend, alloc, rows):
+    slots = take_slots(alloc, T * len(rows))
+    slots = slots[torch.randperm(slots.numel(), generator=torch.Generator().manual_seed(1))]
     for i, r in enumerate(rows):
         backend.req_to_token[r, :T] = slots[i * T: (i + 1) * T].int()
 
 
-@pytest.mark.parametrize("chunks", [[14], [6, 8], [3, 3, 3, 5], [1] * 14, [10, "decode"]])
+@pytest.mark.parametrize("chunks", [[36], [6, 30], [3, 3, 3, 5, 22], [1] * 36, [7, 17, 12], [10, "decode"],
+                                    [3, "decode"]])
 def test_any_chunking_reads_by_the_position_rule(chunks):
-    backend, layer = _backend()
-    _table(backend, [0])
+    backend, layer, alloc = _backend()
+    _table(backend, alloc, [0])
     q, k, v = _inputs()
     want = _rule(backend, q, k, v)
     outs, a = [], 0
@@ -101,11 +105,10 @@ def test_any_chunking_reads_by_the_position_rule(chunks):
 
 
 def test_requests_in_one_batch_never_share_window_rows():
-    """Four requests with equal positions in ONE decode batch (the old design gave rows that are
-    equal modulo the ring count the same ring) each equal their lone run."""
+    """Four requests with equal positions in ONE decode batch each equal their lone run."""
     rows = [0, 1, 2, 3]
-    batched, layer = _backend()
-    _table(batched, rows)
+    batched, layer, alloc = _backend()
+    _table(batched, alloc, rows)
     q, k, v = _inputs()
     qs = [q * (1 + i) for i in range(4)]  # different requests: different queries and keys
     ks = [k.roll(i, dims=0) for i in range(4)]
@@ -114,31 +117,35 @@ def test_requests_in_one_batch_never_share_window_rows():
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     fb = _batch(batched, ForwardMode.DECODE, rows, [11] * 4, [1] * 4)
+    begin(batched, ForwardMode.DECODE, rows, [11] * 4, [1] * 4)
     batched.init_forward_metadata(fb)
     got = batched.forward_decode(torch.stack([x[10] for x in qs]).flatten(1), torch.stack([x[10] for x in ks]).flatten(1),
                                  v[10].expand(4, -1, -1).flatten(1), layer, fb).view(4, HQ, D).float()
     for i in range(4):
-        alone, layer1 = _backend()
-        _table(alone, [0])
-        alone.req_to_token[0, :T] = batched.req_to_token[rows[i], :T]
+        alone, layer1, alloc1 = _backend()
+        _table(alone, alloc1, [0])  # its own slots: the output depends on values only
         _run(alone, layer1, [0], [(0, 10)], qs[i], ks[i], v)
         torch.testing.assert_close(got[i], _decode(alone, layer1, [0], 10, qs[i], ks[i], v)[0], atol=2e-3, rtol=2e-3)
 
 
-def test_a_prefix_hit_equals_the_cold_run():
-    """Request A writes 10 tokens (its chunk end's window is retained) and leaves; request B on
-    another row shares those slots and computes 4 more: equal to the cold run of all 14 tokens."""
-    backend, layer = _backend()
-    _table(backend, [0, 1])
-    backend.req_to_token[1, :10] = backend.req_to_token[0, :10]
+@pytest.mark.parametrize("cached", [8, 16, 24, 32])
+def test_a_prefix_hit_equals_the_cold_run(cached):
+    """Request A writes ``cached`` tokens and sglang caches them (the rows of its sinks and of its
+    block attach to the tree's slots); request B on another row shares those slots and computes the
+    rest: equal to the cold run, for hits at block starts (16, 32) and inside a block (8, 24: B
+    reads the attached tail instead of recomputing it)."""
+    backend, layer, alloc = _backend()
+    _table(backend, alloc, [0, 1])
+    backend.req_to_token[1, :cached] = backend.req_to_token[0, :cached]
     q, k, v = _inputs()
-    pool = backend.pool
-    shared = backend.req_to_token[0, :10]
-    assert pool.usable_prefix(shared, 1) == 0  # nothing retained yet: no hit
-    _run(backend, layer, [0], [(0, 10)], q, k, v)
-    pool.release_request(0)
-    assert pool.usable_prefix(shared, 1) == 10 and pool.usable_prefix(shared[:9], 1) == 9
-    assert pool.usable_prefix(shared[:8], 1) == 8  # the kept window also serves ends a little earlier (SLACK)
-    warm = _run(backend, layer, [1], [(10, 14)], q, k, v)
-    torch.testing.assert_close(warm, _rule(backend, q, k, v)[10:], atol=3e-3, rtol=3e-3)
-    assert pool.fill_misses == 0
+    store = backend.pool.store
+    shared = backend.req_to_token[0, :cached].long()
+    assert store.usable_prefix(shared) == 0  # nothing attached yet: no hit
+    _run(backend, layer, [0], [(0, cached)], q, k, v)
+    store.attach(0, lambda positions: backend.req_to_token[0, positions].long(), cached)
+    store.release_row(0)
+    assert store.usable_prefix(shared) == cached
+    sinks, block = store.rule.window(cached)
+    hit = store.pin(store.lookup(shared[[*sinks, *block]]))
+    warm = _run(backend, layer, [1], [(cached, T)], q, k, v, hits={0: hit})
+    torch.testing.assert_close(warm, _rule(backend, q, k, v)[cached:], atol=3e-3, rtol=3e-3)

@@ -14,6 +14,7 @@ import torch
 
 from oscar_sglang.kernels import reference
 from oscar_sglang.kernels.codec import RowLayout
+from oscar_sglang.kernels.window import WindowRows
 
 D, HKV, GROUP, N, SINK, RECENT = 128, 2, 4, 1000, 4, 32
 
@@ -39,8 +40,8 @@ def attention_errors(seed, peak, window_all=False, rotation=None):
 
     rows_k = torch.zeros(N, HKV, layout.row_bytes, dtype=torch.uint8)
     rows_v = torch.zeros_like(rows_k)
-    win_k = torch.zeros(N, HKV, D)
-    win_v = torch.zeros_like(win_k)
+    win_k = WindowRows.dense(torch.zeros(N, HKV, D))
+    win_v = WindowRows.dense(torch.zeros(N, HKV, D))
     in_win = torch.zeros(N, dtype=torch.bool)
     in_win[:SINK] = in_win[N - RECENT :] = True
     if window_all:

@@ -1,7 +1,8 @@
 """Split-KV INT2 decode kernel vs the reference: odd lengths, pages of 1/8/16 tokens with
 splits crossing pages, GQA 1/3/4/8, head_dim 64/128, empty INT2 or window segments,
-empty requests, ragged batches. CPU runs a small subset under TRITON_INTERPRET=1;
-the full matrix (and bf16) is marked gpu."""
+empty requests, ragged batches, window rows dense or in pages of the uint8 row buffers (as
+the pool keeps them). CPU runs a small subset under TRITON_INTERPRET=1; the full matrix
+(and bf16) is marked gpu."""
 
 import itertools
 import os
@@ -13,6 +14,7 @@ import triton.language as tl
 
 from oscar_sglang.kernels import decode, ops, reference, tiles
 from oscar_sglang.kernels.codec import RowLayout, pack_codes, quantize_rows
+from oscar_sglang.kernels.window import WindowRows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
 DEV = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -36,9 +38,47 @@ def paged_indices(lens, page, gen, spare_pages=3):
     return indptr, torch.cat(out) if out else torch.zeros(0, dtype=torch.long), n_pages * page
 
 
-def make_cache(lens_i, lens_w, hkv, d, page, win_dtype, seed, idx_dtype=torch.int32, dev=DEV, bits=(2, 2)):
+def window_page_rows(page, row_bytes, d, dtype):
+    """Window rows of d elements per head that fit in a page of ``page`` slots of every one of the
+    buffers of ``row_bytes`` bytes per head (K's and V's: one row-id layout for both)."""
+    return min(page * rb for rb in row_bytes) // (d * dtype.itemsize)
+
+
+def paged_window_ids(m, g, first_page, gen, spare_pages=2):
+    """m row ids of a paged window of g rows per page (log2_rows = ceil(log2(g))), spread over
+    shuffled pages first_page, first_page + 1, ...; a page's id slots past g stay unused.
+    Returns (ids, log2_rows, the end page)."""
+    log2 = (g - 1).bit_length()
+    n_pages = -(-m // g) + spare_pages
+    pages = first_page + torch.randperm(n_pages, generator=gen)
+    ids = ((pages[:, None] << log2) + torch.arange(g)).flatten()
+    return ids[torch.randperm(ids.numel(), generator=gen)[:m]], log2, first_page + n_pages
+
+
+def pool_window(buf, d, dtype, page, log2):
+    """WindowRows inside the pool's uint8 rows buf [N, H, row_bytes] (viewed flat as ``dtype``),
+    pages of ``page`` slots."""
+    h, rb = buf.shape[1], buf.shape[2]
+    return WindowRows(buf.view(-1).view(dtype), h, d, page * h * rb // dtype.itemsize, log2)
+
+
+def pool_buffers(row_sets, win_page, end_page):
+    """Each of the uint8 row sets [n, H, row_bytes] grown to end_page pages of win_page slots,
+    the new rows 0xFF bytes (NaN in every window dtype: a stray window read shows)."""
+    bufs = []
+    for rows in row_sets:
+        buf = torch.full((end_page * win_page, *rows.shape[1:]), 0xFF, dtype=torch.uint8)
+        buf[: rows.shape[0]] = rows
+        bufs.append(buf)
+    return bufs
+
+
+def make_cache(lens_i, lens_w, hkv, d, page, win_dtype, seed, idx_dtype=torch.int32, dev=DEV, bits=(2, 2),
+               win_page=None):
     """Random rotated K/V quantized into storage rows (K clip 0.96, V 0.92) of ``bits`` = (key, value)
-    code widths, and windows. Returns the key layout; ``cache["v_layout"]`` is the value rows'."""
+    code widths, and windows. Returns the key layout; ``cache["v_layout"]`` is the value rows'.
+    ``win_page``: the window rows live in pages of that many slots appended to the row buffers
+    (``pool_window``), else in dense [M, Hkv, D] tensors."""
     gen = torch.Generator().manual_seed(seed)
     layout, v_layout = RowLayout(d, bits=bits[0]), RowLayout(d, bits=bits[1])
     i_ptr, i_idx, n = paged_indices(lens_i, page, gen)
@@ -48,9 +88,21 @@ def make_cache(lens_i, lens_w, hkv, d, page, win_dtype, seed, idx_dtype=torch.in
     v_rows = quantize_rows(torch.randn(n, hkv, d, generator=gen) + 0.5, v_layout, 0.92)
     k_win = (torch.randn(m, hkv, d, generator=gen) * chan).to(win_dtype)
     v_win = (torch.randn(m, hkv, d, generator=gen) + 0.5).to(win_dtype)
+    if win_page is None:
+        wins = WindowRows.dense(k_win.to(dev)), WindowRows.dense(v_win.to(dev))
+    else:
+        g = window_page_rows(win_page, (layout.row_bytes, v_layout.row_bytes), d, win_dtype)
+        assert g > 1 and g & (g - 1), f"{g} window rows per page: pick a page that leaves unused id slots"
+        ids, log2, end = paged_window_ids(m, g, -(-n // win_page), gen)
+        k_rows, v_rows = (b.to(dev) for b in pool_buffers((k_rows, v_rows), win_page, end))
+        wins = tuple(pool_window(buf, d, win_dtype, win_page, log2) for buf in (k_rows, v_rows))
+        wins[0].scatter(ids, k_win.to(dev))
+        wins[1].scatter(ids, v_win.to(dev))
+        w_idx = ids[w_idx]
     cache = dict(k_rows=k_rows, v_rows=v_rows, int2_indptr=i_ptr.to(idx_dtype), int2_indices=i_idx.to(idx_dtype),
-                 k_win=k_win, v_win=v_win, win_indptr=w_ptr.to(idx_dtype), win_indices=w_idx.long())
-    return {**{k: v.to(dev) for k, v in cache.items()}, "v_layout": v_layout}, layout, gen
+                 win_indptr=w_ptr.to(idx_dtype), win_indices=w_idx.long())
+    cache = {k: v.to(dev) for k, v in cache.items()}
+    return {**cache, "k_win": wins[0], "v_win": wins[1], "v_layout": v_layout}, layout, gen
 
 
 def run_decode(impl, q, cache, layout, **kw):
@@ -65,8 +117,8 @@ def tolerance(dtype):
 
 
 def check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits, seed=0, config=decode.DecodeConfig(),
-                 bits=(2, 2)):
-    cache, layout, gen = make_cache(lens_i, lens_w, hkv, d, page, dtype, seed, bits=bits)
+                 bits=(2, 2), win_page=None):
+    cache, layout, gen = make_cache(lens_i, lens_w, hkv, d, page, dtype, seed, bits=bits, win_page=win_page)
     q = (torch.randn(len(lens_i), hkv * group, d, generator=gen) * 0.7).to(dtype).to(DEV)
     out, lse = run_decode(decode, q, cache, layout, num_splits=splits, config=config)
     ref, ref_lse = run_decode(reference, q, cache, layout)
@@ -94,6 +146,21 @@ CPU_CASES = [  # d, hkv, group, lens_i, lens_w, page, dtype, num_splits, (key bi
 @pytest.mark.parametrize("d,hkv,group,lens_i,lens_w,page,dtype,splits,bits", CPU_CASES)
 def test_decode_matches_reference(d, hkv, group, lens_i, lens_w, page, dtype, splits, bits):
     check_decode(d, hkv, group, lens_i, lens_w, page, dtype, splits, bits=bits)
+
+
+PAGED_CASES = [  # d, hkv, group, lens_i, lens_w, dtype, splits, bits, window page (rows per page: 10, 9, 5)
+    (64, 2, 3, [40, 9], [13, 30], torch.float16, 3, (2, 2), 64),
+    (128, 2, 2, [33, 0], [20, 7], torch.float32, 2, (3, 2), 128),
+    (64, 1, 4, [17], [41], torch.float32, 2, (2, 4), 64),
+]
+
+
+@pytest.mark.parametrize("d,hkv,group,lens_i,lens_w,dtype,splits,bits,win_page", PAGED_CASES)
+def test_decode_paged_window_matches_reference(d, hkv, group, lens_i, lens_w, dtype, splits, bits, win_page):
+    """Window rows inside pages of the K and V row buffers (different page strides), row ids
+    spread over several pages with unused id slots; small window blocks: many window steps."""
+    check_decode(d, hkv, group, lens_i, lens_w, 8, dtype, splits, seed=d + win_page, bits=bits, win_page=win_page,
+                 config=decode.DecodeConfig(block_n=16, block_w=16))
 
 
 @pytest.mark.parametrize("bits", [(2, 2), (3, 2), (4, 4)])
@@ -185,6 +252,13 @@ def test_decode_rejects_unsupported():
     cache2 = dict(cache, k_rows=cache["k_rows"][:, :, :-2])
     with pytest.raises(ValueError, match="k_rows"):
         run_decode(decode, q2, cache2, layout)
+    with pytest.raises(TypeError, match="k_win must be a WindowRows"):
+        run_decode(decode, q2, dict(cache, k_win=cache["k_win"].data), layout)
+    with pytest.raises(ValueError, match="v_win must have 1 heads x 64 head_dim"):
+        run_decode(decode, q2, dict(cache, v_win=WindowRows.dense(cache["v_win"].data.view(-1, 2, 32))), layout)
+    paged = WindowRows(cache["v_win"].data, 1, 64, 128, log2_rows=1)
+    with pytest.raises(ValueError, match="same log2_rows"):
+        run_decode(decode, q2, dict(cache, v_win=paged), layout)
 
 
 def test_ops_decode_cpu_is_reference():
@@ -215,6 +289,14 @@ def test_decode_gpu_bit_widths(d, dtype, bits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bits", [(2, 2), (3, 2)])
+def test_decode_gpu_paged_window(bits):
+    """Window rows in pages of 64 slots of the row buffers (9 bf16 rows of 8 x 128 per page)."""
+    require_gpu()
+    check_decode(128, 8, 4, *GPU_LENS, 16, torch.bfloat16, None, seed=bits[0], bits=bits, win_page=64)
+
+
+@pytest.mark.gpu
 def test_decode_gpu_large_batch():
     require_gpu()
     check_decode(128, 8, 4, [4096 + i for i in range(64)], [320] * 64, 16, torch.bfloat16, None)
@@ -227,7 +309,7 @@ def test_kernels_launch_without_host_syncs():
     require_gpu()
     from oscar_sglang.kernels import extend, write
 
-    cache, layout, gen = make_cache([300, 40], [20, 7], 2, 128, 16, torch.bfloat16, seed=11)
+    cache, layout, gen = make_cache([300, 40], [20, 7], 2, 128, 16, torch.bfloat16, seed=11, win_page=64)
     q = torch.randn(2, 8, 128, generator=gen).bfloat16().to(DEV)
     c = cache
     x = torch.randn(2, 2, 128, generator=gen).bfloat16().to(DEV)
@@ -242,10 +324,11 @@ def test_kernels_launch_without_host_syncs():
         extend.extend_attention(q, x, x, qo, c["k_rows"], c["v_rows"], c["int2_indptr"], c["int2_indices"],
                                 c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"], prefix, 4, 16,
                                 128 ** -0.5, layout, max_q_len=1, num_splits=3)
-        write.quantize_kv_write(x, rot, 0.96, layout, c["k_rows"], slots, c["k_win"], slots)
+        wslots = c["win_indices"][:2]
+        write.quantize_kv_write(x, rot, 0.96, layout, c["k_rows"], slots, c["k_win"], wslots)
         write.quantize_kv_write(x, None, 0.92, layout, c["v_rows"], slots)
         write.write_step(x, x, rot, None, 0.96, 0.92, layout, layout, c["k_rows"], c["v_rows"], slots,
-                         c["k_win"], c["v_win"], slots, q=q)  # the backend's one launch per layer
+                         c["k_win"], c["v_win"], wslots, q=q)  # the backend's one launch per layer
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

@@ -1,15 +1,18 @@
 """Fused quantize-on-write kernel vs the reference: bit-exact codes/scales of 2-, 3- and 4-bit
 rows given the same rotated rows (identity and signed-permutation rotations are exact in any precision),
-dequantized values within tolerance under a real rotation, padding slots, windows,
-non-finite inputs. CPU runs under TRITON_INTERPRET=1 (tests/conftest.py)."""
+dequantized values within tolerance under a real rotation, padding slots, windows (dense, or
+in pages of the quantized rows' own uint8 buffer as the pool keeps them), non-finite inputs.
+CPU runs under TRITON_INTERPRET=1 (tests/conftest.py)."""
 
 import os
 
 import pytest
 import torch
+from test_kernels_decode import paged_window_ids, pool_window, window_page_rows
 
 from oscar_sglang.kernels import ops, reference, write
 from oscar_sglang.kernels.codec import RowLayout, dequantize_rows, split_rows
+from oscar_sglang.kernels.window import WindowRows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
 DEV = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -54,7 +57,8 @@ def run_both(x, rot, ratio, layout, slots, wslots, n_rows, n_win, win_dtype, dev
         rows = torch.full((n_rows, h, layout.row_bytes), 0xAB, dtype=torch.uint8, device=dev)
         win = torch.full((n_win, h, layout.head_dim), -7.0, dtype=win_dtype, device=dev)
         r = None if rot is None else rot.to(dev)
-        impl.quantize_kv_write(x.to(dev), r, ratio, layout, rows, slots.to(dev), win, wslots.to(dev))
+        impl.quantize_kv_write(x.to(dev), r, ratio, layout, rows, slots.to(dev), WindowRows.dense(win),
+                               wslots.to(dev))
         outs.append((rows.cpu(), win.cpu()))
     return outs
 
@@ -85,6 +89,41 @@ def test_write_bit_exact(t, h, d, dtype, ratio, per_head, idx_dtype, bits):
     untouched = torch.ones(t + 5, dtype=torch.bool)
     untouched[slots[slots >= 0]] = False
     assert (rk[untouched] == 0xAB).all(), "padding slot or unused row was written"
+
+
+PAGED_CASES = [  # t, h, d, window dtype, bits, page (window rows per page: 10, 13, 5)
+    (23, 2, 64, torch.float16, 2, 64),
+    (17, 1, 128, torch.float32, 3, 128),
+    (9, 2, 32, torch.float16, 4, 16),
+]
+
+
+@pytest.mark.parametrize("t,h,d,win_dtype,bits,page", PAGED_CASES)
+def test_write_paged_window_bit_exact(t, h, d, win_dtype, bits, page):
+    """The window copies in pages of the quantized rows' own uint8 buffer (as the pool keeps
+    them): quantized rows in the first pages, window rows in later ones at ids spread over
+    pages with unused id slots, both with padding (-1); the whole buffer bit-exact against the
+    reference, and the window rows read back as the rotated rows."""
+    x, _, _, gen = make_inputs(t, h, d, torch.float16, seed=t + d)
+    layout = RowLayout(d, bits=bits)
+    rot = signed_permutation(d, h, gen)
+    g = window_page_rows(page, (layout.row_bytes,), d, win_dtype)
+    assert g > 1 and g & (g - 1)
+    row_pages = -(-(t + 5) // page)
+    slots = torch.randperm(row_pages * page, generator=gen)[:t]
+    slots[torch.rand(t, generator=gen) < 0.15] = -1
+    wslots, log2, end = paged_window_ids(t, g, row_pages, gen)
+    wslots[torch.rand(t, generator=gen) < 0.3] = -1
+    bufs = []
+    for impl in (write, reference):
+        buf = torch.full((end * page, h, layout.row_bytes), 0xAB, dtype=torch.uint8, device=DEV)
+        win = pool_window(buf, d, win_dtype, page, log2)
+        impl.quantize_kv_write(x.to(DEV), rot.to(DEV), 0.96, layout, buf, slots.to(DEV), win, wslots.to(DEV))
+        bufs.append(buf.cpu())
+    assert torch.equal(bufs[0], bufs[1]), f"{(bufs[0] != bufs[1]).sum()} bytes differ"
+    keep = wslots >= 0
+    got = pool_window(bufs[0], d, win_dtype, page, log2).gather(wslots[keep])
+    assert torch.equal(got, reference.rotated_rows(x, rot)[keep].to(win_dtype))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -158,18 +197,21 @@ def test_write_real_rotation_close(d, bits):
     check_rotated_close(rk, rr, wk, wr, layout, torch.float16)
 
 
-WRITE_STEP_CASES = [  # d, KV heads, group, (key bits, value bits), values folded, per-head rotations
-    (64, 2, 3, (3, 2), True, True),
-    (128, 1, 4, (2, 2), False, False),
-    (32, 2, 2, (4, 3), False, True),
+WRITE_STEP_CASES = [  # d, KV heads, group, (key bits, value bits), values folded, per-head rotations, window page
+    (64, 2, 3, (3, 2), True, True, None),
+    (128, 1, 4, (2, 2), False, False, None),
+    (32, 2, 2, (4, 3), False, True, None),
+    (64, 2, 3, (3, 2), True, True, 64),  # windows in pages of the K and V row buffers: 10 rows per page
+    (128, 2, 2, (2, 3), False, True, 64),  # 9 rows per page
 ]
 
 
-@pytest.mark.parametrize("d,h,group,bits,fold_v,per_head", WRITE_STEP_CASES)
-def test_write_step_is_the_separate_writes(d, h, group, bits, fold_v, per_head):
+@pytest.mark.parametrize("d,h,group,bits,fold_v,per_head,win_page", WRITE_STEP_CASES)
+def test_write_step_is_the_separate_writes(d, h, group, bits, fold_v, per_head, win_page):
     """One launch for a layer's k, v and queries: rows and windows bit-exact against the
     reference's two writes and its query rotation (signed-permutation rotations are exact in
-    any precision, fp16 queries too)."""
+    any precision, fp16 queries too). ``win_page``: the K and V windows live in pages of the
+    K and V row buffers (different page strides), after the quantized rows' pages."""
     t = 21
     k, slots, wslots, gen = make_inputs(t, h, d, torch.float16, seed=d + h)
     v = (torch.randn(t, h, d, generator=gen) * 2).half()
@@ -177,12 +219,23 @@ def test_write_step_is_the_separate_writes(d, h, group, bits, fold_v, per_head):
     rot_k = signed_permutation(d, h if per_head else 0, gen)
     rot_v = None if fold_v else signed_permutation(d, h if per_head else 0, gen)
     layouts = RowLayout(d, bits=bits[0]), RowLayout(d, bits=bits[1])
+    n_rows = t + 5
+    if win_page is not None:  # window row ids in the pages after the quantized rows'
+        g = window_page_rows(win_page, [lay.row_bytes for lay in layouts], d, torch.float16)
+        assert g > 1 and g & (g - 1)
+        ids, log2, end = paged_window_ids(t + 3, g, -(-n_rows // win_page), gen)
+        wslots = torch.where(wslots >= 0, ids[wslots.clamp(min=0)], -1)
+        n_rows = end * win_page
     outs = []
     for impl in (write, reference):
-        bufs = [torch.full((t + 5, h, lay.row_bytes), 0xAB, dtype=torch.uint8, device=DEV) for lay in layouts]
-        wins = [torch.full((t + 3, h, d), -7.0, dtype=torch.float16, device=DEV) for _ in range(2)]
+        bufs = [torch.full((n_rows, h, lay.row_bytes), 0xAB, dtype=torch.uint8, device=DEV) for lay in layouts]
+        if win_page is None:
+            wins = [torch.full((t + 3, h, d), -7.0, dtype=torch.float16, device=DEV) for _ in range(2)]
+            win_rows = [WindowRows.dense(w) for w in wins]
+        else:
+            wins, win_rows = [], [pool_window(buf, d, torch.float16, win_page, log2) for buf in bufs]
         qo = impl.write_step(k.to(DEV), v.to(DEV), rot_k.to(DEV), None if rot_v is None else rot_v.to(DEV),
-                             0.96, 0.92, *layouts, *bufs, slots.to(DEV), *wins, wslots.to(DEV), q=q.to(DEV))
+                             0.96, 0.92, *layouts, *bufs, slots.to(DEV), *win_rows, wslots.to(DEV), q=q.to(DEV))
         outs.append([x.cpu() for x in (*bufs, *wins, qo)])
     for got, want in zip(*outs):
         assert torch.equal(got, want)
@@ -211,6 +264,17 @@ def test_write_rejects_unsupported_layouts():
     with pytest.raises(ValueError, match="rotation"):
         write.quantize_kv_write(x, torch.eye(64).double(), 0.96, RowLayout(64), torch.zeros(2, 1, 20, dtype=torch.uint8),
                                 torch.arange(2))
+    rows = torch.zeros(2, 1, RowLayout(64).row_bytes, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="k window must be a WindowRows"):
+        write.quantize_kv_write(x, torch.eye(64), 0.96, RowLayout(64), rows, torch.arange(2), torch.zeros(2, 1, 64),
+                                torch.arange(2))
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
+        write.quantize_kv_write(x, torch.eye(64), 0.96, RowLayout(64), rows, torch.arange(2),
+                                WindowRows.dense(torch.zeros(2, 1, 64, dtype=torch.float64)), torch.arange(2))
+    paged = WindowRows(torch.zeros(256), 1, 64, 128, log2_rows=1)
+    with pytest.raises(ValueError, match="same log2_rows"):
+        write.write_step(x, x, torch.eye(64), None, 0.96, 0.92, RowLayout(64), RowLayout(64), rows, rows.clone(),
+                         torch.arange(2), WindowRows.dense(torch.zeros(2, 1, 64)), paged, torch.arange(2))
 
 
 def test_ops_dispatch_cpu_uses_reference_and_sub_row_groups():

@@ -1,15 +1,18 @@
-"""The position rule through real `launch_server --oscar` processes (issue #12's defects).
+"""The position rule through real `launch_server --oscar` processes.
 
-A tiny random Llama with REAL weights (so logprobs mean something), small windows (sink 4,
-recent 32: a 400-token document is mostly quantized) and rows of every code width (2, 3, 4 bits). Three servers, started at once, differ only in
-``--chunked-prefill-size`` (64, 256, 4096); the chunk-64 one also runs 80 requests at once
-(--max-running-requests 80: more than the 64 rings the old design shared).
+A tiny random Llama with REAL weights (so logprobs mean something), a small rule (sink 4, blocks
+of 128: a 500-token document is mostly quantized), pages of 16 (so a cached prefix can end at
+every eighth of a block) and rows of every code width (2, 3, 4 bits). Three servers, started at
+once, differ only in ``--chunked-prefill-size`` (64, 256, 4096); the chunk-64 one also runs 80
+requests at once.
 
 - isolation: 80 equal-length requests at once each give the tokens and logprobs they give alone;
 - warm == cold == any chunking: a question after a cached document gets the same input and
-  output logprobs as without the cache, at every chunk size;
-- more cached documents (40) than the retained store holds: every warm answer still equals its cold
-  one (sinks and windows are never read from INT2), and nothing leaks after a flush.
+  output logprobs as without the cache, at every chunk size, for documents ending at every page
+  offset of a block (the hit reads the document's kept tail, or starts at the block start);
+- more cached documents than the pool holds tails for (its window pages are evicted before
+  packed rows): every warm answer still equals its cold one and hits at least the block start,
+  and nothing leaks after a flush.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import stress  # noqa: E402
 
 CHUNKS = (64, 256, 4096)
-ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "40000", "--disable-overlap-schedule", "--random-seed", "0",
-        "--dtype", "float32"]
-DOC, QUESTION, NEW = 400, 20, 6
+ARGS = ["--skip-tokenizer-init", "--disable-overlap-schedule", "--random-seed", "0", "--dtype", "float32",
+        "--page-size", "16"]
+SINK, BLOCK, PAGE = 4, 128, 16
+QUESTION, NEW = 20, 6
 ATOL = 2e-3  # float arithmetic of different batch shapes / chunkings
 
 
@@ -44,12 +48,13 @@ def servers(tmp_path_factory):
     torch.manual_seed(0)
     LlamaForCausalLM(AutoConfig.from_pretrained(model)).save_pretrained(model, safe_serialization=True)
     # mixed code widths (issue #14): layer 0 keys 3 / values 2 bits, layer 1 keys 4 / values 3
-    rot = write_rotations(model / "rot.safetensors", model, sink=4, recent=32, bits=([3, 4], [2, 3]))
+    rot = write_rotations(model / "rot.safetensors", model, sink=SINK, block=BLOCK, bits=([3, 4], [2, 3]))
     with ExitStack() as stack, ThreadPoolExecutor(len(CHUNKS)) as pool:
-        def start(chunk):
-            running = ["--max-running-requests", "80"] if chunk == 64 else []
+        def start(chunk):  # chunk 64: 80 requests at once; chunk 256: fewer tokens than 40 cached documents need
+            size = {64: ["--max-running-requests", "80", "--max-total-tokens", "200000"],
+                    256: ["--max-total-tokens", "12000"]}.get(chunk, ["--max-total-tokens", "40000"])
             return stack.enter_context(serve(model, ["--oscar", str(rot), "--chunked-prefill-size", str(chunk),
-                                                     *running, *ARGS], device="cpu", timeout=900))
+                                                     *size, *ARGS], device="cpu", timeout=900))
         yield dict(zip(CHUNKS, pool.map(start, CHUNKS)))
 
 
@@ -93,42 +98,50 @@ def test_eighty_concurrent_requests_equal_their_lone_runs(servers):
     assert not stress.leaks(stress.kv_health(url))
 
 
-def test_warm_equals_cold_at_every_chunk_size(servers):
-    doc, question = _ids(1, DOC), _ids(2, QUESTION)
-    cold = {}
+def test_warm_equals_cold_at_every_chunk_size_and_offset(servers):
+    docs = [_ids(1 + k, 3 * BLOCK + PAGE * k) for k in range(BLOCK // PAGE)]  # ends at every page of a block
+    question = _ids(2, QUESTION)
+    gaps = {}
     for chunk, srv in servers.items():
-        stress.flush(srv.url)
-        cold[chunk] = _ask(srv.url, doc + question, start=DOC)
-        assert cold[chunk][3] == 0
-        stress.flush(srv.url)
-        _ask(srv.url, doc)  # caches the document (its window is retained at its end)
-        warm = _ask(srv.url, doc + question, start=DOC)
-        assert warm[3] >= DOC - 1, warm[3]
-        print(f"measured: chunk {chunk}, warm ({warm[3]} cached) vs cold, gap {_same(warm, cold[chunk]):.2e}")
-    print(f"measured: cold chunk 64 vs 4096 gap {_same(cold[64], cold[4096]):.2e}, "
-          f"256 vs 4096 {_same(cold[256], cold[4096]):.2e}")
+        for doc in docs:
+            stress.flush(srv.url)
+            cold = _ask(srv.url, doc + question, start=len(doc))
+            assert cold[3] == 0
+            stress.flush(srv.url)
+            _ask(srv.url, doc)  # caches the document (its sinks and tail rows attach to the tree's slots)
+            warm = _ask(srv.url, doc + question, start=len(doc))
+            assert warm[3] == len(doc), (chunk, len(doc), warm[3])  # the whole document: its tail was kept
+            gaps[chunk, len(doc)] = _same(warm, cold)
+            if chunk == 4096:
+                gaps["cold 64 vs 4096", len(doc)] = _same(_ask(servers[64].url, doc + question, start=len(doc)), cold)
+    print(f"measured: warm vs cold at chunks {CHUNKS}, documents of {[len(d) for d in docs]} tokens: "
+          f"largest logprob gap {max(v for k, v in gaps.items() if k[0] != 'cold 64 vs 4096'):.2e}; cold chunk 64 "
+          f"vs 4096 {max(v for k, v in gaps.items() if k[0] == 'cold 64 vs 4096'):.2e}")
 
 
-def test_more_cached_documents_than_the_store_holds_never_degrade(servers):
+def test_more_cached_documents_than_the_pool_keeps_tails_for_never_degrade(servers):
     url = servers[256].url
     stress.flush(url)
-    n = 100  # short documents (still mostly INT2: sink 4 + recent 32), so that 40 outnumber the store
-    docs = [_ids(10 + d, n) for d in range(40)]
+    n = 200  # each cached document keeps 4 sink and 72 tail rows (16 slots each here) beside its 200 tokens
+    docs = [_ids(100 + d, n) for d in range(40)]
     question = _ids(3, QUESTION)
-    before = stress.kv_health(url)
-    sets = before["retained_rows"] // (4 + 32)
-    assert len(docs) > sets, (len(docs), sets)
     cold = []
     for d in docs:
         cold.append(_ask(url, d + question, start=n))
         stress.flush(url)
-    for d in docs:  # all documents cached one after another: the store evicts the oldest windows
+    for d in docs:  # all documents cached one after another: the oldest tails (then sinks, then rows) go
         _ask(url, d)
-    gaps = [_same(_ask(url, d + question, start=n), want) for d, want in zip(docs, cold)]
-    print(f"measured: {len(docs)} documents cached ({sets} retained windows), warm vs cold gap {max(gaps):.2e}")
+    hits, gaps = [], []
+    for d, want in list(zip(docs, cold))[::-1]:  # most recently cached first
+        got = _ask(url, d + question, start=n)
+        hits.append(got[3])
+        gaps.append(_same(got, want))
     health = stress.kv_health(url)
-    assert health["window_fill_misses"] == 0 and not stress.leaks(health)
+    print(f"measured: {len(docs)} documents of {n} tokens cached in {health['max_total_num_tokens']} slots, warm vs "
+          f"cold gap {max(gaps):.2e}; cached tokens per question {sorted(hits)}; evicted {health['evicted_tokens']}")
+    assert hits[0] == n and min(hits) < n, hits  # the most recent document kept its tail, older ones lost theirs
+    assert all(h == 0 or h >= BLOCK for h in hits), hits  # a lost tail costs its recompute from the block start
+    assert not stress.leaks(health)
     stress.flush(url)
     health = stress.kv_health(url)
-    assert health["retained_free"] == health["retained_rows"] and health["available_size"] == \
-        health["max_total_num_tokens"], health
+    assert health["window_pages"] == 0 and health["available_size"] == health["max_total_num_tokens"], health

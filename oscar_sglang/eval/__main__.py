@@ -29,6 +29,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+from oscar_sglang.kernels.rule import PositionRule
+
 from .runner import ALL_METHODS, SERVED_METHODS
 
 CALIB_ARGS = {"oscar-default": [], "oscar-published": ["--granularity", "layer", "--clip-k", "0.96", "--clip-v", "0.92",
@@ -51,7 +53,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-depths", nargs="+", type=float, default=[0.3, 0.7])
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk size (sim and --chunked-prefill-size)")
     p.add_argument("--sink", type=int, default=64)
-    p.add_argument("--recent", type=int, default=256)
+    p.add_argument("--rules", nargs="+", default=[f"block:{PositionRule().block}"], metavar="RULE",
+                   help="position rules (block:W, sliding:R, block:W+sliding:R); with several, each windowed "
+                        "method is evaluated under each, named METHOD@RULE (simulation only)")
     p.add_argument("--kivi-residual", type=int, default=128)
     p.add_argument("--served", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure bf16 and oscar-default through sglang servers (default: with --device cuda "
@@ -140,8 +144,14 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
     start = time.perf_counter()
     methods = ["bf16"] + [m for m in args.methods if m != "bf16"] + list(variants)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        rules = [PositionRule.parse(r, args.sink) for r in args.rules]
+    except ValueError as e:
+        p.error(str(e))
+    if served and len(rules) > 1:
+        p.error("--served evaluates the rotations files' own rule: give one --rules")
     fp = check_supported(load_config(args.model))
-    setup = Setup(args.model, args.chunk, args.sink, args.recent, args.kivi_residual)
+    setup = Setup(args.model, args.chunk, rules, args.kivi_residual)
     setup.rotation_files = _rotations(args, [m for m in methods if m in CALIB_ARGS]) | variants
     setup.rotations = {n: load_rotations(p, expect=fp) for n, p in setup.rotation_files.items()}
     calib_text = {n: r.meta.provenance.data for n, r in setup.rotations.items()}
@@ -182,10 +192,12 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
             f"{args.ppl_seqs} x {top} tokens for PPL/KL, {len(inputs.needles)} needle probes "
             f"(lengths {args.needle_lengths}, depths {args.needle_depths}), {len(inputs.recalls)} recall probes "
             f"(lengths {args.recall_lengths}, depths {args.recall_depths}); prefill chunk {args.chunk} "
-            f"(sim and served), windows {args.sink}/{args.recent}, KIVI residual {args.kivi_residual}; "
+            f"(sim and served), sink {args.sink}, rules {', '.join(r.name for r in rules)}, KIVI residual {args.kivi_residual}; "
             f"calibration text: " + "; ".join(f"{n}: {d}" for n, d in calib_text.items()))
     bits = {m.name: method_bits(m, fp.num_layers, fp.head_dim) for m in ms}
     table = report.markdown(rows, args.contexts, agreement, bits)
+    if len(rules) > 1:
+        table += "\n\n" + report.rule_pairs(results["sim"], [r.name for r in rules], needle_len, recall_len)
     cmd = "python -m oscar_sglang.eval " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out_dir / "quality.md").write_text(
         f"# KV-cache quality\n\n{table}\n\n{desc}\n\nCommand: `{cmd}`  \n"

@@ -5,8 +5,8 @@ A :class:`Method` says which cached keys/values a query sees quantized and how t
 - ``row``: every (token, KV head) row of D values is rotated by R (``Candidate.key/value``, [L, D, D]
   or [L, H_kv, D, D]), clipped at the per-layer ratio and fake-quantized with the project's reference
   codec at the layer's bit widths (``calib.metrics.quantize_through`` -> ``kernels.codec.fake_quantize``),
-  then rotated back.
-  BF16 sink / recent windows as in serving.
+  then rotated back. Which keys a query reads in full precision: the method's ``rule``
+  (``kernels.rule.PositionRule``; None: every key quantized).
 - ``kivi``: KIVI-2, no rotation, no clipping: keys per channel over groups of ``group`` tokens (one
   fp16 scale/min per group, the same overhead as one per row when ``group == head_dim``), values per
   token; only whole key groups older than the full-precision residual of ``recent`` tokens are
@@ -14,8 +14,8 @@ A :class:`Method` says which cached keys/values a query sees quantized and how t
 - ``exact``: BF16 (nothing quantized).
 
 Serving semantics (the backend's position rule): the query at position t reads key j exactly iff
-``j < sink`` or ``j > t - recent``, and from the INT2 cache otherwise, whatever the prefill chunking
-and the cache history. KIVI keeps chunk semantics: its residual is counted from the start ``c0`` of
+``rule.exact(t, j)``, and from the quantized cache otherwise, whatever the prefill chunking and the
+cache history. KIVI keeps chunk semantics: its residual is counted from the start ``c0`` of
 the query's chunk (``starts[i]``; a decode step counts as a chunk starting at ``i + 1``;
 :func:`chunk_starts` describes any schedule).
 
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from oscar_sglang.calib.capture import attention_scaling, custom_attention
 from oscar_sglang.calib.metrics import Candidate, quantize_through
 from oscar_sglang.kernels.codec import RowLayout, fake_quantize
+from oscar_sglang.kernels.rule import PositionRule
 
 SIM_IMPL = "oscar_eval"
 BLOCK = 256  # queries per SDPA call (whole chunks are kept together)
@@ -49,24 +50,24 @@ class Method:
     name: str
     kind: Literal["exact", "row", "kivi"]
     rot: Candidate | None = None
-    sink: int = 0
-    recent: int = 0
+    rule: PositionRule | None = None  # row methods: the position rule (None: no full-precision keys)
+    recent: int = 0  # kivi: the full-precision residual
     group: int | None = None  # kivi key token-group (default: head_dim)
 
     def quant_end(self, starts: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """int64 [n]: keys in [lo, end) are read quantized by the query at ``pos`` whose chunk starts
-        at ``starts``. Rotated rows follow the server's position rule (key j exact iff j < sink or
-        j > pos - recent, whatever the chunking); KIVI's residual is chunk-aligned groups."""
+        at ``starts``. Rotated rows follow the server's position rule (``rule.exact_from``, whatever
+        the chunking); KIVI's residual is chunk-aligned groups."""
         if self.kind == "exact":
             return torch.zeros_like(starts)
         if self.kind == "row":
-            return (pos - self.recent + 1).clamp_min(0)
+            return pos + 1 if self.rule is None else self.rule.exact_from(pos)
         end = (starts - self.recent).clamp_min(0)
         return end // self.group * self.group
 
     @property
     def lo(self) -> int:
-        return self.sink if self.kind == "row" else 0
+        return self.rule.sink if self.kind == "row" and self.rule is not None else 0
 
     def quantize(self, layer: int, k: torch.Tensor, v: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [H_kv, T, D] -> fake-quantized (fp32) keys/values for positions [0, end)."""

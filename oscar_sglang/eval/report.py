@@ -45,6 +45,25 @@ def summarize(part: dict[str, Any], ref: dict[str, Any], contexts: list[int], ne
     return row
 
 
+def rule_pairs(sim: dict[str, dict], rules: list[str], needle_len: list[int], recall_len: list[int]) -> str:
+    """Markdown: every ``METHOD@RULE`` paired against ``METHOD@<rules[0]>`` on the same inputs
+    (ΔNLL and ΔKL per 256-token window, needle / recall per probe)."""
+    lines = [f"Paired against the same method under {rules[0]}:", "",
+             "| method | ΔNLL (nats) | ΔKL (nats) | Δneedle (pts) | Δrecall (pts) |", "|---|---|---|---|---|"]
+    for name, part in sim.items():
+        base, _, rule = name.rpartition("@")
+        ref = sim.get(f"{base}@{rules[0]}")
+        if not base or rule == rules[0] or ref is None:
+            continue
+        needle = [float(m == n) - float(r == n) for m, r, n in zip(part["needle"], ref["needle"], needle_len)]
+        recall = [(m - r) / n for m, r, n in zip(part["recall"], ref["recall"], recall_len)]
+        cells = [name, _pm(paired(_window_diffs(part["nll"], ref["nll"])), digits=4),
+                 _pm(paired(_window_diffs(part["kl"], ref["kl"])), digits=4), _pm(paired(needle), 100, 1),
+                 _pm(paired(recall), 100, 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _pm(v: tuple[float, float], scale: float = 1.0, digits: int = 3, sign: bool = True) -> str:
     mean, se = v
     fmt = f"{{:{'+' if sign else ''}.{digits}f}}"

@@ -5,7 +5,7 @@ Method names (``--methods``), all at 2 bits + one fp16 scale/min per group of ``
 =================  ====================================================================
 ``bf16``           no quantization
 ``naive``          per-token min-max, no rotation, no clipping, no windows
-``naive-win``      the same with the sink / recent windows
+``naive-win``      the same with the position rule's full-precision keys
 ``kivi``           KIVI-2: keys per channel over ``head_dim``-token groups, values per token,
                    full-precision residual of the last ``kivi_residual`` tokens
 ``hadamard``       R = H·P, clip 0.96 / 0.92, windows (same quantizer as OSCAR)
@@ -33,6 +33,7 @@ import torch
 from oscar_sglang.calib.metrics import Candidate
 from oscar_sglang.calib.rotation import hadamard_rotation
 from oscar_sglang.calib.rotations import Rotations
+from oscar_sglang.kernels.rule import PositionRule
 
 from .methods import Method, chunk_starts
 from .metrics import hidden, lm_scores, probe_tokens
@@ -54,8 +55,7 @@ class Inputs:
 class Setup:
     model: str
     chunk: int
-    sink: int
-    recent: int
+    rules: list[PositionRule]  # each windowed method is evaluated under each (named METHOD@RULE when several)
     kivi_residual: int
     rotations: dict[str, Rotations] = field(default_factory=dict)  # oscar-default/-published, variants
     rotation_files: dict[str, Path] = field(default_factory=dict)
@@ -67,24 +67,28 @@ def build_methods(names: list[str], setup: Setup, num_layers: int, head_dim: int
     eye = torch.eye(D).expand(L, D, D)
     had = hadamard_rotation(D).float().expand(L, D, D)
     ck, cv = [PUBLISHED_CLIPS[0]] * L, [PUBLISHED_CLIPS[1]] * L
-    win = {"sink": setup.sink, "recent": setup.recent}
     out = []
+
+    def windowed(n: str, cand: Candidate) -> list[Method]:
+        if len(setup.rules) == 1:
+            return [Method(n, "row", cand, setup.rules[0])]
+        return [Method(f"{n}@{rule.name}", "row", cand, rule) for rule in setup.rules]
+
     for n in names:
         if n == "bf16":
             out.append(Method(n, "exact"))
         elif n == "naive":
             out.append(Method(n, "row", Candidate(n, eye, eye, [1.0] * L, [1.0] * L)))
         elif n == "naive-win":
-            out.append(Method(n, "row", Candidate(n, eye, eye, [1.0] * L, [1.0] * L), **win))
+            out += windowed(n, Candidate(n, eye, eye, [1.0] * L, [1.0] * L))
         elif n == "kivi":
             out.append(Method(n, "kivi", recent=setup.kivi_residual, group=D))
         elif n == "hadamard":
-            out.append(Method(n, "row", Candidate(n, had, had, ck, cv), **win))
+            out += windowed(n, Candidate(n, had, had, ck, cv))
         elif n in setup.rotations:  # oscar-published, oscar-default, --variant
             r = setup.rotations[n]
             m = r.meta
-            out.append(Method(n, "row", Candidate(n, r.key, r.value, list(m.clip_k), list(m.clip_v), m.key_bits,
-                                                  m.value_bits), **win))
+            out += windowed(n, Candidate(n, r.key, r.value, list(m.clip_k), list(m.clip_v), m.key_bits, m.value_bits))
         else:
             raise ValueError(f"unknown method {n!r}; choose from {', '.join(ALL_METHODS)}")
     return out
