@@ -1,16 +1,21 @@
-"""KV token capacity at the same memory budget, BF16 vs --oscar, with default flags.
+"""KV token capacity and concurrency at the same memory budget, BF16 vs --oscar, with default flags.
 
 Two modes, one arithmetic:
 
 * ``--engine``: starts sglang.Engine (dummy weights of a real model's attention geometry;
   MLP and vocabulary shrunk), BF16 and --oscar at the same ``--mem-fraction-static``, and reads the
-  capacity sglang sized through the plugin's hooks (packed cell size, BF16 windows from
-  ``oscar_sglang.windows.plan_windows`` with ``--max-running-requests`` unset). The budget
-  is inferred from the BF16 run (tokens x BF16 cell), and the same budget is also fed to the
-  calculator below: the row says whether the two agree.
+  capacity sglang sized through the plugin's hooks (packed cell size) and the running-request
+  count sglang derived. The budget is inferred from the BF16 run (tokens x BF16 cell), and the
+  same budget is also fed to the calculator below: the row says whether the two agree.
 * default: the calculator for card classes. KV budget = ``frac x card - weights`` (the
   assumption is stated in each row), BF16 tokens = budget // BF16 cell, OSCAR tokens =
-  (budget - planned windows) // OSCAR cell: exactly the steps the hooked sglang sizing takes.
+  budget // OSCAR cell: exactly the steps the hooked sglang sizing takes.
+
+Concurrency (``--request-tokens``, default 2048): how many requests of that many tokens the budget
+holds at once. BF16: tokens // n. OSCAR: each also holds full-precision window rows in pages of
+the same pool (``oscar_sglang/windows.py``): its own sinks and the rows of its current block, on
+average half a block (lengths spread over blocks) and at most a block; a window row costs
+``page_size / rows_per_page`` token slots (``window_slots_per_row``).
 
 Appends rows to benchmarks/results/capacity.csv and prints a markdown table.
 
@@ -43,34 +48,54 @@ SHAPES = {  # attention geometry of real models; hidden/MLP/vocab shrunk (capaci
 }
 WEIGHTS_GB = {"smollm2-135m": 0.27, "qwen3-8b": 16.4, "llama-3-8b": 16.1, "qwen2.5-32b": 65.5}  # BF16 checkpoints
 CARDS = {"24 GB (RTX 4090)": (24, 0.85), "80 GB (H100)": (80, 0.88), "141 GB (H200)": (141, 0.88)}
-SINK, RECENT, BF16 = 64, 256, 2
+BF16 = 2
 
 
 def bf16_cell(shape: str) -> int:
-    """sglang's MHA bytes per token (K and V, every layer): one BF16 window row."""
-    from oscar_sglang.windows import window_row_bytes
+    """sglang's MHA bytes per token (K and V, every layer)."""
+    from oscar_sglang.sizing import bf16_cell_size
 
     g = SHAPES[shape]
-    return window_row_bytes(head_dim=g["head_dim"], kv_heads=g["num_key_value_heads"], layers=g["num_hidden_layers"],
-                            itemsize=BF16)
+    return bf16_cell_size(head_dim=g["head_dim"], kv_heads=g["num_key_value_heads"], layers=g["num_hidden_layers"],
+                          itemsize=BF16)
 
 
-def calculate(shape: str, budget: int, max_running: int | None = None, bits: tuple[int, int] = (2, 2)) -> dict:
-    """One row at ``bits`` = (key, value) code widths in every layer."""
+def window_slots_per_row(rows: "CacheLayout", rule: "PositionRule") -> float:
+    """Token slots one bf16 window row costs in the pool: a page at the served page size holds rows_per_page."""
+    from oscar_sglang.sizing import page_size_for
+    from oscar_sglang.windows import rows_per_page
+
+    page = page_size_for(rule, rows, None)
+    return page / rows_per_page(page, [k.row_bytes + v.row_bytes for k, v in zip(rows.key, rows.value)],
+                                rows.key[0].head_dim, BF16)
+
+
+def calculate(shape: str, budget: int, bits: tuple[int, int] = (2, 2), request_tokens: int = 2048) -> dict:
+    """One row at ``bits`` = (key, value) code widths in every layer, the default position rule."""
     from oscar_sglang.kernels.codec import CacheLayout
-    from oscar_sglang.windows import split_budget
+    from oscar_sglang.kernels.rule import PositionRule
+    from oscar_sglang.sizing import split_budget
 
     g = SHAPES[shape]
     n = g["num_hidden_layers"]
     rows = CacheLayout.of(g["head_dim"], None, [bits[0]] * n, [bits[1]] * n)
     split = split_budget(budget_bytes=budget, head_dim=g["head_dim"], kv_heads=g["num_key_value_heads"],
-                         layers=n, itemsize=BF16, token_row_bytes=rows.token_row_bytes,
-                         sink=SINK, recent=RECENT, max_running_requests=max_running)
-    plan = split.plan
-    return {"shape": shape, "bits": f"K{bits[0]}V{bits[1]} ({rows.bits_per_element:g})", "kv_budget_gib": round(budget / 2**30, 2), "bf16_tokens": split.bf16_tokens,
+                         layers=n, itemsize=BF16, token_row_bytes=rows.token_row_bytes)
+    rule = PositionRule()
+    row_slots = window_slots_per_row(rows, rule)
+
+    def requests(window_rows: float) -> int:
+        return int(split.oscar_tokens // (request_tokens + window_rows * row_slots))
+
+    avg, worst = rule.sink + rule.block / 2, rule.sink + rule.block - 1
+    return {"shape": shape, "bits": f"K{bits[0]}V{bits[1]} ({rows.bits_per_element:g})",
+            "kv_budget_gib": round(budget / 2**30, 2), "bf16_tokens": split.bf16_tokens,
             "oscar_tokens": split.oscar_tokens, "ratio": round(split.oscar_tokens / split.bf16_tokens, 3),
-            "max_running_requests": plan.max_running_requests, "retained_prefix_ends": plan.retained_sets,
-            "window_gib": round(plan.total_bytes / 2**30, 3), "window_share": round(plan.total_bytes / budget, 4)}
+            "request_tokens": request_tokens, "bf16_requests": split.bf16_tokens // request_tokens,
+            "oscar_requests_avg": requests(avg), "oscar_requests_worst": requests(worst),
+            "oscar_requests_shared_sinks": requests(avg - rule.sink),
+            "window_slots_per_row": round(row_slots, 2),
+            "window_share_avg": round(avg * row_slots / (request_tokens + avg * row_slots), 3)}
 
 
 def _engine_capacity(model: Path, device: str, mem_fraction: float, extra: dict) -> dict:
@@ -103,7 +128,7 @@ def engine_row(shape: str, device: str, budget_bytes: int) -> dict:
     cell = bf16_cell(shape)
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_model(Path(tmp) / "m", intermediate_size=256, vocab_size=1024, **SHAPES[shape])
-        rot = write_rotations(Path(tmp) / "rot.safetensors", model, sink=SINK, recent=RECENT)
+        rot = write_rotations(Path(tmp) / "rot.safetensors", model)
         bf16_args = {"attention_backend": "torch_native"}
         guess = budget_bytes / psutil.virtual_memory().available
         probe = _engine_capacity(model, device, guess, bf16_args)["tokens"] * cell
@@ -115,22 +140,19 @@ def engine_row(shape: str, device: str, budget_bytes: int) -> dict:
     return {"mode": f"engine {device} mem_fraction {fraction}", "card": "", "shape": shape, "bits": calc["bits"],
             "kv_budget_gib": calc["kv_budget_gib"], "bf16_tokens": bf16["tokens"], "oscar_tokens": oscar["tokens"],
             "ratio": round(oscar["tokens"] / bf16["tokens"], 3), "max_running_requests": oscar["running"],
-            "retained_prefix_ends": calc["retained_prefix_ends"], "window_gib": calc["window_gib"],
-            "window_share": calc["window_share"], "calculator_oscar_tokens": calc["oscar_tokens"]}
+            "bf16_max_running_requests": bf16["running"], "calculator_oscar_tokens": calc["oscar_tokens"]}
 
 
-def card_rows(bits: tuple[int, int]) -> list[dict]:
+def card_rows(bits: tuple[int, int], request_tokens: int = 2048) -> list[dict]:
     rows = []
     for card, (gb, frac) in CARDS.items():
         for shape in ("qwen3-8b", "llama-3-8b", "qwen2.5-32b"):
             budget = int((frac * gb - WEIGHTS_GB[shape]) * 1e9)
             base = {"mode": f"calculator: budget = {frac} x {gb} GB - {WEIGHTS_GB[shape]} GB weights", "card": card}
             if budget <= 0:
-                rows.append(base | {"shape": shape, "bits": "", "kv_budget_gib": 0, "bf16_tokens": 0, "oscar_tokens": 0,
-                                    "ratio": "", "max_running_requests": "", "retained_prefix_ends": "",
-                                    "window_gib": "", "window_share": ""})
+                rows.append(base | {"shape": shape, "bits": "", "kv_budget_gib": 0, "bf16_tokens": 0, "oscar_tokens": 0})
                 continue
-            rows.append(base | calculate(shape, budget, bits=bits))
+            rows.append(base | calculate(shape, budget, bits=bits, request_tokens=request_tokens))
     return rows
 
 
@@ -142,13 +164,17 @@ def main() -> None:
     p.add_argument("--budget-gib", type=float, default=2.0, help="--engine: the KV budget to aim at")
     p.add_argument("--bits", nargs=2, type=int, default=None, metavar=("K", "V"),
                    help="calculator: key and value code widths in every layer (default: both K2V2 and K3V2)")
+    p.add_argument("--request-tokens", type=int, default=2048, help="calculator: tokens per request for concurrency")
     args = p.parse_args()
     if args.engine:
         rows = [engine_row(args.shape, args.device, int(args.budget_gib * 2**30))]
     else:
-        rows = [r for b in ([tuple(args.bits)] if args.bits else [(2, 2), (3, 2)]) for r in card_rows(b)]
-    fields = ["mode", "card", "shape", "bits", "kv_budget_gib", "bf16_tokens", "oscar_tokens", "ratio", "max_running_requests",
-              "retained_prefix_ends", "window_gib", "window_share", "calculator_oscar_tokens"]
+        rows = [r for b in ([tuple(args.bits)] if args.bits else [(2, 2), (3, 2)])
+                for r in card_rows(b, args.request_tokens)]
+    fields = ["mode", "card", "shape", "bits", "kv_budget_gib", "bf16_tokens", "oscar_tokens", "ratio", "request_tokens",
+              "bf16_requests", "oscar_requests_avg", "oscar_requests_worst", "oscar_requests_shared_sinks",
+              "window_slots_per_row", "window_share_avg", "max_running_requests", "bf16_max_running_requests",
+              "calculator_oscar_tokens"]
     out = ROOT / "benchmarks" / "results" / "capacity.csv"
     new = not out.exists() or out.read_text().splitlines()[:1] != [",".join(fields)]
     with out.open("w" if new else "a", newline="") as f:
@@ -156,15 +182,19 @@ def main() -> None:
         if new:
             w.writeheader()
         w.writerows(rows)
-    print("| card | model | bits | KV budget GiB | BF16 tokens | OSCAR tokens | ratio | running (derived) | window share |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if args.engine:
+        print(rows[0])
+        return
+    print(f"| card | model | bits | KV budget GiB | BF16 tokens | OSCAR tokens | ratio | {rows[0]['request_tokens']}-token "
+          "requests BF16 | OSCAR (avg / worst block fill) | OSCAR, shared sinks | window share (avg) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if not r["bf16_tokens"]:
-            print(f"| {r['card']} | {r['shape']} | | BF16 weights do not fit | | | | | |")
+            print(f"| {r['card']} | {r['shape']} | | BF16 weights do not fit | | | | | | | |")
             continue
-        share = f"{100 * r['window_share']:.1f}%" if r["window_share"] != "" else ""
-        print(f"| {r['card'] or r['mode']} | {r['shape']} | {r['bits']} | {r['kv_budget_gib']} | {r['bf16_tokens']:,} | "
-              f"{r['oscar_tokens']:,} | {r['ratio']} | {r['max_running_requests']} | {share} |")
+        print(f"| {r['card']} | {r['shape']} | {r['bits']} | {r['kv_budget_gib']} | {r['bf16_tokens']:,} | "
+              f"{r['oscar_tokens']:,} | {r['ratio']} | {r['bf16_requests']} | {r['oscar_requests_avg']} / "
+              f"{r['oscar_requests_worst']} | {r['oscar_requests_shared_sinks']} | {100 * r['window_share_avg']:.0f}% |")
 
 
 if __name__ == "__main__":

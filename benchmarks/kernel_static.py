@@ -132,18 +132,17 @@ def capture(module, call) -> list:
 # ----------------------------------------------------------------------------- kernel specs
 # Each spec: shape (hq, hkv, d) -> launches of its launcher at that shape. Add a kernel by
 # adding a function here; a spec whose call raises is reported as skipped with the reason.
-def _row_buffer(tokens: int, hkv: int, layout: RowLayout) -> torch.Tensor:
-    """uint8 storage rows [N, hkv, row_bytes] of at least ``tokens`` slots, whole pages."""
-    return torch.zeros(-(-tokens // WINDOW_PAGE) * WINDOW_PAGE, hkv, layout.row_bytes, dtype=torch.uint8)
-
-
-def _pool_window(rows: torch.Tensor, d: int) -> WindowRows:
-    """bf16 window rows in pages of WINDOW_PAGE slots of ``rows``, as the pool keeps them: a page
-    holds as many window rows as fit in its narrowest (2-bit) rows."""
-    per_page = WINDOW_PAGE * RowLayout(d).row_bytes // (d * 2)
-    hkv, row_bytes = rows.shape[1:]
-    return WindowRows(rows.view(-1).view(torch.bfloat16), hkv, d, WINDOW_PAGE * hkv * row_bytes // 2,
-                      (per_page - 1).bit_length())
+def _pool_rows(tokens: int, hkv: int, k_layout: RowLayout, v_layout: RowLayout):
+    """(k_rows, v_rows, k_win, v_win) as the pool keeps them (oscar_sglang/pool.py): one uint8 buffer
+    [N, hkv, K + V row bytes] of at least ``tokens`` slots in whole pages, K and V rows its two views,
+    bf16 window rows in pages of WINDOW_PAGE slots, each row's K then V."""
+    rk, d = k_layout.row_bytes, k_layout.head_dim
+    buf = torch.zeros(-(-tokens // WINDOW_PAGE) * WINDOW_PAGE, hkv, rk + v_layout.row_bytes, dtype=torch.uint8)
+    per_page = WINDOW_PAGE * buf.shape[2] // (2 * d * 2)
+    flat, row = buf.view(-1).view(torch.bfloat16), hkv * d
+    wins = [WindowRows(flat[i * row:], hkv, d, WINDOW_PAGE * buf.stride(0) // 2, (per_page - 1).bit_length(), 2 * row)
+            for i in (0, 1)]
+    return buf[..., :rk], buf[..., rk:], *wins
 
 
 def _write_launches(clip_ratio: float, rotate: bool = True, bits: int = 2):
@@ -154,8 +153,7 @@ def _write_launches(clip_ratio: float, rotate: bool = True, bits: int = 2):
         x = torch.zeros(t, hkv, d, dtype=torch.bfloat16)
         # per-KV-head rotations (the calibration default); None: values with R_V folded
         rot = torch.zeros(hkv, d, d) if rotate else None
-        rows = _row_buffer(t + 8, hkv, layout)
-        win = _pool_window(rows, d)
+        rows, _, win, _ = _pool_rows(t + 8, hkv, layout, RowLayout(d))
         slots = torch.arange(t, dtype=torch.int64)
         return capture(write, lambda: write.quantize_kv_write(x, rot, clip_ratio, layout, rows, slots, win, slots))
     return spec
@@ -169,8 +167,8 @@ def _write_step_launches(shape):
     t = WRITE_TOKENS
     k_layout, v_layout = RowLayout(d, bits=3), RowLayout(d)
     k = torch.zeros(t, hkv, d, dtype=torch.bfloat16)
-    rows = [_row_buffer(t + 8, hkv, lay) for lay in (k_layout, v_layout)]
-    wins = [_pool_window(r, d) for r in rows]
+    k_rows, v_rows, *wins = _pool_rows(t + 8, hkv, k_layout, v_layout)
+    rows = k_rows, v_rows
     slots = torch.arange(t, dtype=torch.int64)
     q = torch.zeros(t, hq, d, dtype=torch.bfloat16)
     return capture(write, lambda: write.write_step(k, k, torch.zeros(hkv, d, d), None, 0.96, 0.92, k_layout, v_layout,
@@ -178,15 +176,12 @@ def _write_step_launches(shape):
 
 
 def _paged_inputs(shape, n_tokens: int, batch: int, key_bits: int):
-    """2-bit value rows and ``key_bits`` key rows (one buffer for both at 2 bits, as the pool's
-    equal-width layers; else separate buffers of different row bytes), and the K and V windows
-    in pages of them."""
+    """2-bit value rows and ``key_bits`` key rows in the pool's buffer of a layer, and the K and V
+    windows in pages of it."""
     hq, hkv, d = shape
     v_layout = RowLayout(d)
     k_layout = v_layout.with_bits(key_bits)
-    v_rows = _row_buffer(n_tokens + 8, hkv, v_layout)
-    k_rows = v_rows if key_bits == 2 else _row_buffer(n_tokens + 8, hkv, k_layout)
-    wins = _pool_window(k_rows, d), _pool_window(v_rows, d)
+    k_rows, v_rows, *wins = _pool_rows(n_tokens + 8, hkv, k_layout, v_layout)
     indptr = torch.linspace(0, n_tokens, batch + 1).round().to(torch.int32)  # sglang: int32 indices
     indices = torch.arange(n_tokens, dtype=torch.int32)
     return k_layout, v_layout, k_rows, v_rows, wins, indptr, indices

@@ -1,9 +1,9 @@
 """Shared-prefix RAG at a fixed KV memory budget: BF16 KV vs --oscar (capacity, hit rate, speed).
 
 Starts one sglang server per configuration, each with ``--max-total-tokens`` derived from
-the SAME ``--kv-budget-mb`` and the true bytes per token: BF16 cell = 2 * layers *
-kv_heads * head_dim * 2 B; OSCAR cell = ``windows.oscar_cell_size`` after the BF16 windows
-(``windows.plan_windows``) are charged against the budget. For each number of
+the SAME ``--kv-budget-mb`` and the true bytes per token (``sizing.split_budget``): BF16 cell =
+2 * layers * kv_heads * head_dim * 2 B; OSCAR cell = its packed rows (its full-precision window
+rows take pages of the same pool as requests and cached prefixes need them). For each number of
 documents D in ``--docs`` it flushes the cache and drives the workload of rag_workload.py
 (D documents x ``--questions`` questions, Zipf popularity, ``--concurrency`` streaming
 clients), then writes ``rag_prefix_<device>.csv`` and ``.png`` (hit rate, prefill tokens
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 import shutil
 import sys
 import tempfile
@@ -37,7 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from capacity import SHAPES  # noqa: E402
 from common import git_commit  # noqa: E402
-from rag_workload import HEADER, Workload, build_workload, drive, question_texts, summarize  # noqa: E402
+from rag_workload import HEADER, Workload, build_workload, drive, ideal_hit_rate, question_texts, summarize  # noqa: E402
 
 MODELS = {  # config overrides on tests/support.TINY_CONFIG (dummy weights unless the model is "smollm2")
     "tiny": dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256,
@@ -61,9 +60,7 @@ class Config:
     name: str  # "bf16-<backend>" or "oscar"
     server_args: tuple[str, ...]
     cell_bytes: int
-    window_bytes: int  # charged against the budget (0 for BF16)
     max_total_tokens: int
-    retained_sets: int = 0  # cached prefix ends whose BF16 window the store keeps (LRU)
 
 
 def kv_geometry(model_dir: Path) -> tuple[int, int, int]:
@@ -74,28 +71,20 @@ def kv_geometry(model_dir: Path) -> tuple[int, int, int]:
     return c.num_hidden_layers, c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
-def budget_split(budget_bytes: int, model_dir: Path, rotations: Path, max_running: int,
-                 device: str = "cpu") -> dict[str, dict]:
-    """Per configuration: cell bytes, window reservation and --max-total-tokens for one budget."""
+def budget_split(budget_bytes: int, model_dir: Path, rotations: Path, device: str = "cpu") -> dict[str, dict]:
+    """Per configuration: cell bytes and --max-total-tokens for one budget."""
     from transformers import AutoConfig
 
-    from oscar_sglang.settings import OscarError, load_settings
-    from oscar_sglang.windows import split_budget
+    from oscar_sglang.settings import load_settings
+    from oscar_sglang.sizing import split_budget
 
     layers, kv_heads, head_dim = kv_geometry(model_dir)
     settings, _ = load_settings(SimpleNamespace(quantization_param_path=str(rotations), device=device),
                                 AutoConfig.from_pretrained(model_dir))
-    try:  # the plugin's own window plan for this budget and --max-running-requests
-        split = split_budget(budget_bytes=budget_bytes, head_dim=head_dim, kv_heads=kv_heads, layers=layers,
-                             itemsize=BF16_BYTES, token_row_bytes=settings.layouts.token_row_bytes, sink=settings.sink,
-                             recent=settings.recent, max_running_requests=max_running)
-    except OscarError as e:
-        raise SystemExit(f"--kv-budget-mb too small: {e}") from None
-    return {
-        "bf16": dict(cell_bytes=split.bf16_cell, window_bytes=0, max_total_tokens=split.bf16_tokens),
-        "oscar": dict(cell_bytes=split.oscar_cell, window_bytes=split.plan.total_bytes,
-                      max_total_tokens=split.oscar_tokens, retained_sets=split.plan.retained_sets),
-    }
+    split = split_budget(budget_bytes=budget_bytes, head_dim=head_dim, kv_heads=kv_heads, layers=layers,
+                         itemsize=BF16_BYTES, token_row_bytes=settings.layouts.token_row_bytes)
+    return {"bf16": dict(cell_bytes=split.bf16_cell, max_total_tokens=split.bf16_tokens),
+            "oscar": dict(cell_bytes=split.oscar_cell, max_total_tokens=split.oscar_tokens)}
 
 
 def prepare_model(name: str, work: Path) -> tuple[Path, list[str]]:
@@ -119,9 +108,9 @@ def prepare_model(name: str, work: Path) -> tuple[Path, list[str]]:
     return model, extra
 
 
-def make_rotations(model: Path, real_weights: bool, out: Path, sink: int = 64, recent: int = 256) -> Path:
+def make_rotations(model: Path, real_weights: bool, out: Path) -> Path:
     """Calibrated rotations for real weights (small setting); random orthogonal ones for dummy weights
-    (with these BF16 windows)."""
+    (the default position rule either way)."""
     if real_weights:
         from oscar_sglang.calib.__main__ import main as calibrate
 
@@ -130,7 +119,7 @@ def make_rotations(model: Path, real_weights: bool, out: Path, sink: int = 64, r
         return out
     from support import write_rotations
 
-    return write_rotations(out, model, sink=sink, recent=recent)
+    return write_rotations(out, model)
 
 
 def corpus_tokens(need: int) -> tuple[list[int], list[int], list[list[int]], int]:
@@ -149,13 +138,8 @@ def corpus_tokens(need: int) -> tuple[list[int], list[int], list[list[int]], int
     return ids, enc(HEADER), [enc(q) for q in question_texts(64)], len(tok)
 
 
-def window_mib_from_log(log: Path) -> float | None:
-    m = re.search(r"OSCAR KV pool: \d+ tokens, .*; BF16 windows .* \(([\d.]+) MiB\)", log.read_text())
-    return float(m.group(1)) if m else None
-
-
 def start_server(cfg: Config, args: argparse.Namespace, model: Path, work: Path) -> AbstractContextManager:
-    """``serve()`` for one configuration; its log (parsed for the window size) goes to work/<name>.log."""
+    """``serve()`` for one configuration; its log goes to work/<name>.log."""
     from oscar_sglang.launch import serve
 
     return serve(model, cfg.server_args, device=args.device,
@@ -166,8 +150,8 @@ def drive_server(cfg: Config, args: argparse.Namespace, srv, workloads: dict[int
     """Drive every workload on a live server (cache flushed before each); one CSV row per D."""
     import requests
 
-    capacity = requests.get(f"{srv.url}/get_server_info", timeout=60).json()["max_total_num_tokens"]
-    window_mib = window_mib_from_log(srv.log)
+    info = requests.get(f"{srv.url}/get_server_info", timeout=60).json()
+    capacity, page = info["max_total_num_tokens"], int(info.get("page_size") or 1)
     rows = []
     for d, wl in workloads.items():
         for _ in range(60):  # sglang refuses a flush until it is idle (e.g. still on its warm-up request)
@@ -178,17 +162,18 @@ def drive_server(cfg: Config, args: argparse.Namespace, srv, workloads: dict[int
             raise RuntimeError(f"{srv.url}/flush_cache refused for 60 s")
         stats, wall = drive(srv.url, wl, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens,
                             desc=f"{cfg.name} D={d}")
+        health = requests.get(f"{srv.url}/get_server_info", timeout=60).json()["internal_states"][0].get("kv_health", {})
         row = {"config": cfg.name, "device": args.device, "model": args.model, "num_docs": d,
                "doc_tokens": args.doc_tokens, "questions_per_doc": args.questions,
                "concurrency": args.concurrency, "zipf_s": args.zipf, "seed": args.seed,
                "max_new_tokens": args.max_new_tokens, "kv_budget_mb": args.kv_budget_mb,
-               "cell_bytes": cfg.cell_bytes, "window_bytes_charged": cfg.window_bytes,
-               "window_mib_allocated": window_mib if window_mib is not None else "",
+               "cell_bytes": cfg.cell_bytes, "page_size": page,
                "token_bytes": cfg.max_total_tokens * cfg.cell_bytes,
                "max_total_tokens_set": cfg.max_total_tokens, "capacity_tokens": capacity,
-               "docs_resident": round(capacity / wl.prefix_tokens, 2), "retained_sets": cfg.retained_sets or "",
-               **summarize(stats, wall), "commit": git_commit()}
-        print({k: row[k] for k in ("config", "num_docs", "capacity_tokens", "hit_rate",
+               "docs_resident": round(capacity / wl.prefix_tokens, 2),
+               "window_pages_at_end": health.get("window_pages", ""),
+               **summarize(stats, wall), "ideal_hit_rate": ideal_hit_rate(wl, page), "commit": git_commit()}
+        print({k: row[k] for k in ("config", "num_docs", "capacity_tokens", "hit_rate", "ideal_hit_rate",
                                    "prefill_tokens_computed", "requests_per_s", "ttft_p50_ms", "itl_p50_ms")})
         rows.append(row)
     return rows
@@ -228,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--questions", type=int, help="Q, questions per document (D * Q requests)")
     p.add_argument("--concurrency", type=int)
     p.add_argument("--kv-budget-mb", type=float, help="KV memory budget shared by both configurations (MiB)")
-    p.add_argument("--max-running", type=int, help="--max-running-requests (sizes OSCAR's window rings)")
+    p.add_argument("--max-running", type=int, help="--max-running-requests of every configuration")
     p.add_argument("--mem-fraction", type=float, help="--mem-fraction-static (must cover the budget)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--baselines", help="comma list of BF16 attention backends")
@@ -245,7 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_configs(args: argparse.Namespace, model: Path, rot: Path, extra: list[str]) -> list[Config]:
     """One BF16 configuration per --baselines backend, then OSCAR; all at --kv-budget-mb."""
-    split = budget_split(int(args.kv_budget_mb * 2**20), model, rot, args.max_running, args.device)
+    split = budget_split(int(args.kv_budget_mb * 2**20), model, rot, args.device)
     common = [*extra, "--dtype", "bfloat16", "--mem-fraction-static", str(args.mem_fraction),
               "--max-running-requests", str(args.max_running), "--random-seed", str(args.seed)]
     if args.device == "cpu":

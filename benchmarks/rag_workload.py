@@ -136,6 +136,16 @@ def _pct(xs: Sequence[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
+def ideal_hit_rate(wl: Workload, page_size: int) -> float:
+    """The hit rate of a cache that never forgets: every question after its document's first one
+    reads the whole shared prefix (page-aligned, as sglang's radix cache keys whole pages)."""
+    seen, cached = set(), 0
+    for d in wl.doc_of:
+        cached += wl.prefix_tokens // page_size * page_size if d in seen else 0
+        seen.add(d)
+    return round(cached / sum(map(len, wl.prompts)), 4)
+
+
 def summarize(stats: Sequence[RequestStats], wall_s: float) -> dict:
     """Hit rate, prefill tokens computed, throughput and latency percentiles (ms) of one run."""
     prompt = sum(s.prompt_tokens for s in stats)

@@ -1,12 +1,11 @@
 """What the Triton launchers (write, decode, extend) share: argument checks, the rule of which
-layouts they support (``ops.py`` sends every other layout to the reference), launch sizing
-from host-known numbers (no device sync), and the kernels' window row addressing."""
+layouts they support (``ops.py`` sends every other layout to the reference), and launch sizing
+from host-known numbers (no device sync)."""
 
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from .codec import RowLayout
 from .window import WindowRows
@@ -45,11 +44,14 @@ def check_head_dim(d: int, layout: RowLayout, attention: bool = True) -> None:
 
 
 def check_rows(name: str, rows: torch.Tensor, hkv: int, layout: RowLayout) -> None:
-    """uint8 storage rows [N, hkv, row_bytes], 4-byte aligned (the kernels read 32-bit words)."""
+    """uint8 storage rows [N, hkv, row_bytes], contiguous in the last dim, rows and heads 4-byte
+    aligned (the kernels read 32-bit words; a row may be followed by other bytes, as the pool's K
+    row is by the same head's V row)."""
     if rows.dtype != torch.uint8 or rows.dim() != 3 or rows.shape[1:] != (hkv, layout.row_bytes):
         raise ValueError(f"{name} must be uint8 [N, {hkv}, {layout.row_bytes}], got {rows.dtype} {tuple(rows.shape)}")
-    if rows.stride(2) != 1 or rows.stride(1) != layout.row_bytes or rows.stride(0) % 4 or rows.data_ptr() % 4:
-        raise ValueError(f"{name} must be 4-byte aligned and contiguous in its last two dims")
+    if rows.stride(2) != 1 or rows.stride(1) < layout.row_bytes or rows.stride(0) < hkv * rows.stride(1) \
+            or rows.stride(1) % 4 or rows.stride(0) % 4 or rows.data_ptr() % 4:
+        raise ValueError(f"{name} must be 4-byte aligned, contiguous in its last dim, heads and rows apart")
 
 
 def check_index(name: str, t: torch.Tensor, length: int | None = None) -> None:
@@ -73,19 +75,9 @@ def check_window(name: str, w: WindowRows, hkv: int, d: int) -> None:
 
 
 def check_windows(k_win: WindowRows, v_win: WindowRows, hkv: int, d: int) -> None:
-    """A K and a V window read with one row-id layout (the kernels' one WIN_LOG2)."""
+    """A K and a V window read with one row-id layout (the kernels' one WIN_LOG2 and row stride)."""
     check_window("k_win", k_win, hkv, d)
     check_window("v_win", v_win, hkv, d)
-    if k_win.log2_rows != v_win.log2_rows:
-        raise ValueError(f"k_win and v_win must have the same log2_rows, got {k_win.log2_rows} and {v_win.log2_rows}")
-
-
-@triton.jit
-def _window_offset(ids, page_stride, row_elems, LOG2_ROWS: tl.constexpr):
-    """int64 element offsets of window row ids (``WindowRows.offsets``): page, then the row in it."""
-    ids = ids.to(tl.int64)
-    if LOG2_ROWS == 0:
-        off = ids * page_stride
-    else:
-        off = (ids >> LOG2_ROWS) * page_stride + (ids & ((1 << LOG2_ROWS) - 1)) * row_elems
-    return off
+    if (k_win.log2_rows, k_win.row_stride) != (v_win.log2_rows, v_win.row_stride):
+        raise ValueError(f"k_win and v_win must have the same log2_rows and row_stride, got "
+                         f"{(k_win.log2_rows, k_win.row_stride)} and {(v_win.log2_rows, v_win.row_stride)}")

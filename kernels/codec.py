@@ -53,6 +53,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .rule import PositionRule
+
 FP16_MAX = 65504.0
 BITS = (2, 3, 4)  # supported code widths
 
@@ -268,19 +270,18 @@ def fake_quantize(x: torch.Tensor, layout: RowLayout, clip_ratio: float) -> torc
     return dequantize_rows(quantize_rows(x, layout, clip_ratio), layout)
 
 
-def kv_bits_per_element(
-    layout: RowLayout | CacheLayout, context_len: int, sink: int = 64, recent: int = 256, window_bytes_per_elem: int = 2
-) -> float:
-    """Physical bits per K/V element for one sequence of ``context_len`` tokens (a
+def kv_bits_per_element(layout: RowLayout | CacheLayout, context_len: int, rule: PositionRule = PositionRule(),
+                        window_bytes_per_elem: int = 2) -> float:
+    """Physical bits per K/V element of one running sequence of ``context_len`` tokens (a
     ``CacheLayout``: averaged over its layers' key and value rows).
 
-    Every token has a storage row (quantize-on-write); the first ``sink`` and
-    last ``recent`` tokens additionally keep a full-precision (BF16) copy.
+    Every token has a storage row (quantize-on-write); the sinks and the tokens of the block the
+    next query is in (``rule.window``) additionally keep a full-precision (BF16) copy.
     Counts real bytes, scale/minimum included.
     """
     if context_len <= 0:
         raise ValueError("context_len must be positive")
-    windowed = min(context_len, sink + recent)
+    windowed = sum(map(len, rule.window(context_len)))
     return layout.bits_per_element + 8.0 * windowed * window_bytes_per_elem / context_len
 
 

@@ -31,11 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import _window_offset, check_head_dim, check_index, check_rows, check_windows, plan_splits, sm_count
+from .checks import check_head_dim, check_index, check_rows, check_windows, plan_splits, sm_count
 from .codec import RowLayout
 from .tiles import (_dense_block, _int2_block, _int2_finish, _load_q_codes, _load_q_planes, _row_offsets,
                     code_bits2)
-from .window import WindowRows
+from .window import WindowRows, _window_offset
 
 __all__ = ["DecodeConfig", "plan_num_splits", "decode_attention", "merge_splits"]
 
@@ -70,14 +70,14 @@ def plan_num_splits(batch: int, kv_heads: int, avg_tokens: int, num_sms: int, co
 def _decode_split_kernel(
     q_ptr, krow_ptr, vrow_ptr, i_indptr, i_idx, kw_ptr, vw_ptr, w_indptr, w_idx,
     opart_ptr, lpart_ptr, scale_log2, code_bits2, num_splits,
-    stride_qb, stride_qh, stride_krn, stride_krh, stride_vrn, stride_vrh, kw_page, vw_page,
+    stride_qb, stride_qh, stride_krn, stride_krh, stride_vrn, stride_vrh, kw_page, vw_page, w_row,
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, WIN_COST: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, SAME_STRIDES: tl.constexpr, WIN_LOG2: tl.constexpr,
 ):
     """SAME_STRIDES: k_rows and v_rows have equal strides (the launcher compares them), so one
     byte offset serves both (the V strides are then not read). Window rows: ``WindowRows`` of
-    page strides kw_page / vw_page and log2_rows WIN_LOG2, rows of Hkv (the grid's first axis) x D."""
+    page strides kw_page / vw_page, row stride w_row and log2_rows WIN_LOG2, Hkv heads of D per row."""
     hk = tl.program_id(0)
     sp = tl.program_id(1)
     b = tl.program_id(2)
@@ -127,14 +127,13 @@ def _decode_split_kernel(
             msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, nmask[:, None])
     acc0, acc1, acc2, acc3 = _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q)
     qd0, qd1, qd2, qd3 = _load_q_planes(qh + tl.arange(0, Q)[:, None], hmask[None, :], Q)
-    win_row = tl.num_programs(0) * D  # elements of one window row: Hkv heads x D
     for start in range(w_lo, w_hi, BLOCK_W):
         offs = start + tl.arange(0, BLOCK_W)
         nmask = offs < w_hi
         wid = tl.load(w_idx + w_beg + offs, mask=nmask, other=0)
         m_i, l_i, acc0, acc1, acc2, acc3 = _dense_block(
-            qd0, qd1, qd2, qd3, _window_offset(wid, kw_page, win_row, WIN_LOG2) + hk * D,
-            _window_offset(wid, vw_page, win_row, WIN_LOG2) + hk * D,
+            qd0, qd1, qd2, qd3, _window_offset(wid, kw_page, w_row, WIN_LOG2) + hk * D,
+            _window_offset(wid, vw_page, w_row, WIN_LOG2) + hk * D,
             nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, scale_log2, Q, nmask[:, None])
 
     # Partial result of this split (lse = -inf and out = 0 when it saw no token).
@@ -243,7 +242,7 @@ def decode_attention(
         q, k_rows, v_rows, int2_indptr, int2_indices, k_win.data, v_win.data, win_indptr, win_indices,
         opart, lpart, sm_scale * LOG2E, code_bits2(), num_splits,
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
-        k_win.page_stride, v_win.page_stride,
+        k_win.page_stride, v_win.page_stride, k_win.row_stride,
         G=group, BLOCK_H=max(8, triton.next_power_of_2(group)), D=d,
         BLOCK_N=config.block_n, BLOCK_W=config.block_w, WIN_COST=win_cost(layout, v_layout, k_win),
         K_BITS=layout.bits, V_BITS=v_layout.bits, SAME_STRIDES=k_rows.stride() == v_rows.stride(),

@@ -33,12 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import _window_offset, check_head_dim, check_index, check_rows, check_windows, plan_splits, sm_count
+from .checks import check_head_dim, check_index, check_rows, check_windows, plan_splits, sm_count
 from .codec import RowLayout
 from .decode import LOG2E, merge_splits
 from .tiles import (_dense_block, _int2_block, _int2_finish, _load_q_codes, _load_q_planes, _row_offsets,
                     code_bits2)
-from .window import WindowRows
+from .window import WindowRows, _window_offset
 
 __all__ = ["ExtendConfig", "plan_extend_splits", "extend_attention"]
 
@@ -69,7 +69,7 @@ def _extend_kernel(
     kw_ptr, vw_ptr, w_indptr, w_idx, prefix_ptr, o_ptr, opart_ptr, lpart_ptr,
     scale_log2, code_bits2, sink, block, num_splits, H,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
-    stride_krn, stride_krh, stride_vrn, stride_vrh, kw_page, vw_page,
+    stride_krn, stride_krh, stride_vrn, stride_vrh, kw_page, vw_page, w_row,
     stride_ot, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, SAME_STRIDES: tl.constexpr,
@@ -80,7 +80,7 @@ def _extend_kernel(
     group. Split sp takes one share of the INT2 prefix; split 0 also takes the window and the
     chunk. With SPLIT, each split writes a partial (out, log2-sum-exp) that the merge combines.
     K_BITS / V_BITS: code widths of the key / value rows; SAME_STRIDES and the window rows
-    (kw_page / vw_page, WIN_LOG2) as in decode."""
+    (kw_page / vw_page, w_row, WIN_LOG2) as in decode."""
     mb = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2) // num_splits
@@ -140,15 +140,14 @@ def _extend_kernel(
         w_beg = tl.load(w_indptr + b).to(tl.int64)
         n_w = (tl.load(w_indptr + b + 1) - w_beg).to(tl.int32)
         n_sink = tl.minimum(tl.minimum(a, sink), n_w)  # window = the sinks, then a run ending at a - 1
-        win_row = tl.num_programs(1) * D  # elements of one window row: Hkv heads x D
         for start in range(0, n_w, BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)
             nmask = offs < n_w
             pos = tl.where(offs < n_sink, offs, a - n_w + offs)[:, None]
             wid = tl.load(w_idx + w_beg + offs, mask=nmask, other=0)
             m_i, l_i, acc0, acc1, acc2, acc3 = _dense_block(
-                qd0, qd1, qd2, qd3, _window_offset(wid, kw_page, win_row, WIN_LOG2) + hk * D,
-                _window_offset(wid, vw_page, win_row, WIN_LOG2) + hk * D,
+                qd0, qd1, qd2, qd3, _window_offset(wid, kw_page, w_row, WIN_LOG2) + hk * D,
+                _window_offset(wid, vw_page, w_row, WIN_LOG2) + hk * D,
                 nmask, kw_ptr, vw_ptr, m_i, l_i, acc0, acc1, acc2, acc3, scale_log2, Q,
                 (pos < sink) | (pos >= exact_from))
         # The chunk itself, causal: only key blocks up to this query block's last token.
@@ -259,7 +258,7 @@ def extend_attention(
         sm_scale * LOG2E, code_bits2(), sink, block, num_splits, hq,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
-        k_win.page_stride, v_win.page_stride, out.stride(0), out.stride(1),
+        k_win.page_stride, v_win.page_stride, k_win.row_stride, out.stride(0), out.stride(1),
         G=group, GP=gp, D=d, BLOCK_M=block_m, BLOCK_N=config.block_n, SPLIT=split,
         K_BITS=layout.bits, V_BITS=v_layout.bits, SAME_STRIDES=k_rows.stride() == v_rows.stride(),
         WIN_LOG2=k_win.log2_rows, num_warps=config.num_warps, num_stages=config.num_stages,

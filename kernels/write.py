@@ -48,10 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import _window_offset, check_head_dim, check_index, check_rows, check_window, sm_count
+from .checks import check_head_dim, check_index, check_rows, check_window, sm_count
 from .codec import RowLayout, clip_index
 from .tiles import _code_bytes
-from .window import WindowRows
+from .window import WindowRows, _window_offset
 
 __all__ = ["quantize_kv_write", "write_step", "rotate_queries"]
 
@@ -191,13 +191,13 @@ def _rotated_planes(xrow, rp, tmask, D: tl.constexpr, ROTATE: tl.constexpr, SANI
 
 @triton.jit
 def _write_rows(x_ptr, rot_ptr, rows_ptr, win_ptr, slots_ptr, wslots_ptr, h, H, t_begin, t_end,
-                stride_xt, stride_xh, stride_rh, stride_on, stride_oh, win_page,
+                stride_xt, stride_xh, stride_rh, stride_on, stride_oh, win_page, win_row,
                 D: tl.constexpr, CLIP_IDX: tl.constexpr, BLOCK_T: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 ROTATE: tl.constexpr, PRECISION: tl.constexpr, BITS: tl.constexpr, WIN_LOG2: tl.constexpr):
     """Tokens [t_begin, t_end) of KV head h (of H) of one tensor: the rotated row as four quarter-
     planes, clip rank, min and max over all four, then quantize and pack; its window copy at the
-    row ids ``wslots_ptr`` (``WindowRows`` of page stride win_page, log2_rows WIN_LOG2, rows of
-    H x D). For D < 64 (Q < 16, below tl.dot's minimum N) planes are padded to 16 columns,
+    row ids ``wslots_ptr`` (``WindowRows`` of page stride win_page, row stride win_row, log2_rows
+    WIN_LOG2, heads of D per row). For D < 64 (Q < 16, below tl.dot's minimum N) planes are padded to 16 columns,
     masked everywhere."""
     Q: tl.constexpr = D // 4
     PQ: tl.constexpr = 16 if Q < 16 else Q
@@ -217,7 +217,7 @@ def _write_rows(x_ptr, rot_ptr, rows_ptr, win_ptr, slots_ptr, wslots_ptr, h, H, 
         x3 = _sanitize(x3)
         if HAS_WINDOW:
             wslot = tl.load(wslots_ptr + tok, mask=tmask, other=-1)
-            wp = win_ptr + (_window_offset(wslot, win_page, H * D, WIN_LOG2) + h * D)[:, None] + pcols[None, :]
+            wp = win_ptr + (_window_offset(wslot, win_page, win_row, WIN_LOG2) + h * D)[:, None] + pcols[None, :]
             wmask = wslot >= 0
             _store_plane(wp, x0, wmask, pmask, 0, Q)
             _store_plane(wp, x1, wmask, pmask, 1, Q)
@@ -292,7 +292,7 @@ def _write_step_kernel(
     k_ptr, rk_ptr, krows_ptr, kwin_ptr, v_ptr, rv_ptr, vrows_ptr, vwin_ptr, q_ptr, qo_ptr,
     slots_ptr, wslots_ptr, T, tokens_per_prog, H, G,
     stride_kt, stride_kh, stride_rkh, stride_kon, stride_koh, kw_page,
-    stride_vt, stride_vh, stride_rvh, stride_von, stride_voh, vw_page,
+    stride_vt, stride_vh, stride_rvh, stride_von, stride_voh, vw_page, w_row,
     stride_qt, stride_qh, stride_qot, stride_qoh,
     D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_WINDOW: tl.constexpr, WIN_LOG2: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -310,12 +310,12 @@ def _write_step_kernel(
     if HAS_K:
         if p < v0:
             _write_rows(k_ptr, rk_ptr, krows_ptr, kwin_ptr, slots_ptr, wslots_ptr, p, H, t_begin, t_end,
-                        stride_kt, stride_kh, stride_rkh, stride_kon, stride_koh, kw_page,
+                        stride_kt, stride_kh, stride_rkh, stride_kon, stride_koh, kw_page, w_row,
                         D, K_CLIP, BLOCK_T, HAS_WINDOW, K_ROTATE, PRECISION, K_BITS, WIN_LOG2)
     if HAS_V:
         if (p >= v0) & (p < q0):
             _write_rows(v_ptr, rv_ptr, vrows_ptr, vwin_ptr, slots_ptr, wslots_ptr, p - v0, H, t_begin, t_end,
-                        stride_vt, stride_vh, stride_rvh, stride_von, stride_voh, vw_page,
+                        stride_vt, stride_vh, stride_rvh, stride_von, stride_voh, vw_page, w_row,
                         D, V_CLIP, BLOCK_T, HAS_WINDOW, V_ROTATE, PRECISION, V_BITS, WIN_LOG2)
     if HAS_Q:
         if p >= q0:
@@ -395,9 +395,9 @@ def write_step(
             raise ValueError("a window given without window_slots")
         if (k is not None and k_win is None) or (v is not None and v_win is None):
             raise ValueError("k and v windows go together")
-        if k is not None and v is not None and k_win.log2_rows != v_win.log2_rows:
-            raise ValueError(f"k and v windows must have the same log2_rows, got {k_win.log2_rows} and "
-                             f"{v_win.log2_rows}")
+        if k is not None and v is not None and (k_win.log2_rows, k_win.row_stride) != (v_win.log2_rows, v_win.row_stride):
+            raise ValueError(f"k and v windows must have the same log2_rows and row_stride, got "
+                             f"{(k_win.log2_rows, k_win.row_stride)} and {(v_win.log2_rows, v_win.row_stride)}")
         check_index("window_slots", window_slots, t)
     if k is not None or v is not None:
         check_index("slots", slots, t)
@@ -433,7 +433,8 @@ def write_step(
         return x.stride(0), x.stride(1), rows.stride(0), rows.stride(1), win.page_stride if win is not None else 0
 
     ks, vs = strides(k, k_rows, k_win), strides(v, v_rows, v_win)
-    win_log2 = (k_win if k is not None else v_win).log2_rows if has_window else 0  # k's and v's are equal
+    win = (k_win if k is not None else v_win) if has_window else None  # k's and v's log2_rows / row_stride are equal
+    win_log2, win_row = (win.log2_rows, win.row_stride) if win is not None else (0, 0)
     _write_step_kernel[(parts, triton.cdiv(t, per_prog))](
         dummy if k is None else k, dummy if rot_k is None else rot_k, dummy if k is None else k_rows,
         k_win.data if k_win is not None else dummy,
@@ -442,7 +443,7 @@ def write_step(
         dummy if q is None else q, dummy if q is None else q_out,
         slots, wslots, t, per_prog, h, group,
         ks[0], ks[1], stride_rkh, *ks[2:],
-        vs[0], vs[1], stride_rvh, *vs[2:],
+        vs[0], vs[1], stride_rvh, *vs[2:], win_row,
         *(q.stride()[:2] if q is not None else (0, 0)), *(q_out.stride()[:2] if q is not None else (0, 0)),
         D=d, BLOCK_T=block_t, HAS_WINDOW=has_window, WIN_LOG2=win_log2, PRECISION="tf32x3",
         HAS_K=k is not None, K_CLIP=min(clip_index(clip_k, d), d) if k is not None else d,

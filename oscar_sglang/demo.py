@@ -209,7 +209,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens when calibrating (default 8192)")
     p.add_argument("--kv-budget-mib", type=int, default=512, help="KV budget of each server (default 512)")
     p.add_argument("--document-chars", type=int, default=6000, help="document length (default 6000 chars)")
-    p.add_argument("--passage-chars", type=int, default=4000, help="held-out passage length (default 4000 chars)")
+    p.add_argument("--passage-chars", type=int, default=10000,
+                   help="held-out passage length (default 10000 chars, ~2.3K tokens: past the first full-precision "
+                        "block of 1024)")
     p.add_argument("--max-tokens", type=int, default=16, help="answer length (default 16)")
     p.add_argument("--out", type=Path, default=Path("oscar_demo.png"), help="PNG to write (default oscar_demo.png)")
     return p

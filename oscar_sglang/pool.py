@@ -1,9 +1,11 @@
 """The OSCAR KV pool: rotated 2/3/4-bit storage rows in sglang's own pool, full-precision windows inside it.
 
-Layout (per layer, as sglang's ``MHATokenToKVPool`` sees it)::
+Layout (per layer): one uint8 buffer, each (slot, KV head) its K row then its V row, which
+sglang's ``MHATokenToKVPool`` sees as two views::
 
-    k_buffer[l]  uint8 [size + page_size, H_kv, layouts.key[l].row_bytes]
-    v_buffer[l]  uint8 [size + page_size, H_kv, layouts.value[l].row_bytes]
+    kv_buffer[l] uint8 [size + page_size, H_kv, key[l].row_bytes + value[l].row_bytes]
+    k_buffer[l]  kv_buffer[l][..., :key[l].row_bytes]
+    v_buffer[l]  kv_buffer[l][..., key[l].row_bytes:]
 
 Every token's K and V are quantized on write into one storage row per (token, KV head)
 (``kernels/codec.py``: codes + fp16 scale/minimum) at the layer's calibrated bit widths
@@ -13,10 +15,12 @@ sglang sees ``dtype=uint8`` buffers, so everything that copies KV rows byte for 
 
 Full-precision (rotated, model dtype) window rows live in whole pages of the same buffers: a
 page that ``windows.WindowStore`` took from the allocator holds ``per_page`` window rows in the
-bytes of its ``page_size`` quantized rows, in every layer (``window_rows``: row id
-``page << log2_ids | i`` starts ``i * H_kv * D`` elements into the page). sglang never reads or
-writes such a page (it is in no request's table and no radix node), and the store gives it back
-to the allocator when no running request and no cached prefix needs its rows.
+bytes of its ``page_size`` K and V rows, in every layer (``window_rows``: row id
+``page << log2_ids | i`` holds its K at ``2 i H_kv D`` elements into the page and its V right
+after), so a window row costs what a model-dtype token costs, whatever the K and V widths.
+sglang never reads or writes such a page (it is in no request's table and no radix node), and
+the store gives it back to the allocator when no running request and no cached prefix needs
+its rows.
 """
 
 from __future__ import annotations
@@ -59,23 +63,23 @@ class OscarKVPool(MHATokenToKVPool):
         self.value_layouts = layouts.value[first : first + layer_num]
         if len(self.key_layouts) != layer_num:
             raise ValueError(f"layouts cover {len(layouts.key)} layers, the pool holds layers {first}..{first + layer_num - 1}")
-        row_bytes = [r.row_bytes for r in self.key_layouts + self.value_layouts]
+        row_bytes = [k.row_bytes + v.row_bytes for k, v in zip(self.key_layouts, self.value_layouts)]
         self.rule = rule
         self.window_dtype = dtype
         self.per_page = rows_per_page(page_size, row_bytes, head_dim, dtype.itemsize)
         if self.per_page < 1:
-            raise ValueError(f"a page of {page_size} slots of {min(row_bytes)}-byte rows cannot hold a window row of "
-                             f"{head_dim} {dtype} elements per head")
+            raise ValueError(f"a page of {page_size} slots of {min(row_bytes)}-byte K+V rows cannot hold a window "
+                             f"row of {head_dim} {dtype} elements per head for K and V")
         super().__init__(
             size,
             page_size,
             torch.uint8,
             head_num,
-            max(row_bytes),  # what sglang reads as head_dim; _create_buffers_normal sizes every layer's own rows
+            max(r.row_bytes for r in self.key_layouts),  # what sglang reads as head_dim; each layer has its own
             layer_num,
             device,
             enable_memory_saver,
-            v_head_dim=max(row_bytes),
+            v_head_dim=max(r.row_bytes for r in self.value_layouts),
             start_layer=start_layer,
             end_layer=end_layer,
             enable_alt_stream=False,
@@ -83,28 +87,29 @@ class OscarKVPool(MHATokenToKVPool):
         )
         self.window_head_dim = head_dim
         self.store = WindowStore(rule, page_size, self.per_page, size + page_size, request_rows, device)
-        self._windows = [tuple(self._window_view(buf, lay) for buf, lay in ((self.k_buffer[i], self.key_layouts[i]),
-                                                                           (self.v_buffer[i], self.value_layouts[i])))
-                         for i in range(layer_num)]
+        self._windows = [self._window_views(buf) for buf in self.kv_buffer]
 
     # ------------------------------------------------------------------ sizes
     def _create_buffers_normal(self):
         rows = self.size + self.page_size
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
-            self.k_buffer, self.v_buffer = (
-                [torch.zeros(rows, self.head_num, r.row_bytes, dtype=torch.uint8, device=self.device) for r in lays]
-                for lays in (self.key_layouts, self.value_layouts))
+            self.kv_buffer = [torch.zeros(rows, self.head_num, k.row_bytes + v.row_bytes, dtype=torch.uint8,
+                                          device=self.device) for k, v in zip(self.key_layouts, self.value_layouts)]
+        self.k_buffer = [b[..., : k.row_bytes] for b, k in zip(self.kv_buffer, self.key_layouts)]
+        self.v_buffer = [b[..., k.row_bytes :] for b, k in zip(self.kv_buffer, self.key_layouts)]
 
     def _slot_move_pointer_buffers(self):
-        """Widest rows first: sglang's tiled slot copy sizes its tiles from the first buffer's stride."""
-        return sorted([*self.k_buffer, *self.v_buffer], key=lambda b: -b.stride(0))
+        """One buffer per layer (a slot's K and V rows are contiguous), widest first: sglang's tiled slot
+        copy sizes its tiles from the first buffer's stride."""
+        return sorted(self.kv_buffer, key=lambda b: -b.stride(0))
 
-    def _window_view(self, buf: torch.Tensor, layout) -> WindowRows:
-        """Window rows of one layer's K or V: pages of this buffer, viewed in the model dtype."""
-        data = buf.view(self.window_dtype)
-        return WindowRows(data, self.head_num, self.window_head_dim,
-                          page_stride=self.page_size * self.head_num * layout.row_bytes // self.window_dtype.itemsize,
-                          log2_rows=self.store.log2_ids)
+    def _window_views(self, buf: torch.Tensor) -> tuple[WindowRows, WindowRows]:
+        """(K, V) window rows of one layer: pages of its buffer in the model dtype, each row's K then V."""
+        flat = buf.view(-1).view(self.window_dtype)
+        row = self.head_num * self.window_head_dim
+        page = self.page_size * buf.stride(0) // self.window_dtype.itemsize
+        return tuple(WindowRows(flat[i * row:], self.head_num, self.window_head_dim, page_stride=page,
+                                log2_rows=self.store.log2_ids, row_stride=2 * row) for i in (0, 1))
 
     def layouts(self, layer_id: int):
         """(key, value) row layouts of a layer."""

@@ -32,7 +32,7 @@ def oscar_cell_size(token_row_bytes: int, kv_heads: int) -> int:
 def page_size_for(rule: PositionRule, layouts: CacheLayout, requested: int | None) -> int:
     """The pool's page size: ``requested`` (sglang's --page-size) when it holds a window row and divides
     the block, else refused; with none (or 1), the largest of :data:`PAGE_SIZES` that does."""
-    rows = [r.row_bytes for r in layouts.key + layouts.value]
+    rows = [k.row_bytes + v.row_bytes for k, v in zip(layouts.key, layouts.value)]
     d = layouts.key[0].head_dim
 
     def fits(p: int) -> bool:
@@ -42,7 +42,7 @@ def page_size_for(rule: PositionRule, layouts: CacheLayout, requested: int | Non
         if not fits(requested):
             raise OscarError(
                 f"--oscar keeps full-precision window rows in whole KV pages: --page-size {requested} must hold one "
-                f"({d} fp32 values per head in {min(rows)}-byte rows) and divide the rotations file's block "
+                f"(2 x {d} fp32 values per head in {min(rows)}-byte K+V rows) and divide the rotations file's block "
                 f"({rule.block}); use one of {[p for p in PAGE_SIZES if fits(p)]} or drop --page-size.")
         return requested
     ok = [p for p in PAGE_SIZES if fits(p)]

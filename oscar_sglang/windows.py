@@ -41,10 +41,11 @@ from oscar_sglang.kernels.rule import PositionRule
 _EMPTY = torch.zeros(0, dtype=torch.int64)
 
 
-def rows_per_page(page_size: int, row_bytes: Iterable[int], head_dim: int, itemsize: int) -> int:
-    """Window rows one page of ``page_size`` slots holds: its narrowest quantized row (of any layer,
-    K or V) must hold a window row's head_dim elements of every head."""
-    return page_size * min(row_bytes) // (head_dim * itemsize)
+def rows_per_page(page_size: int, kv_row_bytes: Iterable[int], head_dim: int, itemsize: int) -> int:
+    """Window rows one page of ``page_size`` slots holds: in every layer, the page's K and V storage
+    rows (``kv_row_bytes``: K + V row bytes per head, per layer) hold a window row's K and V head_dim
+    elements of every head."""
+    return page_size * min(kv_row_bytes) // (2 * head_dim * itemsize)
 
 
 @dataclass

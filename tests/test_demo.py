@@ -35,7 +35,7 @@ def _demo(*args: str, timeout: float) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(1500)
 def test_demo_prints_its_table_and_what_it_measured_holds(smollm2_dir, tmp_path):
     out = tmp_path / "demo.png"
-    proc = _demo("--calib-tokens", "2048", "--document-chars", "3000", "--passage-chars", "3000",
+    proc = _demo("--calib-tokens", "2048", "--document-chars", "3000", "--passage-chars", "6000",
                  "--max-tokens", "8", "--out", str(out), timeout=1400)
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,12 +44,11 @@ def test_demo_prints_its_table_and_what_it_measured_holds(smollm2_dir, tmp_path)
     got = json.loads(out.with_suffix(".json").read_text())
     bf16, oscar = got["bf16"], got["oscar"]
     # the default K3V2 rows at head_dim 64: 3.0 physical bits per element, 16 / 3 = 5.3x fewer bytes than
-    # BF16; the BF16 windows take about a tenth of the budget
-    assert oscar["tokens"] > 4.5 * bf16["tokens"]
-    assert oscar["tokens"] * oscar["cell_bytes"] + oscar["window_bytes"] <= 512 * 2**20
-    assert bf16["tokens"] * bf16["cell_bytes"] <= 512 * 2**20
-    for side in (bf16, oscar):
-        assert side["cached_tokens"] >= side["prompt_tokens"] - 16, side
+    # BF16 (window rows take pages of the same budget as requests need them)
+    assert oscar["tokens"] > 5 * bf16["tokens"]
+    assert oscar["tokens"] * oscar["cell_bytes"] <= 512 * 2**20 and bf16["tokens"] * bf16["cell_bytes"] <= 512 * 2**20
+    for side, page in ((bf16, 1), (oscar, 64)):  # the cache keys whole pages (OSCAR's: 64 slots)
+        assert side["cached_tokens"] >= side["prompt_tokens"] - 16 - (page - 1), side
         assert len(side["answers"]) == 4
     assert oscar["ppl"] < 1.15 * bf16["ppl"]  # ΔNLL < 0.14 nats (the server test measured +0.044)
 

@@ -51,15 +51,16 @@ def test_pool_reports_packed_rows_to_sglang():
 
 
 def test_pool_rows_follow_the_bit_allocation_per_layer_and_tensor():
-    """Mixed widths: every layer's K and V buffers have their own row width; writes land in them and
-    sglang's slot move (tiled from the first buffer's stride) sees the widest rows first."""
+    """Mixed widths: every layer's K and V rows have their own width (one buffer per layer, each slot's
+    K then V); writes land in them and sglang's slot move (tiled from the first buffer's stride) sees
+    the widest layer first."""
     lay = CacheLayout.of(32, None, [3, 4, 2], [2, 2, 4])
     pool, _ = make_pool(16, H, 32, 3, sink=4, block=32, request_rows=2, layouts=lay)
     assert [b.shape[2] for b in pool.k_buffer] == [16, 20, 12] and [b.shape[2] for b in pool.v_buffer] == [12, 12, 20]
     assert pool.layouts(1) == (RowLayout(32, None, 4), RowLayout(32, None, 2))
     assert pool.get_kv_size_bytes()[0] == 32 * H * (16 + 20 + 12)  # window rows take no memory of their own
-    assert [b.stride(0) for b in pool._slot_move_pointer_buffers()][0] == H * 20
-    assert pool.per_page == 16 * 12 // (32 * 2)  # the narrowest row of any layer and tensor decides
+    assert [b.stride(0) for b in pool._slot_move_pointer_buffers()] == [H * 32, H * 32, H * 28]
+    assert pool.per_page == 16 * 28 // (2 * 32 * 2)  # the layer with the narrowest K + V rows decides
     torch.manual_seed(0)
     x = torch.randn(2, H, 32)
     eye = torch.eye(32)

@@ -3,15 +3,14 @@
 A small configuration of benchmarks/rag_prefix.py's workload driver (dummy-weight 4-layer
 model with SmolLM2's tokenizer and head_dim 64; 5 documents of 1024 tokens; 6 questions
 per document on average, Zipf-ordered; 2 streaming clients, 1 running request; prefill
-only; BF16 windows 4 + 16). The 4 MiB budget holds 2 documents in BF16 and more than 5 as
-2-bit rows after the BF16 windows (request windows and the retained store) are charged, so:
-- each server sizes exactly the capacity derived from the budget (OSCAR >= 3x BF16) and
-  OSCAR's windows take no more than was charged;
-- OSCAR's prefix-cache hit rate is at least BF16's and it computes no more prefill tokens (at
-  this budget the retained BF16 windows hold only 2 of the 5 document ends: see the assertion);
+only; the default position rule, sink 64 and blocks of 1024). The 4 MiB budget holds 2
+documents in BF16 and all 5 as 2-bit rows with their sinks and tails, so:
+- each server sizes exactly the capacity derived from the budget (OSCAR >= 6x BF16);
+- OSCAR's prefix-cache hit rate is near the ideal one (every question after its document's first
+  hits the whole document), over twice BF16's, and it computes fewer prefill tokens;
 - the frontend-language example (examples/rag_questions.py: fork over the questions of a
-  document, run_batch over documents) runs against the OSCAR server, and every fork but the
-  first of a document reads the document from the 2-bit cache.
+  document, run_batch over documents) runs against the OSCAR server right after, on its cache,
+  and every fork but the first of a document reads the document from the 2-bit cache.
 """
 
 from __future__ import annotations
@@ -34,9 +33,7 @@ def test_rag_prefix_hit_rate_and_frontend_program(tmp_path):
         "--concurrency", "2", "--max-running", "1", "--kv-budget-mb", "4", "--max-new-tokens", "1",
         "--out-dir", str(tmp_path)])
     model, extra = rag_prefix.prepare_model(args.model, tmp_path)
-    # Small windows: every document's end needs its own BF16 window (sink + recent rows) to be hit
-    # exactly, so with 64 + 256 a 4 MiB budget would hold only two such windows.
-    rot = rag_prefix.make_rotations(model, real_weights=False, out=tmp_path / "rot.safetensors", sink=4, recent=16)
+    rot = rag_prefix.make_rotations(model, real_weights=False, out=tmp_path / "rot.safetensors")
     workloads = rag_prefix.build_workloads(args)
     bf16_cfg, oscar_cfg = rag_prefix.build_configs(args, model, rot, extra)
     with ExitStack() as stack, ThreadPoolExecutor(2) as pool:  # start both servers at once (startup dominates)
@@ -45,9 +42,6 @@ def test_rag_prefix_hit_rate_and_frontend_program(tmp_path):
         bf16_srv, oscar_srv = (f.result() for f in starting)
         [bf16] = rag_prefix.drive_server(bf16_cfg, args, bf16_srv, workloads)
         [oscar] = rag_prefix.drive_server(oscar_cfg, args, oscar_srv, workloads)
-        # The frontend program right after the RAG stream, on its cache: the stream's proven windows
-        # (old documents nobody asks about again) age behind the new documents' guesses
-        # (pool.OscarKVPool._key), so the new documents get the retained store.
         docs = rag_questions.shakespeare_documents(2, 1500)
         answers, metas = rag_questions.run(oscar_srv.url, docs, questions_per_doc=2, concurrency=2, max_tokens=2)
     rag_prefix.write_results([bf16, oscar], args)
@@ -58,21 +52,11 @@ def test_rag_prefix_hit_rate_and_frontend_program(tmp_path):
     # capacity: what the budget split asked for is what sglang sized
     assert bf16["capacity_tokens"] == bf16_cfg.max_total_tokens
     assert oscar["capacity_tokens"] == oscar_cfg.max_total_tokens
-    assert oscar["capacity_tokens"] >= 3 * bf16["capacity_tokens"]
-    # the pool's window buffers (logged in MiB, 0.1 resolution, with the per-slot map charged in the cell)
-    assert oscar["window_mib_allocated"] != "", "the pool's log line (plugin.py) was not found in the server log"
-    allocated = oscar["window_mib_allocated"] * 2**20
-    assert oscar_cfg.window_bytes - 0.05 * 2**20 <= allocated
-    assert allocated <= oscar_cfg.window_bytes + 8 * (oscar_cfg.max_total_tokens + 1) + 0.05 * 2**20
+    assert oscar["capacity_tokens"] >= 6 * bf16["capacity_tokens"]
     # same requests, same prompts; the hit-rate / prefill effect
     assert bf16["prompt_tokens"] == oscar["prompt_tokens"] > 5 * 6 * 1024
-    # Under the position rule every document end that questions leave the cache at needs its own
-    # BF16 window in the retained store; this 4 MiB budget charges a store of 2 windows for 5
-    # documents, so most questions recompute their document. Measured at the commit that set these
-    # bounds: hit rate 0.369 (OSCAR) vs 0.305 (BF16), prefill 19,967 vs 21,985 tokens. The exact
-    # windows cost here about what the 2-bit rows save; the capacity gain above is what remains.
-    assert oscar["hit_rate"] >= bf16["hit_rate"] and bf16["hit_rate"] <= 0.5
-    assert bf16["prefill_tokens_computed"] >= oscar["prefill_tokens_computed"]
+    assert oscar["hit_rate"] >= 0.9 * oscar["ideal_hit_rate"] and oscar["hit_rate"] >= 2 * bf16["hit_rate"]
+    assert bf16["prefill_tokens_computed"] > oscar["prefill_tokens_computed"]
     assert (tmp_path / "rag_prefix_cpu.csv").exists() and (tmp_path / "rag_prefix_cpu.png").stat().st_size > 0
 
     # the frontend program: every question answered, on top of the cached document prefixes

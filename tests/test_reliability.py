@@ -3,11 +3,11 @@
 The model is a tiny random Llama with REAL weights (written here) whose embedding row
 for token 511 is +inf: any request containing it produces NaN hidden states and NaN K/V
 end to end (RMSNorm of inf is NaN) - a real way to inject non-finite values through the
-HTTP API. The rotations file keeps every position in a BF16 window (sink 512 >= any
-sequence here), so a prefix read from the cache holds the same values the writing request
-attended to and greedy outputs must be identical cached or not, alone or batched;
-the windows' lifetime bookkeeping (sink rows follow their slot) is what is under test.
-KV health (slots, evictions, window rows) is read through ``oscar_sglang/health.py``.
+HTTP API. A small rule (sink 4, blocks of 16, pages of 16) makes every request cross blocks,
+take and give back window pages, and leave tails attached to the radix cache; the position
+rule makes the quantized model one function of the tokens, so greedy outputs must be
+identical cached or not, alone or batched; the window rows' lifetime bookkeeping is what is
+under test. KV health (slots, evictions, window pages) is read through ``oscar_sglang/health.py``.
 
 Tests share one server (start ~1-2 min on 2 cores) and run in file order; the last one
 sends SIGTERM to it.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import stress  # noqa: E402
 
 POISON = 511  # its embedding row is +inf
-ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "256", "--max-running-requests", "8",
+ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "1024", "--page-size", "16", "--max-running-requests", "8",
         "--disable-overlap-schedule", "--random-seed", "0", "--schedule-conservativeness", "0.05"]
 
 
@@ -48,7 +48,7 @@ def server(tmp_path_factory):
     with torch.no_grad():
         net.model.embed_tokens.weight[POISON] = float("inf")
     net.save_pretrained(model, safe_serialization=True)
-    rot = write_rotations(model / "rot.safetensors", model, sink=512, recent=256)
+    rot = write_rotations(model / "rot.safetensors", model, sink=4, block=16)
     with serve(model, ["--oscar", str(rot), *ARGS], device="cpu", timeout=900) as s:
         yield s
 
@@ -57,26 +57,24 @@ def test_kv_health_detects_window_row_leaks():
     """The leak fields read by every test below can fail (pool + allocator, no server)."""
     import torch
 
-    from oscar_sglang.health import LEAK_FIELDS, free_slots, window_health
-    from test_pool import _allocator, _pool
+    from oscar_sglang.health import LEAK_FIELDS, free_pages
+    from support import make_pool, take_slots
 
-    pool = _pool(retained_sets=2)  # sink 4, recent 8: a store of 2 x 28 rows; a request end keeps 12
-    alloc = _allocator(pool, 1)
-    slots = alloc.alloc(16)
-    pool.row_len[1] = 16
-    pool.retain_request(1, slots)
-    h = window_health(pool, free_slots(alloc))
-    assert (h["retained_owned"], h["retained_free"]) == (12, 44) and not any(h[k] for k in LEAK_FIELDS)
-    alloc.free_pages = torch.cat([alloc.free_pages, slots[:2]])  # freed behind the pool's back (no hook)
-    pool.ret_free.pop()  # a retained row lost
-    pool.ret_of_slot[slots[9]] = int(pool.ret_of_slot[slots[10]])  # two slots claim one row
-    pool.fill_misses = 1
-    h = window_health(pool, free_slots(alloc))
-    assert h["window_rows_of_free_slots"] == 2 and h["retained_rows_lost"] == 1 and h["window_map_mismatches"] >= 1
-    assert h["window_fill_misses"] == 1
-    pool.ret_free.append(0)
-    pool.ret_free.append(0)
-    assert window_health(pool, free_slots(alloc))["retained_free_duplicates"] == 1
+    pool, alloc = make_pool(512, 2, 32, 1, sink=4, block=16, request_rows=3)
+    store = pool.store
+    slots = take_slots(alloc, 40)
+    store.begin_extend(1, 0, 40)
+    store.attach(1, lambda positions: slots[positions], 32)
+    h = store.health(free_pages(alloc))
+    assert h["window_pages"] > 0 and not any(h[k] for k in LEAK_FIELDS), h
+    page = int(store.page_of(store.table[1][store.table[1] >= 0])[0])
+    alloc.free_pages = torch.cat([alloc.free_pages, torch.tensor([page, int(slots[0]) // 16])])  # behind its back
+    store.refs[page] += 1
+    store.slot_of_win[int(store.win_of_slot[slots[0]])] = -1
+    store.row_len[1] = -1  # the row looks idle but still holds rows
+    h = store.health(free_pages(alloc))
+    for field in LEAK_FIELDS:
+        assert h[field] >= 1, (field, h)
 
 
 def _gen(url, ids, n=12, **kw):
@@ -96,7 +94,7 @@ def _healthy(url) -> dict:
 def _assert_all_free(url) -> None:
     stress.flush(url)
     h = _healthy(url)
-    assert h["available_size"] == h["max_total_num_tokens"] and h.get("retained_free") == h.get("retained_rows"), h
+    assert h["available_size"] == h["max_total_num_tokens"] and h["window_pages"] == 0, h
 
 
 def _ids(seed: int, n: int) -> list[int]:

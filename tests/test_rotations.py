@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from oscar_sglang.calib.rotation import (bit_reversal, build_rotations, eigh_descending, hadamard,
                                          hadamard_rotation, oscar_rotation, permutation_matrix)
 from oscar_sglang.calib.rotations import (FORMAT_VERSION, METADATA_KEY, BitAllocation, ModelFingerprint, Provenance,
-                                          Recipe,
-                                          RotationsError, RotationsMeta, fingerprint_from_hf_config,
+                                          Recipe, RotationsError, RotationsMeta, Windows, fingerprint_from_hf_config,
                                           load_rotations, save_rotations)
+from oscar_sglang.kernels.rule import PositionRule
 
 L, H, D = 2, 2, 16
 
@@ -44,6 +44,13 @@ def valid_tensors(granularity: str = "layer") -> dict[str, torch.Tensor]:
     c = torch.stack([torch.stack([random_cov(D, 2 * l + h) for h in range(H)]) for l in range(L)])
     r_k, r_v, _, _ = build_rotations(c, c.flip(0), "oscar", granularity, L, H, D)
     return {"key": r_k, "value": r_v}
+
+
+def edited(meta: RotationsMeta, old: str, new: str) -> str:
+    """The metadata JSON with ``old`` replaced (which must occur, so a case never builds a valid file)."""
+    raw = msgspec.json.encode(meta).decode()
+    assert old in raw, (old, raw)
+    return raw.replace(old, new)
 
 
 def write_raw(path, tensors, meta) -> None:
@@ -143,7 +150,7 @@ def test_fingerprint_from_hf_config():
 def test_round_trip(tmp_path, granularity):
     t = valid_tensors(granularity)
     ev = torch.rand(*t["key"].shape[:-1]).sort(-1, descending=True).values
-    meta = make_meta(granularity)
+    meta = make_meta(granularity, windows=Windows(sink=4, block=16))
     path = save_rotations(tmp_path / "r.safetensors", t["key"], t["value"], meta, ev, ev)
     rot = load_rotations(path, expect=fingerprint())
     assert rot.meta == meta and torch.equal(rot.key, t["key"]) and torch.equal(rot.value, t["value"])
@@ -152,6 +159,9 @@ def test_round_trip(tmp_path, granularity):
     assert torch.equal(k, t["key"][1]) and torch.equal(v, t["value"][1])
     raw = json.loads(path.read_bytes()[8 : 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
     assert list(raw["__metadata__"]) == [METADATA_KEY]  # exactly one metadata key, no pickle
+    stored = json.loads(raw["__metadata__"][METADATA_KEY])
+    assert stored["format_version"] == FORMAT_VERSION == 2 and stored["windows"] == {"sink": 4, "block": 16}
+    assert rot.meta.windows.rule == PositionRule(sink=4, block=16)
     assert raw["key"]["dtype"] == "F32"
     assert rot.meta.bits is None and rot.meta.key_bits == rot.meta.value_bits == [2] * L  # files before #14
 
@@ -163,6 +173,17 @@ def test_bit_allocation_round_trip(tmp_path):
     meta = make_meta(bits=bits)
     rot = load_rotations(save_rotations(tmp_path / "r.safetensors", t["key"], t["value"], meta))
     assert rot.meta == meta and (rot.meta.key_bits, rot.meta.value_bits) == ([4, 2], [2, 4])
+
+
+def test_windows_hold_the_block_rule():
+    assert Windows.__struct_fields__ == ("sink", "block")
+    assert Windows() == Windows(sink=64, block=1024) == make_meta().windows  # the served default
+    assert Windows().rule == PositionRule() == PositionRule(sink=64, block=1024, recent=0)
+    assert Windows(sink=0, block=256).rule.rebuildable
+    with pytest.raises(ValueError, match="a position rule needs"):
+        Windows(sink=64, block=0).rule
+    with pytest.raises(msgspec.ValidationError, match="unknown field `recent`"):  # version 1's field
+        msgspec.json.decode(b'{"sink": 64, "recent": 256}', type=Windows)
 
 
 def test_save_refuses_invalid_rotations(tmp_path):
@@ -198,11 +219,16 @@ def _malformed(tmp_path, case: str):
     elif case == "missing metadata":
         write_raw(path, t, None)
     elif case == "garbled metadata":
-        write_raw(path, t, '{"format_version": 1, "model": {"architecture": ')
+        write_raw(path, t, f'{{"format_version": {FORMAT_VERSION}, "model": {{"architecture": ')
     elif case == "metadata wrong type":
-        write_raw(path, t, msgspec.json.encode(meta).decode().replace('"granularity":"layer"', '"granularity":7'))
+        write_raw(path, t, edited(meta, '"granularity":"layer"', '"granularity":7'))
     elif case == "wrong version":
-        write_raw(path, t, msgspec.json.encode(meta).decode().replace('"format_version":1', '"format_version":99'))
+        write_raw(path, t, edited(meta, f'"format_version":{FORMAT_VERSION}', '"format_version":99'))
+    elif case == "version 1 file":  # as oscar-sglang wrote it before the block rule: sliding windows
+        v1 = edited(meta, '"windows":{"sink":64,"block":1024}', '"windows":{"sink":64,"recent":256}')
+        write_raw(path, t, v1.replace(f'"format_version":{FORMAT_VERSION}', '"format_version":1'))
+    elif case == "version 2 with a recent window":
+        write_raw(path, t, edited(meta, '"windows":{"sink":64,"block":1024}', '"windows":{"sink":64,"recent":256}'))
     elif case == "clip list length":
         write_raw(path, t, make_meta(clip_k=[0.96]))
     elif case == "bit list length":
@@ -240,6 +266,8 @@ MALFORMED = {
     "garbled metadata": "metadata 'oscar_sglang.rotations' is garbled",
     "metadata wrong type": "is garbled .*granularity",
     "wrong version": "format_version 99 is not supported",
+    "version 1 file": r"format_version 1 is not supported \(this oscar-sglang reads version 2\); recalibrate with",
+    "version 2 with a recent window": "metadata 'oscar_sglang.rotations' is garbled .*unknown field `recent`",
     "clip list length": "clip_k has 1 entries, expected one per layer",
     "bit list length": r"bits.key_bits has 1 entries, expected one per layer \(2\)",
     "unsupported width": r"bits.key_bits has widths \[8\]; supported: \[2, 3, 4\]",
