@@ -210,6 +210,10 @@ def _check_tensors(tensors: dict[str, torch.Tensor], meta: RotationsMeta, where:
     if meta.format_version != FORMAT_VERSION:
         raise RotationsError(f"{where}: format_version {meta.format_version} is not supported (this oscar-sglang "
                              f"reads version {FORMAT_VERSION}); {_RECALIBRATE}")
+    try:
+        meta.windows.rule  # noqa: B018 (validates sink and block)
+    except ValueError as e:
+        raise RotationsError(f"{where}: windows {e}; {_RECALIBRATE}") from None
     for name in ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim"):
         if getattr(m, name) <= 0:
             raise RotationsError(f"{where}: metadata model.{name} must be positive, got {getattr(m, name)}")

@@ -18,6 +18,7 @@ from oscar_sglang.kernels.codec import (
     split_rows,
     unpack_codes,
 )
+from oscar_sglang.kernels.rule import PositionRule
 
 
 def test_row_layout_sizes():
@@ -38,7 +39,7 @@ def test_cache_layout_bits_per_element_counts_real_rows():
     c = CacheLayout.of(128, None, [3, 3], [2, 2])  # keys 3 / values 2: the "2.75" of issue #14
     assert c.token_row_bytes == 2 * 52 + 2 * 36 and c.bits_per_element == 2.75
     assert kv_bytes_per_token(c, kv_heads=8, layers=2) == 8 * c.token_row_bytes
-    assert kv_bits_per_element(c, 32768) == pytest.approx(2.75 + 320 * 16 / 32768)
+    assert kv_bits_per_element(c, 32768 + 512) == pytest.approx(2.75 + (64 + 512) * 16 / (32768 + 512))
     assert kv_bytes_per_token(CacheLayout.uniform(RowLayout(128), 2), 8, 2) == kv_bytes_per_token(RowLayout(128), 8, 2)
     with pytest.raises(ValueError, match="2 key bit widths but 1 value"):
         CacheLayout.of(128, None, [3, 3], [2])
@@ -171,7 +172,9 @@ def test_bits_accounting():
     layout = RowLayout(128)
     base = 8 * 36 / 128
     assert base == 2.25
-    assert kv_bits_per_element(layout, 131072) <= 2.30
-    assert kv_bits_per_element(layout, 32768) == pytest.approx(2.25 + (320 * 256 * 8) / (32768 * 128))
-    assert kv_bits_per_element(layout, 100, sink=64, recent=256) == pytest.approx(2.25 + 16)
+    # a running sequence keeps its 64 sinks and the part of its current block of 1024 in BF16
+    assert kv_bits_per_element(layout, 131072 + 1023) <= 2.39  # a block less one past 128K: the most it holds
+    assert kv_bits_per_element(layout, 32768 + 256) == pytest.approx(2.25 + (64 + 256) * 16 / (32768 + 256))
+    assert kv_bits_per_element(layout, 100) == pytest.approx(2.25 + 16)  # all of it in the first block
+    assert kv_bits_per_element(layout, 100, PositionRule(sink=4, block=32)) == pytest.approx(2.25 + (4 + 4) * 16 / 100)
     assert kv_bytes_per_token(layout, kv_heads=8, layers=36) == 2 * 36 * 8 * 36

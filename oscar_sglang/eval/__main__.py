@@ -143,13 +143,13 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     methods = ["bf16"] + [m for m in args.methods if m != "bf16"] + list(variants)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     try:
         rules = [PositionRule.parse(r, args.sink) for r in args.rules]
     except ValueError as e:
         p.error(str(e))
     if served and len(rules) > 1:
         p.error("--served evaluates the rotations files' own rule: give one --rules")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     fp = check_supported(load_config(args.model))
     setup = Setup(args.model, args.chunk, rules, args.kivi_residual)
     setup.rotation_files = _rotations(args, [m for m in methods if m in CALIB_ARGS]) | variants
