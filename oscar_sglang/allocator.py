@@ -93,11 +93,10 @@ class OscarTokenToKVPoolAllocator(PagedTokenToKVPoolAllocator):
 
     def get_extend_allocation_demand(self, prefix_lens_cpu, seq_lens_cpu, *, conservative_num_tokens: int,
                                      shard_size: int) -> int:
-        windows = sum(self.request_slot_reserve(has_req_pool_slot=True, prefill_tokens=int(n)) + self.page_size
-                      for n in seq_lens_cpu)  # + a page for a cached prefix end's tail the request keeps
+        windows = sum(self.request_slot_reserve(has_req_pool_slot=True, prefill_tokens=int(n)) for n in seq_lens_cpu)
         return conservative_num_tokens + windows
 
     def check_decode_capacity(self, *, num_tokens: int, tree_cache, requests=None, spec_algorithm=None) -> bool:
-        rows = [(r.kv.req_pool_idx, r.kv.kv_committed_len) for r in requests or []]
+        rows = [r.kv.req_pool_idx for r in requests or [] if r.kv.req_pool_idx is not None]
         need = num_tokens + self.store.decode_pages_needed(rows) * self.page_size
         return self.evict_to_free_tokens(tree_cache, need)

@@ -181,7 +181,10 @@ class OscarAttnBackend(AttentionBackend):
             written = store.table[req_rows, torch.where(last < s, last, s + last % rule.block)]
             return ForwardMetadata(out_loc, _up(written, dev), _up(_indptr(new_lens), dev), int2_indptr, int2_indices,
                                    win_indptr, win_ids)
-        plans = [store.plans.pop(int(r)) for r in req_rows]
+        plans = [store.plans.pop(int(r), None) for r in req_rows]
+        if None in plans:
+            raise OscarError("the oscar backend runs extend batches that ScheduleBatch.prepare_for_extend prepared "
+                             f"(request rows {req_rows.tolist()} have no window plan)")
         first = new_lens.cumsum(0) - new_lens
         prefix = [p.prefix_ids for p in plans]
         src = torch.cat([p.write_offsets + f for p, f in zip(plans, first.tolist())])

@@ -228,7 +228,10 @@ def _extend_windows(original, batch):
             store.unpin(ids)
         raise
     for req, a, n in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
-        store.begin_extend(req.kv.req_pool_idx, a, a + n, hits.get(id(req)), store.snapshot_at.pop(req, None))
+        end = store.snapshot_at.get(req)
+        store.begin_extend(req.kv.req_pool_idx, a, a + n, hits.get(id(req)), end)
+        if end is not None and end <= a + n:  # kept (or passed) in this chunk
+            del store.snapshot_at[req]
     return result
 
 

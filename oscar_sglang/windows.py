@@ -116,11 +116,6 @@ class WindowStore:
     def pages_for(self, rows: int) -> int:
         return -(-rows // self.per_page)
 
-    def window_positions(self, t: int) -> list[int]:
-        """Positions whose rows the query at t reads, itself included: sinks, then its block up to t."""
-        sinks, block = self.rule.window(t)
-        return [*sinks, *block, t]
-
     # ------------------------------------------------------------------ pages
     def _hold(self, ids: torch.Tensor, by_request: bool) -> None:
         pages = self.page_of(ids[ids >= 0])
@@ -144,13 +139,13 @@ class WindowStore:
             self.sink_page[gone] = False
             self._give(gone)
 
-    def _new_pages(self, n: int) -> torch.Tensor:
+    def _new_pages(self, n: int, optional: bool = False) -> torch.Tensor | None:
         pages = self._take(n) if n else _EMPTY
-        if pages is None:
+        if pages is None and not optional:
             raise RuntimeError(f"OSCAR: no KV memory left for {n} full-precision window pages; sglang's admission "
                                "should have reserved them (lower --max-running-requests or raise "
                                "--mem-fraction-static)")
-        return pages.cpu().long()
+        return None if pages is None else pages.cpu().long()
 
     def _starts_page(self, page: int, nxt: int, p: int) -> bool:
         """Whether position p (after the cursor's page / next row) takes a new page: the cursor's is
@@ -159,9 +154,10 @@ class WindowStore:
         s = self.rule.sink
         return page < 0 or nxt >= self.per_page or p == s or (p > s and p % self.rule.block == 0)
 
-    def _alloc(self, row: int, positions: list[int]) -> torch.Tensor:
+    def _alloc(self, row: int, positions: list[int], optional: bool = False) -> torch.Tensor | None:
         """New row ids for ascending positions of request ``row``, written page by page: a page is
-        never shared between the sinks and the rest, between blocks, or between requests."""
+        never shared between the sinks and the rest, between blocks, or between requests.
+        ``optional``: None instead of an error when the allocator has too few pages."""
         if not positions:
             return _EMPTY
         starts, (page, nxt) = [], self.cursor[row]
@@ -170,7 +166,10 @@ class WindowStore:
                 starts.append(p)
                 page, nxt = 0, 0
             nxt += 1
-        new = iter(self._new_pages(len(starts)).tolist())
+        pages = self._new_pages(len(starts), optional)
+        if pages is None:
+            return None
+        new = iter(pages.tolist())
         starts, (page, nxt) = set(starts), self.cursor[row]
         ids = []
         for p in positions:
@@ -196,13 +195,14 @@ class WindowStore:
             self._release(ids, by_request=True)
 
     # ------------------------------------------------------------------ requests
-    def lookup(self, slots: torch.Tensor, touch: bool = False) -> torch.Tensor:
-        """Row ids attached to these slots (-1: none); ``touch`` marks their pages used now."""
-        ids = self.win_of_slot[slots.cpu().long()]
-        if touch and (ids >= 0).any():
-            self.clock += 1
-            self.used[self.page_of(ids[ids >= 0])] = self.clock
-        return ids
+    def lookup(self, slots: torch.Tensor) -> torch.Tensor:
+        """Row ids attached to these slots (-1: none)."""
+        return self.win_of_slot[slots.cpu().long()]
+
+    def _touch(self, ids: torch.Tensor) -> None:
+        """Their pages were used now (the eviction order)."""
+        self.clock += 1
+        self.used[self.page_of(ids[ids >= 0])] = self.clock
 
     def pin(self, ids: torch.Tensor) -> torch.Tensor:
         """Hold rows a request admitted on a prefix hit will read (before sglang allocates, which may
@@ -237,12 +237,15 @@ class WindowStore:
         if r.exact_from(end) > r.exact_from(start):  # a new block begins inside the chunk
             self._drop(row, block)
             self.cursor[row] = (-1, 0)
-        keep = [p for p in range(start, end) if p < s or p >= first]
+        keep = [*range(start, min(end, s)), *range(max(start, first), end)]  # own sinks, the block at the end
         snap = []
         if snapshot_end is not None and start < snapshot_end <= end and r.exact_from(snapshot_end) < first:
-            snap = [p for p in range(max(start, s, r.exact_from(snapshot_end)), snapshot_end)]
+            snap = list(range(max(start, s, r.exact_from(snapshot_end)), snapshot_end))
         positions = sorted({*keep, *snap})
-        ids = self._alloc(row, positions)
+        ids = self._alloc(row, positions, optional=bool(snap))
+        if ids is None:  # no memory for the snapshot (admission reserves none): the next hit recomputes instead
+            positions, snap = keep, []
+            ids = self._alloc(row, positions)
         by_pos = dict(zip(positions, ids.tolist()))
         self._set(row, keep, torch.tensor([by_pos[p] for p in keep], dtype=torch.int64))
         if snap:
@@ -263,9 +266,9 @@ class WindowStore:
         self.row_len[row] = t + 1
         return int(ids[0])
 
-    def decode_pages_needed(self, rows: Iterable[tuple[int, int]]) -> int:
-        """New pages the next decode step takes for these (row, position) pairs."""
-        return sum(self._starts_page(*self.cursor[row], t) for row, t in rows)
+    def decode_pages_needed(self, rows: Iterable[int]) -> int:
+        """New pages the next decode step of these request rows takes."""
+        return sum(self._starts_page(*self.cursor[row], self.row_len[row]) for row in rows)
 
     def release_row(self, row: int) -> None:
         """sglang freed request-table row ``row``: drop everything it holds."""
@@ -333,7 +336,7 @@ class WindowStore:
         m = first // self.page_size * self.page_size
         if m < lo:
             return 0
-        self.lookup(slots[pos[pos < m].to(slots.device)], touch=True)
+        self._touch(ids[pos < m])
         return m
 
     # ------------------------------------------------------------------ eviction

@@ -138,3 +138,22 @@ def test_a_recomputed_hit_keeps_the_tail_where_it_left_the_cache():
     store.release_row(2)
     assert store.usable_prefix(doc) == 48
     _healthy(pool, alloc)
+
+
+def test_a_snapshot_gives_way_when_memory_is_short():
+    """The kept tail of a cut prefix hit is optional (admission reserves none): without the pages for
+    it the request still gets the rows it needs, and the next hit recomputes from the block start."""
+    pool, alloc = _pool(size=256)  # 16 pages of 16
+    store = pool.store
+    doc = take_slots(alloc, 48)
+    _run(store, 1, 32)
+    _cache(store, 1, doc, 32)
+    store.release_row(1)
+    sinks, block = store.rule.window(32)
+    hit = store.pin(store.lookup(doc[[*sinks, *block]]))
+    free = alloc.free_size() // PAGE
+    need = store.pages_for(6)  # the rows of [64, 70): request 2 needs these whatever happens
+    alloc.alloc((free - need) * PAGE)  # leave exactly those pages
+    store.begin_extend(2, 32, 70, hit, snapshot_end=48)
+    assert store.plans.pop(2).write_offsets.tolist() == list(range(32, 38)) and 2 not in store.snap
+    _healthy(pool, alloc)
