@@ -55,7 +55,7 @@ def build(model, prefixes, chunks, dtype, dev, seed, bits=(2, 2), block=BLOCK):
         int2_indptr=i_ptr, int2_indices=i_idx, k_win=WindowRows.dense(randn(m, hkv, d)),
         v_win=WindowRows.dense(randn(m, hkv, d)), win_indptr=w_ptr, win_indices=w_idx,
         prefix_lens=torch.tensor(prefixes, dtype=torch.int32, device=dev),
-        sink=SINK, block=block, sm_scale=d**-0.5, layout=RowLayout(d, bits=bits[0]),
+        rule=rule, sm_scale=d**-0.5, layout=RowLayout(d, bits=bits[0]),
         v_layout=RowLayout(d, bits=bits[1]),
     )
 
@@ -79,6 +79,7 @@ def bf16_baselines(model, prefix, chunk, dev, gen):
 
     from oscar_sglang.kernels import extend
     from oscar_sglang.kernels.codec import RowLayout
+    from oscar_sglang.kernels.rule import PositionRule
     from oscar_sglang.kernels.window import WindowRows
 
     hq, hkv, d = MODELS[model]
@@ -97,7 +98,8 @@ def bf16_baselines(model, prefix, chunk, dev, gen):
     # the whole prefix as window rows, every position a "sink": every key read exactly (BF16)
     kw, vw = WindowRows.dense(kb), WindowRows.dense(vb)
     fns = {"triton_bf16_same_kernel": lambda: extend.extend_attention(
-        q, kn, vn, qo, rows, rows, zero, idx[:0], kw, vw, ptr, idx, a, total, BLOCK, d**-0.5, RowLayout(d),
+        q, kn, vn, qo, rows, rows, zero, idx[:0], kw, vw, ptr, idx, a, PositionRule(sink=total, block=BLOCK),
+        d**-0.5, RowLayout(d),
         max_q_len=chunk)}
     q4 = q.transpose(0, 1).unsqueeze(0)
     kd = torch.randn(1, hkv, total, d, device=dev, dtype=bf, generator=gen)

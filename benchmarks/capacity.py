@@ -60,8 +60,9 @@ def bf16_cell(shape: str) -> int:
                           itemsize=BF16)
 
 
-def window_slots_per_row(rows: "CacheLayout", rule: "PositionRule") -> float:
-    """Token slots one bf16 window row costs in the pool: a page at the served page size holds rows_per_page."""
+def window_slots_per_row(rows, rule) -> float:
+    """Token slots one bf16 window row costs in the pool (``rows``: a CacheLayout, ``rule``: the
+    PositionRule): a page at the served page size holds rows_per_page."""
     from oscar_sglang.sizing import page_size_for
     from oscar_sglang.windows import rows_per_page
 
@@ -118,9 +119,9 @@ def _engine_capacity(model: Path, device: str, mem_fraction: float, extra: dict)
 
 
 def engine_row(shape: str, device: str, budget_bytes: int) -> dict:
-    """Real sglang sizing, BF16 and --oscar at one --mem-fraction-static (default flags) chosen so
-    that the KV budget is about ``budget_bytes``: a first BF16 start measures how the fraction
-    maps to a budget on this machine, the second uses the rescaled fraction."""
+    """Real sglang sizing, BF16 and --oscar at one --mem-fraction-static (default flags) that gives
+    a KV budget of roughly ``budget_bytes`` (``budget_bytes`` / free memory: sglang's own overheads
+    come off it); the budget both saw is inferred from the BF16 start."""
     import psutil
 
     from support import write_rotations, write_tiny_model
@@ -129,11 +130,8 @@ def engine_row(shape: str, device: str, budget_bytes: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_model(Path(tmp) / "m", intermediate_size=256, vocab_size=1024, **SHAPES[shape])
         rot = write_rotations(Path(tmp) / "rot.safetensors", model)
-        bf16_args = {"attention_backend": "torch_native"}
-        guess = budget_bytes / psutil.virtual_memory().available
-        probe = _engine_capacity(model, device, guess, bf16_args)["tokens"] * cell
-        fraction = round(guess * budget_bytes / probe, 4)
-        bf16 = _engine_capacity(model, device, fraction, bf16_args)
+        fraction = round(budget_bytes / psutil.virtual_memory().available, 4)
+        bf16 = _engine_capacity(model, device, fraction, {"attention_backend": "torch_native"})
         oscar = _engine_capacity(model, device, fraction,
                                  {"attention_backend": "oscar", "quantization_param_path": str(rot)})
     calc = calculate(shape, bf16["tokens"] * cell)

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import MODELS, RESULTS, git_commit  # noqa: E402
 from oscar_sglang.kernels import decode, extend, write  # noqa: E402
 from oscar_sglang.kernels.codec import RowLayout  # noqa: E402
+from oscar_sglang.kernels.rule import PositionRule  # noqa: E402
 from oscar_sglang.kernels.window import WindowRows  # noqa: E402
 
 NV_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -207,7 +208,7 @@ def _decode_launches(key_bits: int = 2):
 
 
 def _extend_launches(key_bits: int = 2):
-    """Current extend signature (prefix_lens, sink, block); if it changes, this is skipped.
+    """Current extend signature (prefix_lens, rule); if it changes, this is skipped.
     ``key_bits`` keys over 2-bit values; a variant reports the extend kernel only."""
     def spec(shape):
         hq, hkv, d = shape
@@ -218,7 +219,7 @@ def _extend_launches(key_bits: int = 2):
         qo = torch.tensor([0, 32, 64], dtype=torch.int32)
         prefix = torch.tensor([32, 32], dtype=torch.int32)
         return _variant(capture(extend, lambda: extend.extend_attention(
-            q, kn, kn, qo, k_rows, v_rows, indptr, indices, *wins, indptr, indices, prefix, 64, 1024,
+            q, kn, kn, qo, k_rows, v_rows, indptr, indices, *wins, indptr, indices, prefix, PositionRule(),
             d ** -0.5, k_layout, max_q_len=32, v_layout=v_layout)), key_bits, "_extend_kernel")
     return spec
 

@@ -99,6 +99,9 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", type=int, default=PositionRule.sink, help="full-precision sink tokens")
     p.add_argument("--block", type=int, default=PositionRule.block,
                    help="full-precision block: a query reads its own block-aligned block of this many tokens exactly")
+    p.add_argument("--first-block", type=int, default=PositionRule.first,
+                   help="with F > 0, blocks below --block double from F ([F, 2F), [2F, 4F), ...): a short prefix "
+                        "keeps fewer full-precision rows (default %(default)s)")
     p.add_argument("--no-bit-reversal", action="store_true", help="R = U·H (no permutation P)")
     return p
 
@@ -156,18 +159,19 @@ def calibrate(args: argparse.Namespace) -> int:
         return _fail("--key-bits/--value-bits fix the widths; they cannot be combined with --kv-bits")
     held_out = search or allocate
     try:
-        windows = Windows(sink=args.sink, block=args.block)
-        first = first_scored(windows.rule, max(args.seq_len, args.search_tokens) + 1)
+        rule = PositionRule(sink=args.sink, block=args.block, first=args.first_block)
+        first = first_scored(rule, max(args.seq_len, args.search_tokens) + 1)
     except ValueError as e:
         return _fail(str(e))
+    windows = Windows(sink=rule.sink, block=rule.block, first=rule.first)
+    under = f"(the first such query under sink {rule.sink}, {rule.name})"
     if held_out and min(args.seq_len, args.search_tokens) <= first:
         what = "the clip search and the bit allocation score" if search else "the bit allocation scores"
         return _fail(f"{what} queries that see quantized keys, so it needs --seq-len and --search-tokens > "
-                     f"{first} (the first such query under --sink {args.sink} --block {args.block})")
+                     f"{first} {under}")
     if args.recipe == "oscar" and args.value_objective == "attention-weighted" and args.seq_len <= first:
         return _fail(f"--value-objective attention-weighted weights each value by the queries that read it from the "
-                     f"quantized cache, so it needs --seq-len > {first} (the first such query under --sink "
-                     f"{args.sink} --block {args.block})")
+                     f"quantized cache, so it needs --seq-len > {first} {under}")
     if args.out.is_dir():
         return _fail(f"--out {args.out} is a directory; give a file name such as {args.out / 'rotations.safetensors'}")
     paths = check_files(args.data) if args.data else assets.shakespeare_files()

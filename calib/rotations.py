@@ -56,14 +56,16 @@ class ModelFingerprint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
 class Windows(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The position rule served with these rotations (``kernels.rule.PositionRule``): the first
-    ``sink`` tokens and the query's own ``block``-aligned block are read in full precision."""
+    ``sink`` tokens and the query's own block are read in full precision; blocks are ``block``
+    long, and below ``block``, with ``first`` > 0, they double from ``first``."""
 
     sink: int = PositionRule.sink
     block: int = PositionRule.block
+    first: int = PositionRule.first
 
     @property
     def rule(self) -> PositionRule:
-        return PositionRule(sink=self.sink, block=self.block)
+        return PositionRule(sink=self.sink, block=self.block, first=self.first)
 
 
 class Recipe(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

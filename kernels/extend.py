@@ -13,7 +13,7 @@ power of two >= 64, one quantization group per row):
   window rows (``win_indptr``/``win_indices``: row ids into ``k_win``/``v_win``, ``WindowRows``
   of Hkv x D, window.py): the sinks then a run of positions ending at a - 1, and the chunk's
   exact k/v (causal). The block rule (rule.py) picks one copy per key: the query at t reads
-  key p exactly iff p < sink or p >= (t // block) * block, else its INT2 row.
+  key p exactly iff p < sink or p >= the start of t's block, else its INT2 row.
 - returns ``out`` [Tq, Hq, D] (q.dtype, rotated value basis).
 
 One program per (BLOCK_M chunk tokens x the G query heads of one KV head, request, split),
@@ -38,6 +38,7 @@ from .codec import RowLayout
 from .decode import LOG2E, merge_splits
 from .tiles import (_dense_block, _int2_block, _int2_finish, _load_q_codes, _load_q_planes, _row_offsets,
                     code_bits2)
+from .rule import PositionRule
 from .window import WindowRows, _window_offset
 
 __all__ = ["ExtendConfig", "plan_extend_splits", "extend_attention"]
@@ -64,16 +65,29 @@ def plan_extend_splits(programs: int, int2_tokens: int, num_sms: int, config: Ex
 
 
 @triton.jit
+def _block_start(t, block, first, DOUBLINGS: tl.constexpr):
+    """Start of the block of position t (``rule.PositionRule.block_start``): multiples of ``block``,
+    and below it, with DOUBLINGS > 0, blocks doubling from ``first`` (block = first << DOUBLINGS)."""
+    start = t // block * block
+    if DOUBLINGS > 0:
+        small = tl.where(t >= first, first, 0)
+        for i in tl.static_range(1, DOUBLINGS):
+            small = tl.where(t >= (first << i), first << i, small)
+        start = tl.where(t >= block, start, small)
+    return start
+
+
+@triton.jit
 def _extend_kernel(
     q_ptr, kn_ptr, vn_ptr, qo_indptr, krow_ptr, vrow_ptr, i_indptr, i_idx,
     kw_ptr, vw_ptr, w_indptr, w_idx, prefix_ptr, o_ptr, opart_ptr, lpart_ptr,
-    scale_log2, code_bits2, sink, block, num_splits, H,
+    scale_log2, code_bits2, sink, block, first, num_splits, H,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_krn, stride_krh, stride_vrn, stride_vrh, kw_page, vw_page, w_row,
     stride_ot, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, SAME_STRIDES: tl.constexpr,
-    WIN_LOG2: tl.constexpr,
+    WIN_LOG2: tl.constexpr, DOUBLINGS: tl.constexpr,
 ):
     """Program (token block, KV head, request x split). Its rows are BLOCK_M chunk tokens x the
     G query heads of the KV head (padded to GP), so every K/V block it loads serves the whole
@@ -96,7 +110,7 @@ def _extend_kernel(
     hq = hk * G + r % GP
     rmask = (tok < q_len) & (r % GP < G)
     a = tl.load(prefix_ptr + b).to(tl.int32)  # the chunk's first position
-    exact_from = ((a + tok) // block * block)[None, :]  # key p >= sink is exact for a query iff p >= exact_from
+    exact_from = _block_start(a + tok, block, first, DOUBLINGS)[None, :]  # key p >= sink is exact iff p >= this
     qp = q_ptr + (q_beg + tok)[None, :] * stride_qt + hq[None, :] * stride_qh
     q0, q1, q2, q3, qsum, qb = _load_q_codes(qp, rmask[None, :], Q)
 
@@ -117,7 +131,8 @@ def _extend_kernel(
     i_hi = tl.minimum(i_lo + share, n_i)
     # Blocks that every row reads as INT2 (key position sink + j below the exact block of the
     # program's first token a + m0) run without masks; the rest, masked by the position rule.
-    i_full = i_lo + tl.maximum(tl.minimum(i_hi, (a + m0) // block * block - sink) - i_lo, 0) // BLOCK_N * BLOCK_N
+    i_full = i_lo + tl.maximum(tl.minimum(i_hi, _block_start(a + m0, block, first, DOUBLINGS) - sink) - i_lo, 0) \
+        // BLOCK_N * BLOCK_N
     for start in range(i_lo, i_full, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         k_off, v_off = _row_offsets(i_idx + i_beg, offs, None, hk, stride_krn, stride_krh, stride_vrn, stride_vrh,
@@ -193,8 +208,7 @@ def extend_attention(
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
     prefix_lens: torch.Tensor,
-    sink: int,
-    block: int,
+    rule: PositionRule,
     sm_scale: float,
     layout: RowLayout,
     out: torch.Tensor | None = None,
@@ -206,7 +220,7 @@ def extend_attention(
     """Extend attention. ``layout``: the key rows', ``v_layout``: the value rows' (None: ``layout``).
     ``max_q_len`` (longest chunk, host int) avoids a device sync; None reads it from
     ``qo_indptr``. ``num_splits`` of each INT2 prefix: None plans it from host-known sizes
-    (``plan_extend_splits``). ``sink``, ``block``: the block rule (``rule.PositionRule``)."""
+    (``plan_extend_splits``). ``rule``: a block rule (``rule.PositionRule``; no sliding part)."""
     tq, hq, d = q.shape
     hkv = k_new.shape[1]
     v_layout = layout if v_layout is None else v_layout
@@ -222,8 +236,8 @@ def extend_attention(
     check_rows("k_rows", k_rows, hkv, layout)
     check_rows("v_rows", v_rows, hkv, v_layout)
     check_windows(k_win, v_win, hkv, d)
-    if sink < 0 or block <= 0:
-        raise ValueError(f"the block rule needs sink >= 0 and block > 0, got sink {sink}, block {block}")
+    if not rule.rebuildable:
+        raise ValueError(f"the extend kernel applies block rules only, got {rule.name}")
     for name, t in (("qo_indptr", qo_indptr), ("int2_indptr", int2_indptr), ("int2_indices", int2_indices),
                     ("win_indptr", win_indptr), ("win_indices", win_indices), ("prefix_lens", prefix_lens)):
         check_index(name, t)
@@ -255,13 +269,14 @@ def extend_attention(
     _extend_kernel[(triton.cdiv(max_q_len, block_m), hkv, bsz * num_splits)](
         q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices,
         k_win.data, v_win.data, win_indptr, win_indices, prefix_lens, out, opart, lpart,
-        sm_scale * LOG2E, code_bits2(), sink, block, num_splits, hq,
+        sm_scale * LOG2E, code_bits2(), rule.sink, rule.block, rule.first or rule.block, num_splits, hq,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
         k_win.page_stride, v_win.page_stride, k_win.row_stride, out.stride(0), out.stride(1),
         G=group, GP=gp, D=d, BLOCK_M=block_m, BLOCK_N=config.block_n, SPLIT=split,
         K_BITS=layout.bits, V_BITS=v_layout.bits, SAME_STRIDES=k_rows.stride() == v_rows.stride(),
-        WIN_LOG2=k_win.log2_rows, num_warps=config.num_warps, num_stages=config.num_stages,
+        WIN_LOG2=k_win.log2_rows, DOUBLINGS=(rule.block // rule.first).bit_length() - 1 if rule.first else 0,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
         merge_splits(opart, lpart, out)

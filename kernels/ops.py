@@ -17,6 +17,7 @@ from . import reference as _reference
 from . import write as _write
 from .checks import triton_supports
 from .codec import RowLayout
+from .rule import PositionRule
 from .window import WindowRows
 
 __all__ = ["quantize_kv_write", "write_step", "rotate_queries", "decode_attention", "extend_attention",
@@ -104,8 +105,7 @@ def extend_attention(
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
     prefix_lens: torch.Tensor,
-    sink: int,
-    block: int,
+    rule: PositionRule,
     sm_scale: float,
     layout: RowLayout,
     out: torch.Tensor | None = None,
@@ -115,7 +115,7 @@ def extend_attention(
     impl = _extend if q.is_cuda and _triton_attention(layout, v_layout) else _reference
     return impl.extend_attention(
         q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win,
-        win_indptr, win_indices, prefix_lens, sink, block, sm_scale, layout, out=out, max_q_len=max_q_len,
+        win_indptr, win_indices, prefix_lens, rule, sm_scale, layout, out=out, max_q_len=max_q_len,
         v_layout=v_layout,
     )
 

@@ -175,17 +175,15 @@ def extend_attention(
     win_indptr: torch.Tensor,
     win_indices: torch.Tensor,
     prefix_lens: torch.Tensor,
-    sink: int,
-    block: int,
+    rule: PositionRule,
     sm_scale: float,
     layout: RowLayout,
     out: torch.Tensor | None = None,
     max_q_len: int | None = None,
     v_layout: RowLayout | None = None,
 ) -> torch.Tensor:
-    """Chunk queries q [Tq, Hq, D] under the block rule (``rule.PositionRule(sink, block)``): the
-    query at position t reads key j <= t in full precision iff ``j < sink`` or
-    ``j >= (t // block) * block``, else from its INT2 row.
+    """Chunk queries q [Tq, Hq, D] under ``rule`` (``rule.PositionRule``): the query at position t
+    reads key j <= t in full precision iff ``rule.exact(t, j)``, else from its INT2 row.
 
     Request b's chunk starts at position a = prefix_lens[b]. Its keys come from three places:
     the INT2 segment (positions ``sink, sink + 1, ...``: the prefix and the chunk's own tokens,
@@ -196,7 +194,7 @@ def extend_attention(
     ``max_q_len`` is accepted for signature parity and ignored."""
     del max_q_len
     v_layout = _check_gqa(q.shape[1], k_new.shape[1], q.shape[2], layout, v_layout)
-    rule = PositionRule(sink=sink, block=block)
+    sink = rule.sink
     res = torch.empty_like(q) if out is None else out
     dev = q.device
     for b in range(qo_indptr.numel() - 1):

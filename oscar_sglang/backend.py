@@ -172,13 +172,13 @@ class OscarAttnBackend(AttentionBackend):
         store.flush()
         rows_d = _up(req_rows, dev)
         last = seq_lens - 1
-        quant_hi = rule.exact_from(last).clamp(min=s)  # quantized keys: [sink, exact_from(last query))
+        block_of_last = rule.exact_from(last)
+        quant_hi = block_of_last.clamp(min=s)  # quantized keys: [sink, exact_from(last query))
         int2_indptr, int2_indices = _gather_slots(self.req_to_token, rows_d, torch.full_like(seq_lens, s), quant_hi - s)
         if decode:
-            block_lo = quant_hi
-            win_indptr, win_ids = _gather_window(store.table_dev, rows_d, seq_lens.clamp(max=s), s + block_lo % rule.block,
-                                                 (seq_lens - block_lo).clamp(min=0))
-            written = store.table[req_rows, torch.where(last < s, last, s + last % rule.block)]
+            win_indptr, win_ids = _gather_window(store.table_dev, rows_d, seq_lens.clamp(max=s),
+                                                 s + quant_hi - block_of_last, (seq_lens - quant_hi).clamp(min=0))
+            written = store.table[req_rows, torch.where(last < s, last, s + last - block_of_last)]
             return ForwardMetadata(out_loc, _up(written, dev), _up(_indptr(new_lens), dev), int2_indptr, int2_indices,
                                    win_indptr, win_ids)
         plans = [store.plans.pop(int(r), None) for r in req_rows]
@@ -322,7 +322,7 @@ class OscarAttnBackend(AttentionBackend):
         out = ops.extend_attention(
             qr, kr, vr, md.qo_indptr, *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
             *self.pool.window_rows(lid), md.win_indptr, md.win_indices, md.prefix_lens,
-            self.pool.rule.sink, self.pool.rule.block, layer.scaling, k_lay, max_q_len=md.max_q_len, v_layout=v_lay,
+            self.pool.rule, layer.scaling, k_lay, max_q_len=md.max_q_len, v_layout=v_lay,
         )
         if save_kv_cache:  # window rows after attention: see _metadata
             self.pool.write_windows(lid, md.win_dst, kr[md.win_src], vr[md.win_src])

@@ -15,7 +15,7 @@ import msgspec
 
 from oscar_sglang.calib.rotations import Rotations, RotationsError, fingerprint_from_hf_config, load_rotations
 from oscar_sglang.kernels.checks import triton_supports
-from oscar_sglang.kernels.codec import CacheLayout, RowLayout
+from oscar_sglang.kernels.codec import CacheLayout
 from oscar_sglang.kernels.rule import PositionRule
 
 BACKEND_NAME = "oscar"
@@ -31,6 +31,7 @@ class OscarSettings(msgspec.Struct, frozen=True, kw_only=True):
     group_size: int | None
     sink: int
     block: int
+    first_block: int
     clip_k: tuple[float, ...]
     clip_v: tuple[float, ...]
     key_bits: tuple[int, ...]
@@ -40,7 +41,7 @@ class OscarSettings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def rule(self) -> PositionRule:
         """Which keys a query reads in full precision (the rotations file's windows)."""
-        return PositionRule(sink=self.sink, block=self.block)
+        return PositionRule(sink=self.sink, block=self.block, first=self.first_block)
 
     @property
     def layouts(self) -> CacheLayout:
@@ -120,6 +121,7 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
             group_size=meta.group_size,
             sink=meta.windows.sink,
             block=meta.windows.block,
+            first_block=meta.windows.first,
             clip_k=tuple(meta.clip_k),
             clip_v=tuple(meta.clip_v),
             key_bits=tuple(meta.key_bits),

@@ -36,19 +36,19 @@ def page_size_for(rule: PositionRule, layouts: CacheLayout, requested: int | Non
     d = layouts.key[0].head_dim
 
     def fits(p: int) -> bool:
-        return rows_per_page(p, rows, d, WORST_ITEMSIZE) >= 1 and rule.block % p == 0
+        return rows_per_page(p, rows, d, WORST_ITEMSIZE) >= 1 and (rule.first or rule.block) % p == 0
 
     if requested and requested > 1:
         if not fits(requested):
             raise OscarError(
                 f"--oscar keeps full-precision window rows in whole KV pages: --page-size {requested} must hold one "
-                f"(2 x {d} fp32 values per head in {min(rows)}-byte K+V rows) and divide the rotations file's block "
-                f"({rule.block}); use one of {[p for p in PAGE_SIZES if fits(p)]} or drop --page-size.")
+                f"(2 x {d} fp32 values per head in {min(rows)}-byte K+V rows) and divide the rotations file's blocks "
+                f"({rule.name}); use one of {[p for p in PAGE_SIZES if fits(p)]} or drop --page-size.")
         return requested
     ok = [p for p in PAGE_SIZES if fits(p)]
     if not ok:
-        raise OscarError(f"--oscar: no page size in {PAGE_SIZES} divides the rotations file's block ({rule.block}); "
-                         "recalibrate with a --block that is a multiple of 64.")
+        raise OscarError(f"--oscar: no page size in {PAGE_SIZES} divides the rotations file's blocks ({rule.name}); "
+                         "recalibrate with block sizes that are multiples of 64.")
     return ok[0]
 
 

@@ -108,7 +108,8 @@ class WindowStore:
 
     # ------------------------------------------------------------------ geometry
     def col(self, p: int) -> int:
-        return p if p < self.rule.sink else self.rule.sink + p % self.rule.block
+        """Table column of position p: the sinks, then the offset in its block."""
+        return p if p < self.rule.sink else self.rule.sink + p - self.rule.block_start(p)
 
     def page_of(self, ids: torch.Tensor) -> torch.Tensor:
         return ids >> self.log2_ids
@@ -152,7 +153,7 @@ class WindowStore:
         full or none, or p begins the non-sink rows or a block (callers' runs are contiguous
         within a block, so a gap always falls on one of these)."""
         s = self.rule.sink
-        return page < 0 or nxt >= self.per_page or p == s or (p > s and p % self.rule.block == 0)
+        return page < 0 or nxt >= self.per_page or p == s or (p > s and self.rule.block_start(p) == p)
 
     def _alloc(self, row: int, positions: list[int], optional: bool = False) -> torch.Tensor | None:
         """New row ids for ascending positions of request ``row``, written page by page: a page is
@@ -258,8 +259,8 @@ class WindowStore:
         if self.row_len[row] != t:
             raise RuntimeError(f"OSCAR: request row {row} decodes position {t} but its window holds {self.row_len[row]}")
         r = self.rule
-        if t > r.sink and t % r.block == 0:  # a new block: the old one is no longer read
-            self._drop(row, range(max(r.sink, t - r.block), t))
+        if t > r.sink and r.block_start(t) == t:  # a new block: the old one is no longer read
+            self._drop(row, range(max(r.sink, r.block_start(t - 1)), t))
             self.cursor[row] = (-1, 0)
         ids = self._alloc(row, [t])
         self._set(row, [t], ids)

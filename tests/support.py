@@ -29,7 +29,7 @@ def random_orthogonal(n: int, d: int, seed: int) -> torch.Tensor:
     return q.float().contiguous()
 
 
-def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, block: int = 1024, seed: int = 0,
+def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, block: int = 1024, first: int = 128, seed: int = 0,
                     granularity: str = "layer", bits: tuple[list[int], list[int]] | None = None) -> Path:
     """A valid rotations file for the model in ``model_dir`` with random orthogonal R_K, R_V;
     ``bits``: per-layer (key, value) code widths (default: none recorded, i.e. all 2-bit)."""
@@ -37,6 +37,7 @@ def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, block: int =
 
     from oscar_sglang.calib.rotations import (FORMAT_VERSION, BitAllocation, Provenance, Recipe, RotationsMeta,
                                               Windows, fingerprint_from_hf_config, save_rotations)
+    from oscar_sglang.kernels.rule import PositionRule
 
     fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
     heads = (fp.num_kv_heads,) if granularity == "kv-head" else ()
@@ -46,7 +47,7 @@ def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, block: int =
     meta = RotationsMeta(
         format_version=FORMAT_VERSION, model=fp, granularity=granularity,
         clip_k=[0.96] * fp.num_layers, clip_v=[0.92] * fp.num_layers,
-        recipe=Recipe(name="identity"), windows=Windows(sink=sink, block=block),
+        recipe=Recipe(name="identity"), windows=Windows(sink=sink, block=block, first=PositionRule(sink=sink, block=block, first=first).first),
         bits=BitAllocation(key_bits=bits[0], value_bits=bits[1]) if bits else None,
         provenance=Provenance(data="random orthogonal (tests)", token_sha256="0" * 64, num_tokens=0, seq_len=0,
                               tool_version="test"),
@@ -55,7 +56,7 @@ def write_rotations(path: Path, model_dir: Path, *, sink: int = 64, block: int =
 
 
 def make_pool(size: int, head_num: int, head_dim: int, layers: int, *, sink: int, block: int, request_rows: int,
-              page_size: int = 16, dtype=torch.float16, layouts=None):
+              page_size: int = 16, dtype=torch.float16, layouts=None, first: int = 0):
     """An OscarKVPool on CPU and the OSCAR allocator over it (sglang's real paged allocator; window
     pages come from it). ``layouts``: a CacheLayout (default all 2-bit)."""
     from oscar_sglang.allocator import OscarTokenToKVPoolAllocator
@@ -65,7 +66,7 @@ def make_pool(size: int, head_num: int, head_dim: int, layers: int, *, sink: int
 
     layouts = layouts or CacheLayout.uniform(RowLayout(head_dim), layers)
     pool = OscarKVPool(size, page_size, dtype, head_num, head_dim, layers, "cpu", layouts=layouts,
-                       rule=PositionRule(sink=sink, block=block), request_rows=request_rows)
+                       rule=PositionRule(sink=sink, block=block, first=first), request_rows=request_rows)
     return pool, OscarTokenToKVPoolAllocator(size, page_size, torch.int64, "cpu", pool, need_sort=False)
 
 

@@ -22,7 +22,7 @@ LENS = [9, 2, 36]  # after the decode step; request 1 decodes position 1 (< sink
 # its third block
 
 
-def _backend():
+def _backend(first: int = 0):
     from sglang.srt.layers.radix_attention import RadixAttention
 
     from oscar_sglang.backend import OscarAttnBackend
@@ -32,12 +32,12 @@ def _backend():
     torch.manual_seed(0)
     bits = (3,), (2,)  # keys 3 bits, values 2: rows of different widths
     pool, alloc = make_pool(2048, HKV, D, 1, sink=SINK, block=BLOCK, request_rows=4, page_size=8,
-                        layouts=CacheLayout.of(D, None, *bits))
+                            layouts=CacheLayout.of(D, None, *bits), first=first)
     req_to_token = torch.zeros(4, 64, dtype=torch.int32)
     # The four ModelRunner attributes the backend reads (a real runner needs a loaded model).
     runner = SimpleNamespace(token_to_kv_pool=pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
                              device="cpu", model=torch.nn.Module(), server_args=SimpleNamespace(tp_size=1))
-    settings = OscarSettings(rotations_path="-", head_dim=D, group_size=None, sink=SINK, block=BLOCK, clip_k=(0.96,),
+    settings = OscarSettings(rotations_path="-", head_dim=D, group_size=None, sink=SINK, block=BLOCK, first_block=first, clip_k=(0.96,),
                              clip_v=(0.92,), key_bits=bits[0], value_bits=bits[1], granularity="kv-head")
     rot = torch.linalg.qr(torch.randn(2, 1, HKV, D, D, dtype=torch.float64))[0].float()
     layer = RadixAttention(HQ, D, D**-0.5, HKV, layer_id=0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from support import take_slots
-from test_backend_graph import BLOCK, HKV, HQ, SINK, D, _backend, begin
+from test_backend_graph import HKV, HQ, D, _backend, begin
 
 T = 36  # two and a quarter blocks
 
@@ -71,7 +71,7 @@ def _rule(backend, q, k, v):
     g = HQ // HKV
     for t in range(T):
         j = torch.arange(t + 1)
-        exact = ((j < SINK) | (j >= t // BLOCK * BLOCK))[:, None, None]
+        exact = backend.pool.rule.exact(t, j)[:, None, None]
         kk = torch.where(exact, kr[: t + 1], kq[: t + 1]).repeat_interleave(g, 1)
         vv = torch.where(exact, vr[: t + 1], vq[: t + 1]).repeat_interleave(g, 1)
         p = torch.softmax(torch.einsum("hd,nhd->hn", qr[t], kk) * D**-0.5, dim=-1)
@@ -86,10 +86,11 @@ def _table(backend, alloc, rows):
         backend.req_to_token[r, :T] = slots[i * T: (i + 1) * T].int()
 
 
+@pytest.mark.parametrize("first", [0, 8])  # blocks of 16, or [0, 8), [8, 16), then every 16
 @pytest.mark.parametrize("chunks", [[36], [6, 30], [3, 3, 3, 5, 22], [1] * 36, [7, 17, 12], [10, "decode"],
                                     [3, "decode"]])
-def test_any_chunking_reads_by_the_position_rule(chunks):
-    backend, layer, alloc = _backend()
+def test_any_chunking_reads_by_the_position_rule(chunks, first):
+    backend, layer, alloc = _backend(first)
     _table(backend, alloc, [0])
     q, k, v = _inputs()
     want = _rule(backend, q, k, v)
@@ -128,13 +129,14 @@ def test_requests_in_one_batch_never_share_window_rows():
         torch.testing.assert_close(got[i], _decode(alone, layer1, [0], 10, qs[i], ks[i], v)[0], atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("first", [0, 8])
 @pytest.mark.parametrize("cached", [8, 16, 24, 32])
-def test_a_prefix_hit_equals_the_cold_run(cached):
+def test_a_prefix_hit_equals_the_cold_run(cached, first):
     """Request A writes ``cached`` tokens and sglang caches them (the rows of its sinks and of its
     block attach to the tree's slots); request B on another row shares those slots and computes the
     rest: equal to the cold run, for hits at block starts (16, 32) and inside a block (8, 24: B
-    reads the attached tail instead of recomputing it)."""
-    backend, layer, alloc = _backend()
+    reads the attached tail instead of recomputing it); with ``first`` 8, 8 is a block start too."""
+    backend, layer, alloc = _backend(first)
     _table(backend, alloc, [0, 1])
     backend.req_to_token[1, :cached] = backend.req_to_token[0, :cached]
     q, k, v = _inputs()

@@ -41,6 +41,8 @@ FLAG_CASES = {
     "eagle speculative decoding": (["--speculative-algorithm", "EAGLE"], "does not support speculative decoding"),
     # the tiny model's head_dim 32 has no Triton attention kernel: refused on a GPU, not served by the reference
     "head_dim without GPU kernels": (["--device", "cuda"], "on a GPU needs one quantization group per row, head_dim 64 or 128"),
+    # the tiny model's 12-byte K and V rows: 8 slots hold 192 bytes, a window row 2 x 32 fp32 values
+    "page too small for a window row": (["--page-size", "8"], "--page-size 8 must hold one"),
 }
 FILE_CASES = {f"file: {case}": pattern for case, pattern in MALFORMED.items()}
 ALL = [*FILE_CASES, *MODEL_CASES, *FLAG_CASES]

@@ -258,14 +258,16 @@ def test_cli_value_objective_is_recorded_and_needs_long_sequences(tmp_path, tiny
         assert rot[objective].meta.recipe.value_objective == objective
     assert torch.equal(rot["logit-weighted"].key, rot["attention-weighted"].key)
     assert not torch.allclose(rot["logit-weighted"].value, rot["attention-weighted"].value)
-    out = tmp_path / "none.safetensors"  # 256-token sequences: no query reaches the first block start, 1024
-    assert main([*base, "--value-objective", "attention-weighted", "--out", str(out)]) == 2
-    assert "needs --seq-len > 1024 (the first such query under --sink 64 --block 1024)" in capsys.readouterr().err
+    out = tmp_path / "none.safetensors"  # 128-token sequences: no query reaches the first block start past the sinks
+    assert main([*base, "--value-objective", "attention-weighted", "--seq-len", "128", "--out", str(out)]) == 2
+    assert "needs --seq-len > 128 (the first such query under sink 64, block1024/128)" in capsys.readouterr().err
+    assert main([*base, "--value-objective", "attention-weighted", "--first-block", "0", "--out", str(out)]) == 2
+    assert "needs --seq-len > 1024 (the first such query under sink 64, block1024)" in capsys.readouterr().err
     assert not out.exists()
     # blocks no longer than the sinks: the first block start past them (96 for 64 / 48) is the first such query
     assert main([*base, "--value-objective", "attention-weighted", "--block", "48", "--seq-len", "96",
                  "--out", str(out)]) == 2
-    assert "needs --seq-len > 96 (the first such query under --sink 64 --block 48)" in capsys.readouterr().err
+    assert "needs --seq-len > 96 (the first such query under sink 64, block48)" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -280,10 +282,10 @@ def test_cli_errors_are_clear_and_early(tmp_path, tiny, text_file, capsys):
         (["--model", str(tiny), "--clip-k", "1.5", "--out", out], "clip ratio must be in (0, 1]"),
         (["--model", str(tiny), "--clip-k", "0", "--out", out], "clip ratio must be in (0, 1]"),
         (["--model", str(tiny), "--clip-k", "0.9", "--search-clip", "--out", out], "cannot be combined"),
-        (["--model", str(tiny), "--seq-len", "256", "--search-clip", "--out", out],
-         "needs --seq-len and --search-tokens > 1024 (the first such query under --sink 64 --block 1024)"),
+        (["--model", str(tiny), "--seq-len", "128", "--search-clip", "--out", out],
+         "needs --seq-len and --search-tokens > 128 (the first such query under sink 64, block1024/128)"),
         (["--model", str(tiny), "--seq-len", "256", "--search-tokens", "256", "--kv-bits", "5", "--block", "256",
-          "--out", out], "the bit allocation scores queries that see quantized keys, so it needs --seq-len and "
+          "--first-block", "0", "--out", out], "the bit allocation scores queries that see quantized keys, so it needs --seq-len and "
                          "--search-tokens > 256"),
         (["--model", str(tiny), "--block", "0", "--out", out], "a position rule needs sink >= 0 and a block"),
         (["--model", str(tiny), "--out", str(tmp_path)], "is a directory"),

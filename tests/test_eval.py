@@ -191,7 +191,7 @@ def test_several_rules_name_each_windowed_method_and_pair_them(tiny_model, tmp_p
 @pytest.mark.parametrize("args,why", [
     (["--served", "--rules", "block:8", "sliding:4"],
      "--served evaluates the rotations files' own rule: give one --rules"),
-    (["--rules", "block:8x"], "expected block:W, sliding:R or block:W+sliding:R"),
+    (["--rules", "block:8x"], "expected block:W, block:W/F, sliding:R or block:W+sliding:R"),
     (["--rules", "block:0"], "a position rule needs"),
 ])
 def test_bad_rules_are_refused_before_any_work(args, why, tmp_path, capsys):

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from oscar_sglang.kernels import decode, ops, reference, tiles
 from oscar_sglang.kernels.codec import RowLayout, pack_codes, quantize_rows
+from oscar_sglang.kernels.rule import PositionRule
 from oscar_sglang.kernels.window import WindowRows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
@@ -322,7 +323,8 @@ def test_kernels_launch_without_host_syncs():
     try:
         run_decode(decode, q, cache, layout, num_splits=4)
         extend.extend_attention(q, x, x, qo, c["k_rows"], c["v_rows"], c["int2_indptr"], c["int2_indices"],
-                                c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"], prefix, 4, 16,
+                                c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"], prefix,
+                                PositionRule(sink=4, block=16),
                                 128 ** -0.5, layout, max_q_len=1, num_splits=3)
         wslots = c["win_indices"][:2]
         write.quantize_kv_write(x, rot, 0.96, layout, c["k_rows"], slots, c["k_win"], wslots)

@@ -15,7 +15,7 @@ from oscar_sglang.kernels.rule import PositionRule
 from oscar_sglang.kernels.window import WindowRows
 
 
-def run_extend(impl, q, k_new, v_new, qo_indptr, cache, layout, sink=2, block=8, prefix=None, **kw):
+def run_extend(impl, q, k_new, v_new, qo_indptr, cache, layout, sink=2, block=8, prefix=None, first=0, **kw):
     """Small blocks so that the block rule's masks cut through every segment: request b's chunk
     starts at a = ``prefix[b]``, by default its INT2 + window length (INT2 at positions sink..,
     the sinks, then the window's run up to a - 1)."""
@@ -25,7 +25,8 @@ def run_extend(impl, q, k_new, v_new, qo_indptr, cache, layout, sink=2, block=8,
     prefix = prefix.to(torch.int32).to(qo_indptr.device)
     return impl.extend_attention(q, k_new, v_new, qo_indptr, c["k_rows"], c["v_rows"], c["int2_indptr"],
                                  c["int2_indices"], c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"],
-                                 prefix, sink, block, q.shape[-1] ** -0.5, layout, v_layout=c["v_layout"], **kw)
+                                 prefix, PositionRule(sink=sink, block=block, first=first), q.shape[-1] ** -0.5, layout,
+                                 v_layout=c["v_layout"], **kw)
 
 
 def make_chunk(lens_q, hkv, group, d, dtype, gen, dev=DEV):
@@ -82,29 +83,30 @@ def test_extend_paged_window_matches_reference(d, hkv, group, lens_i, lens_w, le
                  config=extend.ExtendConfig(block_rows=16, block_n=16), sink=3, block=16)
 
 
-@pytest.mark.parametrize("win_page", [None, 64])
-def test_extend_block_rule_as_served(win_page):
+@pytest.mark.parametrize("win_page,first", [(None, 0), (64, 0), (64, 2)])
+def test_extend_block_rule_as_served(win_page, first):
     """The segments as the backend builds them under the block rule: INT2 rows of positions
     sink .. a + chunk - 1 (the chunk's own rows are written before attention), the window =
-    ``PositionRule.window(a)`` (the sinks, then [max(sink, a // block * block), a)). Chunks start
+    ``PositionRule.window(a)`` (the sinks, then [max(sink, block start of a), a)). Chunks start
     before, at and after a block start and cross block boundaries, so queries read keys exactly
     from the window and from the chunk and quantized from INT2 rows of the prefix and of the
     chunk; 16-row tiles put a query block boundary inside the chunks, and the first query
-    block's unmasked INT2 blocks end inside the prefix."""
+    block's unmasked INT2 blocks end inside the prefix. ``first``: blocks doubling from 2 up to
+    8 ([0, 2), [2, 4), [4, 8), then every 8)."""
     sink, block = 3, 8
-    rule = PositionRule(sink=sink, block=block)
-    starts, lens_q = [21, 24, 2, 0, 45], [11, 5, 9, 4, 19]
+    rule = PositionRule(sink=sink, block=block, first=first)
+    starts, lens_q = [21, 24, 2, 0, 45, 5], [11, 5, 9, 4, 19, 4]
     lens_i = [max(0, a + n - sink) for a, n in zip(starts, lens_q)]
     lens_w = [sum(map(len, rule.window(a))) for a in starts]
     cache, layout, gen = make_cache(lens_i, lens_w, 2, 64, 8, torch.float16, seed=13, win_page=win_page)
     q, k_new, v_new, qo = make_chunk(lens_q, 2, 2, 64, torch.float16, gen)
     prefix = torch.tensor(starts)
     cfg = extend.ExtendConfig(block_rows=16, block_n=16)
-    out = run_extend(extend, q, k_new, v_new, qo, cache, layout, sink=sink, block=block, prefix=prefix, config=cfg)
-    ref = run_extend(reference, q, k_new, v_new, qo, cache, layout, sink=sink, block=block, prefix=prefix)
+    kw = dict(sink=sink, block=block, first=first, prefix=prefix)
+    out = run_extend(extend, q, k_new, v_new, qo, cache, layout, config=cfg, **kw)
+    ref = run_extend(reference, q, k_new, v_new, qo, cache, layout, **kw)
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
-    split = run_extend(extend, q, k_new, v_new, qo, cache, layout, sink=sink, block=block, prefix=prefix,
-                       config=cfg, num_splits=3)
+    split = run_extend(extend, q, k_new, v_new, qo, cache, layout, config=cfg, num_splits=3, **kw)
     torch.testing.assert_close(split.float(), ref.float(), atol=1e-2, rtol=1e-2)
 
 

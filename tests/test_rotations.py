@@ -150,7 +150,7 @@ def test_fingerprint_from_hf_config():
 def test_round_trip(tmp_path, granularity):
     t = valid_tensors(granularity)
     ev = torch.rand(*t["key"].shape[:-1]).sort(-1, descending=True).values
-    meta = make_meta(granularity, windows=Windows(sink=4, block=16))
+    meta = make_meta(granularity, windows=Windows(sink=4, block=16, first=0))
     path = save_rotations(tmp_path / "r.safetensors", t["key"], t["value"], meta, ev, ev)
     rot = load_rotations(path, expect=fingerprint())
     assert rot.meta == meta and torch.equal(rot.key, t["key"]) and torch.equal(rot.value, t["value"])
@@ -160,7 +160,7 @@ def test_round_trip(tmp_path, granularity):
     raw = json.loads(path.read_bytes()[8 : 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
     assert list(raw["__metadata__"]) == [METADATA_KEY]  # exactly one metadata key, no pickle
     stored = json.loads(raw["__metadata__"][METADATA_KEY])
-    assert stored["format_version"] == FORMAT_VERSION == 2 and stored["windows"] == {"sink": 4, "block": 16}
+    assert stored["format_version"] == FORMAT_VERSION == 2 and stored["windows"] == {"sink": 4, "block": 16, "first": 0}
     assert rot.meta.windows.rule == PositionRule(sink=4, block=16)
     assert raw["key"]["dtype"] == "F32"
     assert rot.meta.bits is None and rot.meta.key_bits == rot.meta.value_bits == [2] * L  # files before #14
@@ -176,9 +176,9 @@ def test_bit_allocation_round_trip(tmp_path):
 
 
 def test_windows_hold_the_block_rule():
-    assert Windows.__struct_fields__ == ("sink", "block")
-    assert Windows() == Windows(sink=64, block=1024) == make_meta().windows  # the served default
-    assert Windows().rule == PositionRule() == PositionRule(sink=64, block=1024, recent=0)
+    assert Windows.__struct_fields__ == ("sink", "block", "first")
+    assert Windows() == Windows(sink=64, block=1024, first=128) == make_meta().windows  # the served default
+    assert Windows().rule == PositionRule() == PositionRule(sink=64, block=1024, recent=0, first=128)
     assert Windows(sink=0, block=256).rule.rebuildable
     with pytest.raises(ValueError, match="a position rule needs"):
         Windows(sink=64, block=0).rule
@@ -225,10 +225,10 @@ def _malformed(tmp_path, case: str):
     elif case == "wrong version":
         write_raw(path, t, edited(meta, f'"format_version":{FORMAT_VERSION}', '"format_version":99'))
     elif case == "version 1 file":  # as oscar-sglang wrote it before the block rule: sliding windows
-        v1 = edited(meta, '"windows":{"sink":64,"block":1024}', '"windows":{"sink":64,"recent":256}')
+        v1 = edited(meta, '"windows":{"sink":64,"block":1024,"first":128}', '"windows":{"sink":64,"recent":256}')
         write_raw(path, t, v1.replace(f'"format_version":{FORMAT_VERSION}', '"format_version":1'))
     elif case == "version 2 with a recent window":
-        write_raw(path, t, edited(meta, '"windows":{"sink":64,"block":1024}', '"windows":{"sink":64,"recent":256}'))
+        write_raw(path, t, edited(meta, '"windows":{"sink":64,"block":1024,"first":128}', '"windows":{"sink":64,"recent":256}'))
     elif case == "clip list length":
         write_raw(path, t, make_meta(clip_k=[0.96]))
     elif case == "bit list length":

@@ -90,18 +90,34 @@ def test_rebuildable_only_without_a_sliding_part():
 
 
 def test_parse_and_name():
-    assert PositionRule() == PositionRule(sink=64, block=1024, recent=0)
-    assert PositionRule.parse("block:1024") == PositionRule(sink=64, block=1024)
+    assert PositionRule() == PositionRule(sink=64, block=1024, recent=0, first=128)
+    assert PositionRule.parse(PositionRule().spec) == PositionRule() and PositionRule().name == "block1024/128"
+    assert PositionRule.parse("block:1024") == PositionRule(sink=64, block=1024, first=0)
+    assert PositionRule(sink=4, block=8) == PositionRule(sink=4, block=8, first=0)  # a first block >= block: uniform
     assert PositionRule.parse("sliding:256", sink=4) == PositionRule(sink=4, block=0, recent=256)
     both = PositionRule.parse("block:512+sliding:128", sink=0)
-    assert both == PositionRule.parse("sliding:128+block:512", sink=0) == PositionRule(sink=0, block=512, recent=128)
+    assert both == PositionRule.parse("sliding:128+block:512", sink=0) == PositionRule(sink=0, block=512, recent=128, first=0)
     assert [PositionRule.parse(s).name for s in ("block:8", "sliding:4", "sliding:4+block:8")] == \
         ["block8", "sliding4", "block8+sliding4"]
     for bad in ("", "block", "block:", "block:x", "block:-8", "blocks:8", "block:8+block:16", "block:8,sliding:4"):
-        with pytest.raises(ValueError, match="expected block:W, sliding:R or block:W\\+sliding:R"):
+        with pytest.raises(ValueError, match="expected block:W, block:W/F, sliding:R or block:W\\+sliding:R"):
             PositionRule.parse(bad)
     for bad in (dict(block=0), dict(block=0, recent=0), dict(sink=-1), dict(block=-8), dict(recent=-1)):
         with pytest.raises(ValueError, match="a position rule needs sink >= 0 and a block or a recent window > 0"):
             PositionRule(**bad)
     with pytest.raises(ValueError, match="a position rule needs"):
         PositionRule.parse("block:0")
+
+
+def test_blocks_double_from_the_first_block_up_to_the_block():
+    r = PositionRule(sink=64, block=1024, first=128)
+    starts = [r.block_start(t) for t in (0, 127, 128, 255, 256, 511, 512, 1023, 1024, 2047, 2048)]
+    assert starts == [0, 0, 128, 128, 256, 256, 512, 512, 1024, 1024, 2048]
+    t = torch.arange(5000)
+    assert r.block_start(t).tolist() == [r.block_start(int(x)) for x in t]
+    assert [r.rebuild_start(m) for m in (100, 300, 700, 1500)] == [0, 256, 512, 1024]  # short prefixes rebuild little
+    assert r.window(300) == (range(64), range(256, 300))
+    for bad in (dict(block=1024, first=384), dict(block=96, first=64)):
+        with pytest.raises(ValueError, match="must divide the block"):
+            PositionRule(**bad)
+    assert PositionRule.parse("block:16/4", sink=2) == PositionRule(sink=2, block=16, first=4)

@@ -53,9 +53,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-depths", nargs="+", type=float, default=[0.3, 0.7])
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk size (sim and --chunked-prefill-size)")
     p.add_argument("--sink", type=int, default=64)
-    p.add_argument("--rules", nargs="+", default=[f"block:{PositionRule().block}"], metavar="RULE",
-                   help="position rules (block:W, sliding:R, block:W+sliding:R); with several, each windowed "
-                        "method is evaluated under each, named METHOD@RULE (simulation only)")
+    p.add_argument("--rules", nargs="+", default=[PositionRule().spec], metavar="RULE",
+                   help="position rules (block:W, block:W/F with blocks doubling from F up to W, sliding:R, "
+                        "block:W+sliding:R; default %(default)s); with several, each windowed method is evaluated "
+                        "under each, named METHOD@RULE (simulation only)")
     p.add_argument("--kivi-residual", type=int, default=128)
     p.add_argument("--served", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure bf16 and oscar-default through sglang servers (default: with --device cuda "
