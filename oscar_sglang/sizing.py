@@ -31,7 +31,7 @@ def oscar_cell_size(token_row_bytes: int, kv_heads: int) -> int:
 
 def page_size_for(rule: PositionRule, layouts: CacheLayout, requested: int | None) -> int:
     """The pool's page size: ``requested`` (sglang's --page-size) when it holds a window row and divides
-    the block, else refused; with none (or 1), the largest of :data:`PAGE_SIZES` that does."""
+    every block (the first one), else refused; with none (or 1), the largest of :data:`PAGE_SIZES` that does."""
     rows = [k.row_bytes + v.row_bytes for k, v in zip(layouts.key, layouts.value)]
     d = layouts.key[0].head_dim
 
@@ -48,7 +48,7 @@ def page_size_for(rule: PositionRule, layouts: CacheLayout, requested: int | Non
     ok = [p for p in PAGE_SIZES if fits(p)]
     if not ok:
         raise OscarError(f"--oscar: no page size in {PAGE_SIZES} divides the rotations file's blocks ({rule.name}); "
-                         "recalibrate with block sizes that are multiples of 64.")
+                         "recalibrate with blocks that are multiples of 16 (calib --block, --first-block).")
     return ok[0]
 
 
