@@ -45,7 +45,7 @@ MODELS = {  # config overrides on tests/support.TINY_CONFIG (dummy weights unles
                      max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, torch_dtype="bfloat16"),
 }
 DEFAULTS = {  # per device: model, docs sweep, L, Q, concurrency, budget (MiB), max running requests, mem fraction
-    "cpu": dict(model="tiny", docs="2,4,8,12", doc_tokens=1024, questions=12, concurrency=2, kv_budget_mb=7.5,
+    "cpu": dict(model="tiny", docs="8,16,24,48", doc_tokens=1024, questions=4, concurrency=2, kv_budget_mb=16.0,
                 max_running=2, mem_fraction=0.2, max_new_tokens=2, baselines="torch_native"),
     "cuda": dict(model="qwen3-8b", docs="4,8,16,24", doc_tokens=16384, questions=8, concurrency=16,
                  kv_budget_mb=10240.0, max_running=16, mem_fraction=0.6, max_new_tokens=64, baselines="flashinfer"),

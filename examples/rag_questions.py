@@ -8,7 +8,9 @@ D * Q questions, seeded), so popular documents get more questions. Prints the an
 the prefix-cache hit rate of the answers (sum of ``cached_tokens`` / sum of ``prompt_tokens``
 from each answer's meta_info). Observed on sglang 0.5.23: fork's prefix commit
 (``max_new_tokens=0``) does not leave the document in the cache, so the first question
-about a document computes it and the others reuse it. Works against any sglang server:
+about a document computes it and the others reuse it (with ``--oscar``, the second one up to the
+start of the position rule's block the questions diverge in, the later ones all of it). Works against
+any sglang server:
 
     python examples/rag_questions.py --url http://127.0.0.1:30000 --docs 4 --questions 4
 """

@@ -5,8 +5,9 @@ budget sglang admits requests against. This subclass tells sglang's scheduler ab
 the allocator's own capacity seams (``mem_cache/allocator/base.py``), with no change to its logic:
 
 - ``available_size``: free pages plus window pages only the radix tree holds (cached tails and
-  sinks, given back first when memory is needed: ``evict_to_free_tokens``), so sglang's admission,
-  its idle leak check and its usage log see them as it sees its own evictable cache;
+  sinks), so sglang's admission, its idle leak check and its usage log see them as it sees its own
+  evictable cache; ``evict_to_free_tokens`` gives back cached tails first, then sglang's own cache
+  entries (their slots take their rows along), then sinks;
 - ``request_slot_reserve`` / ``OscarPrefillBudget.reserve``: a new request's window rows at
   prefill and as it decodes; ``get_extend_allocation_demand`` / ``check_decode_capacity``: the
   window pages the next extend / decode step takes, evicted for before sglang allocates (a decode
@@ -74,14 +75,18 @@ class OscarTokenToKVPoolAllocator(PagedTokenToKVPoolAllocator):
         return self.free_size() + self.store.evictable_pages() * self.page_size
 
     def evict_to_free_tokens(self, tree_cache, num_tokens: int) -> bool | None:
-        """Window pages only the tree holds go first, then sglang's own cache entries."""
+        """Free ``num_tokens`` slots: cached tails first (a lost tail costs at most a block of recompute),
+        then sglang's own cache entries (their slots take their sinks and tails along), then sinks."""
+        self._evict_windows(num_tokens, sinks=False)
+        if self.free_size() < num_tokens and tree_cache is not None and tree_cache.supports_prefix_sharing():
+            tree_cache.evict_for_alloc(EvictParams(num_tokens=num_tokens - self.free_size()))
+        self._evict_windows(num_tokens, sinks=True)
+        return self.free_size() >= num_tokens
+
+    def _evict_windows(self, num_tokens: int, sinks: bool) -> None:
         short = num_tokens - self.free_size()
         if short > 0:
-            self.store.evict(-(-short // self.page_size))
-            short = num_tokens - self.free_size()
-        if short > 0 and tree_cache is not None and tree_cache.supports_prefix_sharing():
-            tree_cache.evict_for_alloc(EvictParams(num_tokens=short))
-        return self.free_size() >= num_tokens
+            self.store.evict(-(-short // self.page_size), sinks=sinks)
 
     def create_prefill_budget(self, tree_cache, *, num_mixed_decode_tokens=0):
         return OscarPrefillBudget(self, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)

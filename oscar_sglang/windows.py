@@ -21,8 +21,9 @@ to the allocator the moment nothing holds it.
   its current block are attached to the tree's slots at those positions, so every later request
   under that prefix reads the same rows (one set of sinks per distinct beginning). They go when
   sglang frees the slot (the node is evicted) or, while no running request holds them, when the
-  allocator needs the memory: least recently used first, tails before sinks. A lost tail costs a
-  recompute of at most block - 1 tokens at the next hit, never precision.
+  allocator needs the memory: tails first, least recently used first (a lost tail costs a recompute
+  of at most one block at the next hit, never precision), then sglang's own cache entries (their
+  slots take their rows along), sinks last (a prefix without its sinks is no hit at all).
 
 Everything here is host-side bookkeeping (python ints and CPU tensors) run by the scheduler
 process; the only device work is the table mirror and the pages' bytes themselves.
@@ -344,10 +345,12 @@ class WindowStore:
     def evictable_pages(self) -> int:
         return int(((self.refs > 0) & (self.held == 0)).sum()) if self.attached else 0
 
-    def evict(self, pages: int) -> int:
+    def evict(self, pages: int, sinks: bool = True) -> int:
         """Give back at least ``pages`` pages that only the tree holds (tails before sinks, least recently
-        used first), or all there are; returns how many."""
+        used first; ``sinks=False``: tails only), or all there are; returns how many."""
         cand = torch.nonzero((self.refs > 0) & (self.held == 0)).flatten() if self.attached else _EMPTY
+        if not sinks:
+            cand = cand[~self.sink_page[cand]]
         if pages <= 0 or cand.numel() == 0:
             return 0
         order = torch.argsort(self.sink_page[cand].long() * (self.clock + 1) + self.used[cand], stable=True)

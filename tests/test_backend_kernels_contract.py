@@ -88,7 +88,7 @@ def test_extend_kernel_on_backend_metadata():
     k_new = torch.randn(int(chunk.sum()), H_KV, D, dtype=torch.float16)
     v_new = torch.randn_like(k_new)
     args = (q, k_new, v_new, md.qo_indptr, k_rows, v_rows, md.int2_indptr, md.int2_indices, k_win, v_win,
-            md.win_indptr, md.win_indices, md.prefix_lens, SINK, BLOCK, D**-0.5, pool.layouts(0)[0])
+            md.win_indptr, md.win_indices, md.prefix_lens, pool.rule, D**-0.5, pool.layouts(0)[0])
     v_layout = pool.layouts(0)[1]
     assert torch.allclose(extend.extend_attention(*args, v_layout=v_layout).float(),
                           reference.extend_attention(*args, v_layout=v_layout).float(), atol=2e-2)

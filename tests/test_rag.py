@@ -9,8 +9,10 @@ documents in BF16 and all 5 as 2-bit rows with their sinks and tails, so:
 - OSCAR's prefix-cache hit rate is near the ideal one (every question after its document's first
   hits the whole document), over twice BF16's, and it computes fewer prefill tokens;
 - the frontend-language example (examples/rag_questions.py: fork over the questions of a
-  document, run_batch over documents) runs against the OSCAR server right after, on its cache,
-  and every fork but the first of a document reads the document from the 2-bit cache.
+  document, run_batch over documents) runs against the OSCAR server right after, on its cache:
+  every fork but the first of a document reads the document from the 2-bit cache, the second up to
+  the start of the block its question diverges in (the rule's bounded recompute), the later ones all
+  of it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+
+from oscar_sglang.kernels.rule import PositionRule
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
@@ -61,6 +65,12 @@ def test_rag_prefix_hit_rate_and_frontend_program(tmp_path):
 
     # the frontend program: every question answered, on top of the cached document prefixes
     assert sum(map(len, answers)) == 2 * 2 and all(isinstance(a, str) for ans in answers for a in ans)
-    for ans, meta in zip(answers, metas):  # all but (at most) the first fork read the document from the cache
+    rule = PositionRule()  # the rotations file's
+    for ans, meta in zip(answers, metas):
         assert len(meta) == len(ans)
-        assert sum(m["cached_tokens"] >= 0.9 * m["prompt_tokens"] for m in meta) >= len(meta) - 1
+        cached, prompt = sorted(m["cached_tokens"] for m in meta), min(m["prompt_tokens"] for m in meta)
+        # the forks share the document and diverge at their question (< 64 tokens), inside a block: the
+        # first fork computes the document, the next reads it from the cache up to that block's start and
+        # keeps the block's rows, so the ones after it read the whole document
+        assert all(c >= rule.rebuild_start(prompt - 64) > 0 for c in cached[1:]), cached
+        assert len(cached) < 3 or cached[-1] >= 0.8 * prompt, cached

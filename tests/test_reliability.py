@@ -142,14 +142,19 @@ def test_non_finite_request_does_not_poison_its_shared_prefix(server):
 
 def test_stress_eviction_and_retraction(server):
     prompts = stress.make_prompts(POISON, groups=2, per_group=2, prefix_len=40, suffix_len=6, unrelated=1)
-    res = stress.run(server.url, prompts, n_requests=16, concurrency=8, max_new=40, time_limit=600)
-    print("\nstress:", json.dumps(res))
-    assert res["served"] == res["requests"] == 16 and res["failed"] == 0
-    # outputs equal the reference's, except a divergence at a float near-tie (stress.near_tie)
-    assert res["mismatches"] == res["mismatches_at_near_ties"] <= 3, res["mismatched_prompts"]
-    assert res["evicted_tokens"] > 0 and res["cached_tokens"] > 0
-    assert res["retractions"] > 0
-    assert res["leaked_slots"] == 0 and res["leaked_window_rows"] == 0 and res["idle_accounting_gap"] == 0
+    retractions = 0
+    for _ in range(3):  # whether a decode step runs out of memory depends on arrival timing: until one does
+        res = stress.run(server.url, prompts, n_requests=16, concurrency=8, max_new=64, time_limit=600)
+        print("\nstress:", json.dumps(res))
+        assert res["served"] == res["requests"] == 16 and res["failed"] == 0
+        # outputs equal the reference's, except a divergence at a float near-tie (stress.near_tie)
+        assert res["mismatches"] == res["mismatches_at_near_ties"] <= 3, res["mismatched_prompts"]
+        assert res["evicted_tokens"] > 0 and res["cached_tokens"] > 0
+        assert res["leaked_slots"] == 0 and res["leaked_window_rows"] == 0 and res["idle_accounting_gap"] == 0
+        retractions += res["retractions"]
+        if retractions:
+            break
+    assert retractions > 0
 
 
 def _wait_idle(url, timeout=120) -> dict:

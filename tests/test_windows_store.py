@@ -101,7 +101,9 @@ def test_eviction_gives_back_tails_before_sinks_and_a_lost_tail_costs_a_recomput
     tail_pages = store.pages_for(16)
     assert store.evict(tail_pages) == tail_pages and alloc.free_size() == free + tail_pages * PAGE
     assert [store.usable_prefix(s[:48]) for s in slots] == [48, 32, 48]  # the LRU tail went: hit at the block start
-    store.evict(10 * tail_pages)  # all tails, then sinks
+    store.evict(10 * tail_pages, sinks=False)  # every tail, no sink: each hit recomputes from its block start
+    assert [store.usable_prefix(s[:48]) for s in slots] == [32, 32, 32]
+    store.evict(10 * tail_pages)  # then sinks: no hit at all
     assert [store.usable_prefix(s[:48]) for s in slots] == [0, 0, 0]
     assert _healthy(pool, alloc)["window_pages"] == 0
 
