@@ -4,10 +4,12 @@
 2. calibrates its rotations (reusing the rotations file when it is already there);
 3. starts a BF16 server and an ``--oscar`` server on the same KV budget (``--kv-budget-mib``),
    one after the other, each sized by sglang's pool sizing with the plugin's hooks;
-4. against each: perplexity of a held-out passage, time to first token of a question over a
-   document (cold, then with the document in the radix cache), and a frontend-language program
-   (``fork`` over questions about the shared document);
-5. prints one side-by-side table and writes a PNG of it (and the numbers as JSON beside it).
+4. against each: perplexity of a held-out passage, a question over a document (cold, then with
+   the document in the radix cache: how much of it the cache served, and on a GPU the time to
+   first token), and a frontend-language program (``fork`` over questions about the shared
+   document);
+5. prints a side-by-side table (100 columns) with the answers below it, and writes a PNG of the
+   capacity and quality (and every number as JSON beside it).
 
 Runs on a GPU (``--device cuda``, the default when one is visible) or on CPU (slow: the oscar
 backend then runs its pure-torch reference ops). Any failure ends it with one line on stderr
@@ -27,11 +29,11 @@ from pathlib import Path
 
 import sglang as sgl
 
-QUESTIONS = [
-    "Who is the author addressing?",
+QUESTIONS = [  # questions SmolLM2-135M answers about its essay document (others it answers with EOS)
+    "What is the document about?",
     "What is the main claim?",
-    "Name one example the text gives.",
-    "Summarise the text in one sentence.",
+    "What problem does the author describe?",
+    "Who is the author addressing?",
 ]
 TIMED_QUESTIONS = ["What is the title?", "Who wrote it?", "When was it written?", "What is its first word?"]
 
@@ -153,27 +155,36 @@ def budget_args(cfg, rot, budget: int) -> tuple[list[str], list[str], int, int]:
 
 
 # ------------------------------------------------------------------ output
-def table(bf16: Side, oscar: Side, budget_mib: int) -> str:
+def table(bf16: Side, oscar: Side, budget_mib: int, gpu: str | None = None) -> str:
+    """The side-by-side numbers, then each question with both answers, wrapped to 100 columns.
+    Times appear only on a GPU, named by ``gpu`` (CPU serving runs the pure-torch reference ops)."""
+    import textwrap
+
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b and not math.isnan(a) else ""
 
     rows = [
         ("KV bytes per token", f"{bf16.cell_bytes:,}", f"{oscar.cell_bytes:,}", ratio(bf16.cell_bytes, oscar.cell_bytes)),
-        ("full-precision rows (MiB)", "-", f"{oscar.window_bytes / 2**20:.1f}", ""),
         (f"KV tokens in {budget_mib} MiB", f"{bf16.tokens:,}", f"{oscar.tokens:,}", ratio(oscar.tokens, bf16.tokens)),
-        (f"perplexity ({oscar.ppl_tokens} held-out tokens)", f"{bf16.ppl:.3f}", f"{oscar.ppl:.3f}",
+        ("full-precision rows after the run (MiB)", "-", f"{oscar.window_bytes / 2**20:.1f}", ""),
+        (f"perplexity, {oscar.ppl_tokens} held-out tokens", f"{bf16.ppl:.3f}", f"{oscar.ppl:.3f}",
          f"{100 * (oscar.ppl / bf16.ppl - 1):+.1f}%"),
-        ("TTFT, new document (s)", f"{bf16.ttft_cold:.3f}", f"{oscar.ttft_cold:.3f}", ratio(oscar.ttft_cold, bf16.ttft_cold)),
-        ("TTFT, cached document (s)", f"{bf16.ttft_cached:.3f}", f"{oscar.ttft_cached:.3f}",
-         ratio(oscar.ttft_cached, bf16.ttft_cached)),
-        ("  its cached / prompt tokens", f"{bf16.cached_tokens}/{bf16.prompt_tokens}",
+        ("question over the cached document: tokens from cache", f"{bf16.cached_tokens}/{bf16.prompt_tokens}",
          f"{oscar.cached_tokens}/{oscar.prompt_tokens}", ""),
     ]
-    rows += [(f"Q: {q}", a, b, "") for q, a, b in zip(QUESTIONS, bf16.answers, oscar.answers)]
+    if gpu:
+        rows += [(f"TTFT, new document (ms, {gpu})", f"{1e3 * bf16.ttft_cold:.1f}", f"{1e3 * oscar.ttft_cold:.1f}",
+                  ratio(oscar.ttft_cold, bf16.ttft_cold)),
+                 (f"TTFT, cached document (ms, {gpu})", f"{1e3 * bf16.ttft_cached:.1f}",
+                  f"{1e3 * oscar.ttft_cached:.1f}", ratio(oscar.ttft_cached, bf16.ttft_cached))]
     w0 = max(len(r[0]) for r in rows)
-    w1, w2 = (max(12, *(len(r[i]) for r in rows)) for i in (1, 2))
-    lines = [f"{'':<{w0}}  {'BF16':>{w1}}  {'OSCAR':>{w2}}  OSCAR/BF16"]
-    lines += [f"{a:<{w0}}  {b:>{w1}}  {c:>{w2}}  {d}" for a, b, c, d in rows]
+    lines = [f"{'':<{w0}}  {'BF16':>10}  {'OSCAR':>10}  OSCAR/BF16"]
+    lines += [f"{a:<{w0}}  {b:>10}  {c:>10}  {d}" for a, b, c, d in rows]
+    for q, a, b in zip(QUESTIONS, bf16.answers, oscar.answers):
+        lines.append(f"\nQ: {q}")
+        for name, answer in (("BF16", a), ("OSCAR", b)):
+            lines += textwrap.wrap(answer or "(no answer)", 100, initial_indent=f"  {name + ':':<7}",
+                                   subsequent_indent=" " * 9)
     return "\n".join(lines)
 
 
@@ -183,8 +194,8 @@ def plot(bf16: Side, oscar: Side, budget_mib: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(f"KV tokens in {budget_mib} MiB", bf16.tokens, oscar.tokens),
-              ("TTFT, cached document (s)", bf16.ttft_cached, oscar.ttft_cached),
+    panels = [("KV bytes per token", bf16.cell_bytes, oscar.cell_bytes),
+              (f"KV tokens in {budget_mib} MiB", bf16.tokens, oscar.tokens),
               ("perplexity, held-out text", bf16.ppl, oscar.ppl)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (title, a, b) in zip(axes, panels):
@@ -212,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--passage-chars", type=int, default=10000,
                    help="held-out passage length (default 10000 chars, ~2.3K tokens: past the first full-precision "
                         "block of 1024)")
-    p.add_argument("--max-tokens", type=int, default=16, help="answer length (default 16)")
+    p.add_argument("--max-tokens", type=int, default=24, help="answer length (default 24)")
     p.add_argument("--out", type=Path, default=Path("oscar_demo.png"), help="PNG to write (default oscar_demo.png)")
     return p
 
@@ -279,10 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         bf16, oscar = run(args)
-        print("\n" + table(bf16, oscar, args.kv_budget_mib))
+        gpu = None
+        if args.device.startswith("cuda"):
+            import torch
+
+            gpu = torch.cuda.get_device_name(torch.device(args.device))
+        print("\n" + table(bf16, oscar, args.kv_budget_mib, gpu))
         plot(bf16, oscar, args.kv_budget_mib, args.out)
         numbers = args.out.with_suffix(".json")
-        numbers.write_text(json.dumps({"kv_budget_mib": args.kv_budget_mib, "device": args.device,
+        numbers.write_text(json.dumps({"kv_budget_mib": args.kv_budget_mib, "device": gpu or args.device,
                                        "bf16": asdict(bf16), "oscar": asdict(oscar)}, indent=1))
         print(f"\nwrote {args.out} and {numbers}")
     except LaunchError as e:
