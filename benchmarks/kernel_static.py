@@ -20,7 +20,7 @@ Writes benchmarks/results/kernel_static.csv and prints a table.
 
     python3 benchmarks/kernel_static.py [--quick | --ci] [--kernels K,..] [--archs 86,..] [--models M,..]
                                         [--jobs N] [--json PATH] [--no-csv]
-    python3 benchmarks/kernel_static.py --markdown   # the README table, from the CSV
+    python3 benchmarks/kernel_static.py --markdown   # docs/kernels.md's table, from the CSV
 
 Runs without a GPU and without TRITON_INTERPRET (removed from this process only): ~2 min on
 2 cores for everything (90 rows), ~40 s for --ci.
@@ -462,7 +462,7 @@ def print_tables(rows: list[dict]) -> None:
 
 
 def markdown(path: Path, model: str = "qwen3-8b") -> str:
-    """The README's table from a written CSV: every kernel per arch at one model's heads, with
+    """docs/kernels.md's table from a written CSV: every kernel per arch at one model's heads, with
     the decode INT2 loop's count and the ESTIMATED issue-bound / HBM-bound ratio."""
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if r["model"] == model and r["regs"]]
@@ -494,7 +494,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--jobs", type=int, default=2, help="compile processes")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--no-csv", action="store_true", help="do not write benchmarks/results/kernel_static.csv")
-    ap.add_argument("--markdown", action="store_true", help="print the README table from the written CSV (no compile)")
+    ap.add_argument("--markdown", action="store_true", help="print docs/kernels.md's table from the written CSV (no compile)")
     a = ap.parse_args(argv)
     if a.markdown:
         print(markdown(RESULTS / "kernel_static.csv"))

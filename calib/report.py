@@ -4,7 +4,7 @@ bit allocation (sensitivity per layer and width, chosen widths) of the first fil
 Methods compared on the same held-out sequences (default: the essays, never used for
 calibration), all with the reference codec and the same windows:
 
-- ``identity``: no rotation, clip 0.96 / 0.92 (method.md defaults);
+- ``identity``: no rotation, clip 0.96 / 0.92 (the method's defaults);
 - ``hadamard``: R = H·P, clip 0.96 / 0.92;
 - one entry per rotations file given (named by its file stem), with the file's own clips and
   bit widths (identity and Hadamard are 2-bit).

@@ -1,4 +1,4 @@
-"""Rotation construction: R = U·H·P (method.md §1-2), all in float64.
+"""Rotation construction: R = U·H·P (docs/calibration.md, "The method"), all in float64.
 
 - ``H``: normalised Sylvester Hadamard [D, D], D a power of two, ``H @ H.T = I``.
 - ``P``: bit-reversal permutation matrix [D, D] (column j of ``y @ P`` is ``y[bitrev(j)]``).

@@ -72,7 +72,7 @@ class Recipe(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """How the rotations were made."""
 
     name: Literal["oscar", "hadamard", "identity"]
-    key_objective: str = "query-second-moment"  # C_K = Q_g^T Q_g / rows (method.md §2.2)
+    key_objective: str = "query-second-moment"  # C_K = Q_g^T Q_g / rows (docs/calibration.md)
     value_objective: str = "logit-weighted"  # C_V = V^T diag(w) V, w_t = k_t^T C_Q k_t (§2.3)
     bit_reversal: bool = True  # R = U·H·P (P only matters for sub-row quant groups)
     clip_search: bool = False  # per-layer clip ratios searched on held-out calibration tokens
@@ -92,7 +92,7 @@ BIT_WIDTHS = (2, 3, 4)  # kernels/codec.py BITS
 
 
 class BitAllocation(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Code bit widths per layer for keys and values (issue #14), and how they were chosen.
+    """Code bit widths per layer for keys and values, and how they were chosen.
 
     ``budget``: the requested average physical bits per K/V element of the storage rows
     (``--kv-bits``; windows excluded), None when the widths were set by hand.
@@ -122,7 +122,7 @@ class RotationsMeta(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     provenance: Provenance
     windows: Windows = Windows()
     group_size: int | None = None  # quant group the clips were chosen for (None = head_dim)
-    bits: BitAllocation | None = None  # None: every layer's keys and values at 2 bits (files before #14)
+    bits: BitAllocation | None = None  # None: every layer's keys and values at 2 bits (files written before widths were recorded)
 
     @property
     def key_bits(self) -> list[int]:

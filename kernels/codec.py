@@ -1,8 +1,8 @@
 """Reference codec and the storage row (pure torch, CPU and GPU).
 
 This module is the specification that the Triton kernels, the KV pool and the
-calibration all follow. Everything is written from docs/method.md §3; the 3- and
-4-bit rows (issue #14) extend the 2-bit row without changing it.
+calibration all follow (the quantizer of docs/calibration.md); the 3- and 4-bit rows
+extend the 2-bit row without changing it.
 
 Storage row
 -----------

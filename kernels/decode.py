@@ -46,10 +46,7 @@ MERGE_BLOCK_S = 8  # splits merged per step
 @dataclass(frozen=True)
 class DecodeConfig:
     """Tile sizes and launch knobs, chosen from the static report (``benchmarks/kernel_static.py``,
-    Qwen3-8B heads, sm_90), not from GPU timings: 128 INT2 rows per step issue 22.2 SASS
-    instructions per (token, KV head) with 137 registers (no spill; 3 programs of 4 warps per
-    SM), 64 rows 30.1, 8 warps 33.3. 2 warps issue 17.3 with 201 registers (no spill) but leave
-    2 warps per scheduler to hide latency: which is faster needs a GPU (``bench_decode.py --sweep``)."""
+    docs/kernels.md), not from GPU timings; ``bench_decode.py --sweep`` times the alternatives."""
 
     block_n: int = 128  # INT2 rows per loop step
     block_w: int = 32  # window rows per loop step

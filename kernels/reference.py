@@ -1,7 +1,7 @@
 """Pure-torch references for the Triton kernels (CPU and GPU).
 
 Same names and signatures as the launchers in ``write.py``, ``decode.py`` and
-``extend.py``; written from docs/method.md §3 on top of ``codec.py``. All math
+``extend.py``; written from the quantizer (docs/calibration.md) on top of ``codec.py``. All math
 is fp32; results are cast to the caller's dtype at the end. Slow by design
 (python loop over requests): use for tests, CPU serving and benchmarks' checks.
 

@@ -29,17 +29,14 @@ the same tf32x3 dots, no sanitizing: ``reference.rotate_queries``): programs [0,
 [H, 2H) write v, [2H, 2H + Hq) rotate one query head each. R_K cannot be folded into q_proj
 (RoPE does not commute with a general rotation), so the queries need this every step.
 
-Shared memory: a single x @ R dot against the whole [D, D] fp32 rotation stages R (hi and
-lo tf32 halves) in shared memory: 139,264 bytes at D=128 (compiled for sm_86/89/80/90,
-Triton 3.8), over the 101,376-byte per-block limit of sm_86/sm_89 (RTX 3090/4090, L4,
-L40S), so it could not launch there. The kernel instead produces the rotated row as its
-four quarter-planes (x @ R[:, jQ:(j+1)Q], exactly the plane layout of the storage row, so
-plane j is packed at bits 2j with no reshuffle), each accumulated over 32-row slices of R,
-and R is re-read (L1/L2) per token block instead of being kept resident: 4,096 bytes of
-shared memory and 139 (sm_86/89) / 148 (sm_90) registers at D=128 for one 2-bit tensor, 142 /
-151 for the backend's write_step (3-bit k, folded 2-bit v, queries), window rows in pages of
-the row buffers, no spills (``benchmarks/kernel_static.py``). Clip rank, min and max combine the four planes, so the
-per-row quantile is still over all D values.
+Shared memory: a single x @ R dot against the whole [D, D] fp32 rotation would stage R (hi and
+lo tf32 halves) in shared memory, more than the per-block limit of sm_86/sm_89 (RTX 3090/4090,
+L4, L40S). The kernel instead produces the rotated row as its four quarter-planes
+(x @ R[:, jQ:(j+1)Q], exactly the plane layout of the storage row, so plane j is packed at bits
+2j with no reshuffle), each accumulated over 32-row slices of R, and R is re-read (L1/L2) per
+token block instead of being kept resident: 4 KiB of shared memory (registers and spills per
+architecture: docs/kernels.md). Clip rank, min and max combine the four planes, so the per-row
+quantile is still over all D values.
 """
 
 from __future__ import annotations
@@ -417,8 +414,7 @@ def write_step(
         return q_out
     kv_parts = (h if k is not None else 0) + (h if v is not None else 0)
     parts = kv_parts + (q.shape[1] if q is not None else 0)
-    # ptxas, 4 warps, no spills on sm_80..90 (benchmarks/kernel_static.py): D=128 block 16: 128-176
-    # registers (block 32 or 8 warps spill); D=64 block 64: 164-221.
+    # the largest token blocks that compile without spills at 4 warps (benchmarks/kernel_static.py)
     block_t = 16 if d == 128 else 64
     blocks = triton.cdiv(t, block_t)
     # token ranges sized for the k/v parts (the clip rank passes make them the heavy ones): they

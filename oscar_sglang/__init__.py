@@ -1,4 +1,4 @@
-"""OSCAR rotated 2-4-bit KV cache (INT2 by default outside the windows, more bits where calibration says) for stock SGLang.
+"""OSCAR rotated 2-4-bit KV cache (keys 3 bits and values 2 by default) for stock SGLang.
 
 Subpackages:
 - ``oscar_sglang.kernels``: reference codec and Triton kernels (torch + triton only).

@@ -1,6 +1,6 @@
 """KV health report of a running server, readable from outside the process.
 
-``register()`` adds two AFTER hooks (targets in :data:`HOOKED_TARGETS`):
+Two AFTER hooks (installed from ``plugin.HOOKS``):
 
 * the scheduler's internal-state readback gains a ``"kv_health"`` entry, so
   ``GET /get_server_info`` -> ``internal_states[0]["kv_health"]`` reports it;
@@ -36,9 +36,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
-_TREE = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache"
-HOOKED_TARGETS = (f"{_STATE}._add_memory_usage", f"{_TREE}._evict")
+STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
 LEAK_FIELDS = ("window_ref_errors", "window_map_errors", "window_free_page_errors",
                "window_attached_free_slot_errors", "window_idle_row_errors")
 _EVICTED_ATTR = "_oscar_evicted_tokens"
@@ -71,15 +69,9 @@ def kv_health(scheduler: Any) -> dict[str, int]:
     return report
 
 
-def _add_kv_health(result, controller, state: dict) -> None:
+def add_kv_health(result, controller, state: dict) -> None:
     state["kv_health"] = kv_health(controller.scheduler)
 
 
-def _count_evicted(result, tree, *args, **kwargs) -> None:
+def count_evicted(result, tree, *args, **kwargs) -> None:
     setattr(tree, _EVICTED_ATTR, getattr(tree, _EVICTED_ATTR, 0) + int(result.num_tokens_evicted))
-
-
-def register(hook_registry: Any, after: Any) -> None:
-    """Install the hooks (called from ``oscar_sglang.plugin.register``)."""
-    hook_registry.register(HOOKED_TARGETS[0], _add_kv_health, after)
-    hook_registry.register(HOOKED_TARGETS[1], _count_evicted, after)

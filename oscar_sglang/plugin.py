@@ -2,8 +2,12 @@
 
 sglang calls ``register()`` in the launcher and again in every scheduler,
 detokenizer and DP-controller process (``load_plugins``), then applies the hooks.
-Everything OSCAR changes in sglang 0.5.23 is listed in :data:`HOOKED_TARGETS`
-(a test asserts each still exists) plus the attention-backend registry entry.
+Everything OSCAR changes in sglang 0.5.23 is the attention-backend registry entry plus the
+hooks of :data:`HOOKS` (target, hook, kind), the one list ``register()`` installs. sglang's
+``HookRegistry.apply_hooks`` logs and swallows a hook that fails to apply, so
+:func:`check_hooks_applied` refuses to serve ``--oscar`` with part of it missing (at launch and
+again when a scheduler builds the backend); a test checks every target's signature against its
+hook's, so an sglang change breaks a test, not a server.
 
 The hooks only act when the ``oscar`` attention backend is selected; otherwise
 sglang behaves exactly as without this package.
@@ -30,22 +34,6 @@ _BATCH = "sglang.srt.managers.schedule_batch.ScheduleBatch"
 _TREE = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache"
 _ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
 
-HOOKED_TARGETS = (
-    f"{_SA}.add_cli_args",
-    f"{_SA}.from_cli_args",
-    f"{_SA}.resolve_once",
-    "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility",
-    f"{_KVC}._build_token_to_kv_pool",
-    f"{_KVC}._build_token_to_kv_pool_allocator",
-    f"{_POOLCFG}.__init__",
-    f"{_REQS}.free_rows",
-    f"{_COMMON}.match_kv_cache",
-    f"{_BATCH}.prepare_for_extend",
-    f"{_BATCH}.prepare_for_decode",
-    f"{_TREE}.checkpoint",
-    f"{_ADDER}._get_running_request_total_token_offset",
-    *health.HOOKED_TARGETS,
-)
 _POOL_ATTR = "_oscar_kv_pool"  # on the ReqToTokenPool: the OSCAR pool whose window tables its rows own
 
 
@@ -80,6 +68,7 @@ def _hf_config(server_args):
 def _check_before_launch(result, server_args):
     """Refuse bad configurations in the launching process, before anything starts."""
     if is_enabled(server_args):
+        check_hooks_applied()
         load_settings(server_args, _hf_config(server_args))
 
 
@@ -265,10 +254,32 @@ def _running_window_offset(original, adder, req) -> float:
     return tokens + allocator.window_growth_slots(tokens) if _oscar_pool(allocator) is not None else tokens
 
 
+# ------------------------------------------------------------------ hooks
+AFTER, AROUND = "after", "around"  # sglang's HookType values
+HOOKS = (
+    (f"{_SA}.add_cli_args", _add_cli_args, AFTER),
+    (f"{_SA}.from_cli_args", _from_cli_args, AFTER),
+    (f"{_SA}.resolve_once", _check_before_launch, AFTER),
+    ("sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility", _resolve_for_oscar, AFTER),
+    (f"{_KVC}._build_token_to_kv_pool", _build_token_to_kv_pool, AROUND),
+    (f"{_KVC}._build_token_to_kv_pool_allocator", _build_allocator, AROUND),
+    (f"{_POOLCFG}.__init__", _size_cells, AFTER),
+    (f"{_REQS}.free_rows", _on_free_request_rows, AFTER),
+    (f"{_COMMON}.match_kv_cache", _match_with_windows, AROUND),
+    (f"{_BATCH}.prepare_for_extend", _extend_windows, AROUND),
+    (f"{_BATCH}.prepare_for_decode", _decode_windows, AFTER),
+    (f"{_TREE}.checkpoint", _attach_windows, AFTER),
+    (f"{_ADDER}._get_running_request_total_token_offset", _running_window_offset, AROUND),
+    (f"{health.STATE}._add_memory_usage", health.add_kv_health, AFTER),
+    (f"{_TREE}._evict", health.count_evicted, AFTER),
+)
+
+
 # ----------------------------------------------------------------- backend
 def create_backend(model_runner):
     from oscar_sglang.backend import OscarAttnBackend
 
+    check_hooks_applied()
     settings, rot = load_settings(model_runner.server_args, model_runner.model_config.hf_config)
     return OscarAttnBackend(model_runner, settings, rot.key, rot.value)
 
@@ -282,21 +293,15 @@ def register() -> None:
         return
     register_attention_backend(BACKEND_NAME)(create_backend)
     add_attention_backend_choices([BACKEND_NAME])
-    after, around = HookType.AFTER, HookType.AROUND
-    for target, fn, kind in (
-        (f"{_SA}.add_cli_args", _add_cli_args, after),
-        (f"{_SA}.from_cli_args", _from_cli_args, after),
-        (f"{_SA}.resolve_once", _check_before_launch, after),
-        ("sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility", _resolve_for_oscar, after),
-        (f"{_KVC}._build_token_to_kv_pool", _build_token_to_kv_pool, around),
-        (f"{_KVC}._build_token_to_kv_pool_allocator", _build_allocator, around),
-        (f"{_POOLCFG}.__init__", _size_cells, after),
-        (f"{_REQS}.free_rows", _on_free_request_rows, after),
-        (f"{_COMMON}.match_kv_cache", _match_with_windows, around),
-        (f"{_BATCH}.prepare_for_extend", _extend_windows, around),
-        (f"{_BATCH}.prepare_for_decode", _decode_windows, after),
-        (f"{_TREE}.checkpoint", _attach_windows, after),
-        (f"{_ADDER}._get_running_request_total_token_offset", _running_window_offset, around),
-    ):
-        HookRegistry.register(target, fn, kind)
-    health.register(HookRegistry, after)
+    for target, fn, kind in HOOKS:
+        HookRegistry.register(target, fn, HookType(kind))
+
+
+def check_hooks_applied() -> None:
+    """Raise ``OscarError`` unless sglang applied every hook of :data:`HOOKS` in this process."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    missing = sorted({target for target, _, _ in HOOKS} - HookRegistry._patched)
+    if missing:
+        raise OscarError(f"sglang did not apply {len(missing)} of OSCAR's hooks ({', '.join(missing)}; "
+                         "its log says why): this sglang is not the 0.5.23 release oscar-sglang supports")

@@ -125,3 +125,23 @@ def test_refused_by_launch_server_before_loading(tiny, tmp_path, name):
     out = proc.stdout + proc.stderr
     assert "Load weight" not in out and "Uvicorn running" not in out and "KV Cache is allocated" not in out
     assert elapsed < 180  # dominated by importing sglang (~25 s on an idle 2-core machine)
+
+
+def test_a_hook_sglang_failed_to_apply_stops_oscar(launch_path, tiny, monkeypatch):
+    """As if sglang renamed a hooked method: apply_hooks logs and skips that hook, and --oscar
+    then refuses to start with part of itself missing."""
+    from collections import defaultdict
+
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from oscar_sglang import plugin
+    from oscar_sglang.settings import OscarError
+
+    (target, fn, kind), *rest = [h for h in plugin.HOOKS if h[0].endswith("_get_running_request_total_token_offset")]
+    renamed = target + "_renamed"
+    monkeypatch.setattr(plugin, "HOOKS", tuple((renamed, fn, kind) if h[0] == target else h for h in plugin.HOOKS))
+    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list, {renamed: [(HookType(kind), fn, None)]}))
+    HookRegistry.apply_hooks()  # logs "Failed to apply hooks to ..._renamed" and goes on, as sglang does
+    model, rot = tiny
+    with pytest.raises(OscarError, match=r"did not apply 1 of OSCAR's hooks .*_renamed"):
+        launch_path(["--model-path", str(model), "--load-format", "dummy", "--device", "cpu", "--oscar", str(rot)])

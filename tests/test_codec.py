@@ -36,7 +36,7 @@ def test_row_layout_sizes():
 
 
 def test_cache_layout_bits_per_element_counts_real_rows():
-    c = CacheLayout.of(128, None, [3, 3], [2, 2])  # keys 3 / values 2: the "2.75" of issue #14
+    c = CacheLayout.of(128, None, [3, 3], [2, 2])  # keys 3 / values 2: the 2.75-bit default
     assert c.token_row_bytes == 2 * 52 + 2 * 36 and c.bits_per_element == 2.75
     assert kv_bytes_per_token(c, kv_heads=8, layers=2) == 8 * c.token_row_bytes
     assert kv_bits_per_element(c, 32768 + 512) == pytest.approx(2.75 + (64 + 512) * 16 / (32768 + 512))

@@ -64,7 +64,7 @@ def test_core_kernels_compile_within_smem_limit_on_every_arch(rows):
 
 
 def test_write_kernel_fits_sm86_sm89(rows):
-    """Issue #13: the write kernel needed 139,264 B of shared memory (limit 101,376 B)."""
+    """The write kernel once needed 139,264 B of shared memory (limit 101,376 B)."""
     for kernel in ("write_k", "write_v", "write_k3", "write_step"):
         for arch in ("sm_89",) if kernel == "write_k3" else ("sm_86", "sm_89"):
             (r,) = _get(rows, kernel, arch)
@@ -81,7 +81,7 @@ def test_no_spills_on_sm90(rows):
 # SASS warp-instructions per (token, KV head) of the quantized loop, D=128: (sm_90 limit, other
 # arches' limit). Since the mask-only unpack into fp16 (no shift per plane, the two halves of a
 # masked word kept as one register: stmatrix on sm_90), unmasked full blocks and in-place value
-# dots, measured: INT2 22.2 on sm_90 (issue #13's target: <= 24), 29.5-30.3 on sm_80/86/89 (was
+# dots, measured: INT2 22.2 on sm_90 (target: <= 24), 29.5-30.3 on sm_80/86/89 (was
 # 32.3 / 36.8-37.5); 3-bit keys 28.4 / 35.7 (was 41.3 / 44.5), 4-bit keys 27.2 / 34.5 (was 38.8 / 42.1).
 LOOP_MAX = {"decode_split": (24, 33), "decode_split_k3v2": (32, 40), "decode_split_k4v2": (30, 38)}
 
@@ -106,3 +106,13 @@ def test_extend_fits_or_is_reported_skipped(rows):
         pytest.skip(f"extend not compiled: {skipped[0]['status']}")
     for r in ext:
         assert r["fits_smem"], r
+
+
+def test_docs_kernel_table_is_the_generated_one():
+    """docs/kernels.md holds `kernel_static.py --markdown`'s table of the committed CSV, verbatim."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_static.py"), "--markdown"],
+                          capture_output=True, text=True, check=True, cwd=REPO)
+    doc = (REPO / "docs" / "kernels.md").read_text()
+    begin, end = "<!-- kernel_static.py --markdown: begin -->\n", "\n<!-- kernel_static.py --markdown: end -->"
+    assert doc[doc.index(begin) + len(begin):doc.index(end)] == proc.stdout.strip(), \
+        "regenerate docs/kernels.md's table: python3 benchmarks/kernel_static.py --markdown"

@@ -305,7 +305,7 @@ def test_decode_gpu_large_batch():
 
 @pytest.mark.gpu
 def test_kernels_launch_without_host_syncs():
-    """Issue #13: zero host syncs in the kernel launchers (decode with a fixed split count,
+    """Zero host syncs in the kernel launchers (decode with a fixed split count,
     extend with max_q_len given, the write): torch raises on any synchronizing call."""
     require_gpu()
     from oscar_sglang.kernels import extend, write

@@ -4,34 +4,60 @@ whole pages of the same buffers, rotations."""
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import pytest
 import torch
 
 from oscar_sglang.allocator import OscarTokenToKVPoolAllocator
 from oscar_sglang.kernels.codec import CacheLayout, RowLayout, dequantize_rows
-from oscar_sglang.plugin import HOOKED_TARGETS
 from oscar_sglang.sizing import oscar_cell_size
 from support import make_pool, take_slots
 
 H, D, LAYERS = 2, 32, 2
 
 
-def test_every_hooked_sglang_target_exists():
-    for target in HOOKED_TARGETS:
-        parts = target.split(".")
-        for i in range(len(parts) - 1, 0, -1):  # longest importable module prefix, then attributes
-            try:
-                obj = importlib.import_module(".".join(parts[:i]))
-                break
-            except ModuleNotFoundError:
-                continue
-        for attr in parts[i:]:
-            assert hasattr(obj, attr), target
-            obj = getattr(obj, attr)
+def _resolve(target: str):
+    """The object a dotted sglang path names (longest importable module prefix, then attributes)."""
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+            break
+        except ModuleNotFoundError:
+            continue
+    owner = obj
+    for attr in parts[i:]:
+        assert hasattr(obj, attr), target
+        owner, obj = obj, getattr(obj, attr)
+    return owner, parts[-1], obj
+
+
+def test_every_hook_matches_its_sglang_target():
+    """Each hook of plugin.HOOKS takes what its target takes: after its first parameter (the
+    result of an AFTER hook, the original of an AROUND hook) the same parameters, of the same kinds
+    and names (a hook may name self / cls its own way), unless it takes *args / **kwargs there."""
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.plugins import load_plugins
 
+    from oscar_sglang.plugin import HOOKS
+
+    for target, fn, kind in HOOKS:
+        assert kind in ("after", "around"), target
+        owner, name, obj = _resolve(target)
+        original = getattr(obj, "__wrapped__", obj)  # applied hooks keep the original (functools.wraps)
+        want = list(inspect.signature(original).parameters.values())
+        if isinstance(inspect.getattr_static(owner, name), classmethod):
+            want.insert(0, inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD))
+        got = list(inspect.signature(fn).parameters.values())[1:]
+        var = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        for i, (w, g) in enumerate(zip(want, got)):
+            if g.kind in var:
+                break
+            assert g.kind == w.kind and (g.name == w.name or (i == 0 and w.name in ("self", "cls"))), \
+                f"{target}: hook {fn.__name__} parameter {g} vs sglang's {w}"
+        else:
+            assert len(got) == len(want) or (got and got[-1].kind in var), f"{target}: {fn.__name__} {got} vs {want}"
     load_plugins()
     assert "oscar" in ATTENTION_BACKENDS
 

@@ -163,7 +163,7 @@ def test_round_trip(tmp_path, granularity):
     assert stored["format_version"] == FORMAT_VERSION == 2 and stored["windows"] == {"sink": 4, "block": 16, "first": 0}
     assert rot.meta.windows.rule == PositionRule(sink=4, block=16)
     assert raw["key"]["dtype"] == "F32"
-    assert rot.meta.bits is None and rot.meta.key_bits == rot.meta.value_bits == [2] * L  # files before #14
+    assert rot.meta.bits is None and rot.meta.key_bits == rot.meta.value_bits == [2] * L  # files written before widths were recorded
 
 
 def test_bit_allocation_round_trip(tmp_path):

@@ -47,7 +47,7 @@ def servers(tmp_path_factory):
     model = write_tiny_model(tmp_path_factory.mktemp("tiny_windows"), torch_dtype="float32")
     torch.manual_seed(0)
     LlamaForCausalLM(AutoConfig.from_pretrained(model)).save_pretrained(model, safe_serialization=True)
-    # mixed code widths (issue #14): layer 0 keys 3 / values 2 bits, layer 1 keys 4 / values 3
+    # mixed code widths: layer 0 keys 3 / values 2 bits, layer 1 keys 4 / values 3
     rot = write_rotations(model / "rot.safetensors", model, sink=SINK, block=BLOCK, first=FIRST, bits=([3, 4], [2, 3]))
     with ExitStack() as stack, ThreadPoolExecutor(len(CHUNKS)) as pool:
         def start(chunk):  # chunk 64: 80 requests at once; chunk 256: fewer tokens than 40 cached documents need

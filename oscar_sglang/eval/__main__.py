@@ -10,8 +10,8 @@ verbatim recall, in the transformers simulation and (``--served``) through real 
 BF16 and OSCAR. Writes ``quality.md``, ``quality.csv`` (appended), ``quality.png``, ``pareto.png``
 (quality vs bits per element), ``results.json`` (and ``raw.json`` as it goes) to ``--out-dir``.
 
-The defaults fit 20 minutes on 2 CPU cores (one 8K sequence gives PPL at 2K/4K/8K; 6 needles up to
-2K; 2 recall probes). The issue's full matrix (12 needles up to 8K) is
+The defaults are sized for a 2-core CPU (one 8K sequence gives PPL at 2K/4K/8K; 6 needles up to
+2K; 2 recall probes); a fuller matrix (12 needles up to 8K) is
 ``--needle-lengths 1024 2048 4096 8192 --needle-depths 0.2 0.5 0.8 --recall-lengths 1024 4096``.
 
 Served path on a CPU-only machine: the servers start through ``oscar-serve --device cpu``, which

@@ -6,7 +6,7 @@
   (kept instead of [T, vocab] logits: 8K x 49K floats would not fit), both go through the LM head in
   slices of :data:`SLICE` positions.
 - :func:`probe_tokens`: the argmax tokens at the answer positions of a :class:`~.tasks.Probe`.
-- :func:`paired`: mean and standard error of per-unit differences (method.md §7); :func:`windowed`
+- :func:`paired`: mean and standard error of per-unit differences (paired per unit); :func:`windowed`
   turns per-position differences into per-window means first (tokens of one window are correlated).
 """
 
