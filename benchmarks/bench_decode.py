@@ -8,16 +8,16 @@ the BF16 segment (same schedule, 7x the bytes), sglang's Triton decode and Flash
 paged decode when importable. Each request: (ctx - 320) INT2 rows + 64 sink + 256 more BF16
 window rows (dense window buffers).
 
-    python3 benchmarks/bench_decode.py --quick      # CPU: interpreter, reference check only
-    python3 benchmarks/bench_decode.py [--out DIR]  # GPU
-    python3 benchmarks/bench_decode.py --sweep      # GPU: tile/launch configs of our kernel only
+    python3 -m benchmarks.bench_decode --quick      # CPU: interpreter, reference check only
+    python3 -m benchmarks.bench_decode [--out DIR]  # GPU
+    python3 -m benchmarks.bench_decode --sweep      # GPU: tile/launch configs of our kernel only
 """
 
 from __future__ import annotations
 
 
 import torch
-from common import MODELS, PAGE, RECENT, SINK, append_rows, copy_bandwidth_gbs, fmt, paged_slots, parse_args, \
+from benchmarks.common import MODELS, PAGE, RECENT, SINK, append_rows, copy_bandwidth_gbs, fmt, paged_slots, parse_args, \
     random_rows, setup, time_cuda
 
 GPU_SHAPES = [  # (model, ctx, batch)

@@ -7,14 +7,14 @@ torch SDPA with a lower-right causal mask over [prefix, chunk], and sglang's Tri
 extend kernel when importable. Extend is compute bound: rows report TFLOP/s (causal
 attention FLOPs), not bandwidth. Target: INT2 extend no slower than the best BF16 extend.
 
-    python3 benchmarks/bench_extend.py --quick      # CPU: interpreter, reference check only
-    python3 benchmarks/bench_extend.py [--out DIR]  # GPU
+    python3 -m benchmarks.bench_extend --quick      # CPU: interpreter, reference check only
+    python3 -m benchmarks.bench_extend [--out DIR]  # GPU
 """
 
 from __future__ import annotations
 
 import torch
-from common import MODELS, SINK, append_rows, fmt, paged_slots, parse_args, random_rows, setup, time_cuda
+from benchmarks.common import MODELS, SINK, append_rows, fmt, paged_slots, parse_args, random_rows, setup, time_cuda
 
 BLOCK = 1024  # the block rule's block (rule.PositionRule's default)
 

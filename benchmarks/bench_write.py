@@ -8,14 +8,14 @@ copy bandwidth, and the ratio to (a) sglang-style BF16 KV store of the same toke
 (b) a BF16 causal prefill attention (torch SDPA) of the same tokens: the issue's target is
 write <= 10% of the prefill it rides on.
 
-    python3 benchmarks/bench_write.py --quick      # CPU: interpreter, reference check only
-    python3 benchmarks/bench_write.py [--out DIR]  # GPU
+    python3 -m benchmarks.bench_write --quick      # CPU: interpreter, reference check only
+    python3 -m benchmarks.bench_write [--out DIR]  # GPU
 """
 
 from __future__ import annotations
 
 import torch
-from common import MODELS, RECENT, SINK, append_rows, copy_bandwidth_gbs, fmt, parse_args, setup, time_cuda
+from benchmarks.common import MODELS, RECENT, SINK, append_rows, copy_bandwidth_gbs, fmt, parse_args, setup, time_cuda
 
 GPU_SHAPES = [(m, t) for m in MODELS for t in (512, 4096, 32768)]
 

@@ -19,8 +19,8 @@ average half a block (lengths spread over blocks) and at most a block; a window 
 
 Appends rows to benchmarks/results/capacity.csv and prints a markdown table.
 
-    python3 benchmarks/capacity.py                                  # card classes
-    python3 benchmarks/capacity.py --engine --shape qwen3-8b --budget-gib 2   # real sglang sizing (CPU ok)
+    python3 -m benchmarks.capacity                                  # card classes
+    python3 -m benchmarks.capacity --engine --shape qwen3-8b --budget-gib 2   # real sglang sizing (CPU ok)
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 SHAPES = {  # attention geometry of real models; hidden/MLP/vocab shrunk (capacity does not depend on them)
     "smollm2-135m": dict(architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=30,
@@ -124,7 +123,7 @@ def engine_row(shape: str, device: str, budget_bytes: int) -> dict:
     come off it); the budget both saw is inferred from the BF16 start."""
     import psutil
 
-    from support import write_rotations, write_tiny_model
+    from oscar_sglang.testing import write_rotations, write_tiny_model
 
     cell = bf16_cell(shape)
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 # name: (query heads, KV heads, head_dim) per GPU
 MODELS = {

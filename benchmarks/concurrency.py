@@ -1,6 +1,6 @@
 """How many requests a server runs at once at the same KV budget, BF16 vs --oscar, default flags.
 
-    python3 benchmarks/concurrency.py [--device cpu] [--requests 40] [--prompt-tokens 1536 2048]
+    python3 -m benchmarks.concurrency [--device cpu] [--requests 40] [--prompt-tokens 1536 2048]
 
 One server per configuration (one at a time), each with ``--max-total-tokens`` from the SAME
 budget (``sizing.split_budget``): the default budget is a 24 GB card's for Qwen3-8B
@@ -32,10 +32,9 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from capacity import SHAPES, calculate  # noqa: E402
-from common import git_commit  # noqa: E402
+from benchmarks.capacity import SHAPES, calculate
+from benchmarks.common import git_commit
 
 LAYERS = 4
 MODEL = dict(SHAPES["qwen3-8b"], num_hidden_layers=LAYERS, intermediate_size=512, vocab_size=4096,
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from oscar_sglang.kernels.codec import CacheLayout
     from oscar_sglang.launch import serve
     from oscar_sglang.sizing import split_budget
-    from support import write_rotations, write_tiny_model
+    from oscar_sglang.testing import write_rotations, write_tiny_model
 
     card = calculate("qwen3-8b", int((0.85 * 24 - 16.4) * 1e9), bits=(3, 2))
     budget = int(args.budget_gib * 2**30) if args.budget_gib else int(card["kv_budget_gib"] * 2**30 * LAYERS / 36)

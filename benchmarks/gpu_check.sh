@@ -31,12 +31,12 @@ step() {  # step SECONDS LOGNAME CMD...: run with a time limit, keep going on fa
     [ "$rc" -eq 0 ] || status=1
 }
 if [ "${2:-}" = "--sweep" ]; then
-    step 300 bench_decode_sweep.log python3 benchmarks/bench_decode.py --sweep --out "$OUT_DIR"
+    step 300 bench_decode_sweep.log python3 -m benchmarks.bench_decode --sweep --out "$OUT_DIR"
     exit $status
 fi
 step 220 gpu_tests.log python3 -m pytest -q -p no:cacheprovider --maxfail=10 -o addopts="" \
     tests/test_kernels_write.py tests/test_kernels_decode.py tests/test_kernels_extend.py tests/test_codec_quant_error.py
-step 140 bench_decode.log python3 benchmarks/bench_decode.py --out "$OUT_DIR"
-step 50 bench_write.log python3 benchmarks/bench_write.py --out "$OUT_DIR"
-step 70 bench_extend.log python3 benchmarks/bench_extend.py --out "$OUT_DIR"
+step 140 bench_decode.log python3 -m benchmarks.bench_decode --out "$OUT_DIR"
+step 50 bench_write.log python3 -m benchmarks.bench_write --out "$OUT_DIR"
+step 70 bench_extend.log python3 -m benchmarks.bench_extend --out "$OUT_DIR"
 exit $status

@@ -18,9 +18,9 @@ Estimates are estimates: static instruction counts (no stalls, no predication ef
 4 warp-instructions issued per SM per clock at the boost clock, peak HBM bandwidth.
 Writes benchmarks/results/kernel_static.csv and prints a table.
 
-    python3 benchmarks/kernel_static.py [--quick | --ci] [--kernels K,..] [--archs 86,..] [--models M,..]
+    python3 -m benchmarks.kernel_static [--quick | --ci] [--kernels K,..] [--archs 86,..] [--models M,..]
                                         [--jobs N] [--json PATH] [--no-csv]
-    python3 benchmarks/kernel_static.py --markdown   # docs/kernels.md's table, from the CSV
+    python3 -m benchmarks.kernel_static --markdown   # docs/kernels.md's table, from the CSV
 
 Runs without a GPU and without TRITON_INTERPRET (removed from this process only): ~2 min on
 2 cores for everything (90 rows), ~40 s for --ci.
@@ -32,33 +32,31 @@ import os
 
 os.environ.pop("TRITON_INTERPRET", None)  # this process compiles for real targets (before any kernel import)
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import csv  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from multiprocessing import get_context  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import contextlib
+import csv
+import io
+import json
+import re
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import MODELS, RESULTS, git_commit  # noqa: E402
-from oscar_sglang.kernels import decode, extend, write  # noqa: E402
-from oscar_sglang.kernels.codec import RowLayout  # noqa: E402
-from oscar_sglang.kernels.rule import PositionRule  # noqa: E402
-from oscar_sglang.kernels.window import WindowRows  # noqa: E402
+from benchmarks.common import MODELS, RESULTS, git_commit
+from oscar_sglang.kernels import decode, extend, write
+from oscar_sglang.kernels.codec import RowLayout
+from oscar_sglang.kernels.rule import PositionRule
+from oscar_sglang.kernels.window import WindowRows
 
 NV_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 

@@ -1,6 +1,6 @@
 """What a prefix hit costs under the position rule: a short question over a cached long document.
 
-    python3 benchmarks/prefix_hit_cost.py [--doc-tokens 4096 4000 --question-tokens 64 --device cpu]
+    python3 -m benchmarks.prefix_hit_cost [--doc-tokens 4096 4000 --question-tokens 64 --device cpu]
 
 One BF16 server (torch_native on CPU) and one ``--oscar`` server (SmolLM2-135M, the demo's
 calibration), the same flags otherwise. For each, two request orders over one document:
@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from pathlib import Path
 
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # run from a checkout without installing
-import stress  # noqa: E402
+from benchmarks import stress
 
-from oscar_sglang import demo  # noqa: E402
-from oscar_sglang.launch import serve  # noqa: E402
+from oscar_sglang import demo
+from oscar_sglang.launch import serve
 
 
 def token_ids(model: Path, n_doc: int, n_q: int, n_questions: int) -> tuple[list[int], list[list[int]]]:

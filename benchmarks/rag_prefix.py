@@ -14,8 +14,8 @@ dummy-weight body, so the run is about cache bookkeeping, not CPU matmuls; ``smo
 the real SmolLM2-135M weights (slow on CPU); ``qwen3-8b`` (CUDA default): Qwen3-8B shape,
 dummy weights, no tokenizer (prompts are ``input_ids`` either way).
 
-    python3 benchmarks/rag_prefix.py --device cpu
-    python3 benchmarks/rag_prefix.py --device cuda --out-dir $OUT      # GPU: 16K-token documents
+    python3 -m benchmarks.rag_prefix --device cpu
+    python3 -m benchmarks.rag_prefix --device cuda --out-dir $OUT      # GPU: 16K-token documents
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import AbstractContextManager
@@ -32,11 +31,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from capacity import SHAPES  # noqa: E402
-from common import git_commit  # noqa: E402
-from rag_workload import HEADER, Workload, build_workload, drive, ideal_hit_rate, question_texts, summarize  # noqa: E402
+from benchmarks.capacity import SHAPES
+from benchmarks.common import git_commit
+from benchmarks.rag_workload import HEADER, Workload, build_workload, drive, ideal_hit_rate, question_texts, summarize
 
 MODELS = {  # config overrides on tests/support.TINY_CONFIG (dummy weights unless the model is "smollm2")
     "tiny": dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256,
@@ -96,7 +94,7 @@ def prepare_model(name: str, work: Path) -> tuple[Path, list[str]]:
         return smollm2, []
     if name not in MODELS:
         return Path(name), []  # any local HF checkpoint with real weights
-    from support import write_tiny_model
+    from oscar_sglang.testing import write_tiny_model
 
     model = write_tiny_model(work / name, **MODELS[name])
     extra = ["--load-format", "dummy"]
@@ -117,7 +115,7 @@ def make_rotations(model: Path, real_weights: bool, out: Path) -> Path:
         if calibrate(["--model", str(model), "--tokens", "2048", "--seq-len", "1024", "--out", str(out)]) != 0:
             raise SystemExit("calibration failed")
         return out
-    from support import write_rotations
+    from oscar_sglang.testing import write_rotations
 
     return write_rotations(out, model)
 

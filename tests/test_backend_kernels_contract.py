@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from oscar_sglang.kernels import decode, extend, reference, write
-from support import make_pool, take_slots
+from oscar_sglang.testing import make_pool, take_slots
 
 H_KV, GROUP, D = 1, 2, 64
 SINK, BLOCK = 2, 8

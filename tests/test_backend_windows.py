@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from support import take_slots
+from oscar_sglang.testing import take_slots
 from test_backend_graph import HKV, HQ, D, _backend, begin
 
 T = 36  # two and a quarter blocks

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from support import write_rotations, write_tiny_model
+from oscar_sglang.testing import write_rotations, write_tiny_model
 from test_rotations import MALFORMED, _malformed
 
 # name: (served-model overrides, rotations spoiler, extra CLI args, expected message regex)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from support import write_rotations, write_tiny_model
+from oscar_sglang.testing import write_rotations, write_tiny_model
 
 ENGINE_ARGS = dict(load_format="dummy", skip_tokenizer_init=True, device="cpu", disable_overlap_schedule=True,
                    max_total_tokens=2048, dtype="float16", log_level="error", random_seed=0)

@@ -115,7 +115,7 @@ def tiny_model(smollm2_dir, tmp_path_factory):
     """A random 2-layer Llama (tests/support.py geometry) with SmolLM2's tokenizer, saved as a checkpoint."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from support import TINY_CONFIG
+    from oscar_sglang.testing import TINY_CONFIG
 
     out = tmp_path_factory.mktemp("tiny")
     tok = AutoTokenizer.from_pretrained(smollm2_dir)

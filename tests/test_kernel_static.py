@@ -1,7 +1,7 @@
 """Static kernel checks (CPU, no GPU): the Triton kernels compile at D=128 (Qwen3-8B heads)
 for the arches of CORE within that arch's per-block shared-memory limit, with no register
 spills on sm_90, and the decode inner loops are found in the SASS (~40 s on 2 idle cores;
-``python3 benchmarks/kernel_static.py`` covers every kernel x sm_80/86/89/90 x model).
+``python3 -m benchmarks.kernel_static`` covers every kernel x sm_80/86/89/90 x model).
 
 tests/conftest.py selects the Triton interpreter for this process, under which @triton.jit
 kernels are InterpretedFunctions that cannot be compiled; benchmarks/kernel_static.py
@@ -39,7 +39,7 @@ def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("kernel_static") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "kernel_static.py"), "--ci", "--no-csv", "--jobs", "2",
+        [sys.executable, "-m", "benchmarks.kernel_static", "--ci", "--no-csv", "--jobs", "2",
          "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -110,9 +110,9 @@ def test_extend_fits_or_is_reported_skipped(rows):
 
 def test_docs_kernel_table_is_the_generated_one():
     """docs/kernels.md holds `kernel_static.py --markdown`'s table of the committed CSV, verbatim."""
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_static.py"), "--markdown"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_static", "--markdown"],
                           capture_output=True, text=True, check=True, cwd=REPO)
     doc = (REPO / "docs" / "kernels.md").read_text()
     begin, end = "<!-- kernel_static.py --markdown: begin -->\n", "\n<!-- kernel_static.py --markdown: end -->"
     assert doc[doc.index(begin) + len(begin):doc.index(end)] == proc.stdout.strip(), \
-        "regenerate docs/kernels.md's table: python3 benchmarks/kernel_static.py --markdown"
+        "regenerate docs/kernels.md's table: python3 -m benchmarks.kernel_static --markdown"

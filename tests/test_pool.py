@@ -12,7 +12,7 @@ import torch
 from oscar_sglang.allocator import OscarTokenToKVPoolAllocator
 from oscar_sglang.kernels.codec import CacheLayout, RowLayout, dequantize_rows
 from oscar_sglang.sizing import oscar_cell_size
-from support import make_pool, take_slots
+from oscar_sglang.testing import make_pool, take_slots
 
 H, D, LAYERS = 2, 32, 2
 

@@ -17,19 +17,15 @@ documents in BF16 and all 5 as 2-bit rows with their sinks and tails, so:
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from pathlib import Path
 
 from oscar_sglang.kernels.rule import PositionRule
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
 
 
 def test_rag_prefix_hit_rate_and_frontend_program(tmp_path):
-    import rag_prefix
+    from benchmarks import rag_prefix
     import rag_questions
 
     args = rag_prefix.parse_args([

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from oscar_sglang.launch import ENTRIES
-from support import write_rotations, write_tiny_model
+from oscar_sglang.testing import write_rotations, write_tiny_model
 
 CASES = {
     # name: (extra CLI args, model overrides, how the rotations file is spoiled, expected message part)

@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 
 from oscar_sglang.launch import serve
-from support import write_rotations, write_tiny_model
+from oscar_sglang.testing import write_rotations, write_tiny_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import stress  # noqa: E402
+from benchmarks import stress
 
 POISON = 511  # its embedding row is +inf
 ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "640", "--page-size", "16", "--max-running-requests", "8",
@@ -58,7 +55,7 @@ def test_kv_health_detects_window_row_leaks():
     import torch
 
     from oscar_sglang.health import LEAK_FIELDS, free_pages
-    from support import make_pool, take_slots
+    from oscar_sglang.testing import make_pool, take_slots
 
     pool, alloc = make_pool(512, 2, 32, 1, sink=4, block=16, request_rows=3)
     store = pool.store

@@ -16,16 +16,12 @@ One BF16 server (torch_native, `python -m sglang.launch_server`) and one OSCAR s
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import requests
 
 from oscar_sglang.launch import serve
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +56,7 @@ def _input_logprobs(url: str, text: str) -> list[float]:
 # than the suite's 900 s per test when the cores are shared.
 @pytest.mark.timeout(1800)
 def test_oscar_server_matches_bf16_and_serves_frontend_programs(smollm2_dir, rotations, held_out_text):
-    import recall_probe
+    from benchmarks import recall_probe
     import shared_document_qa
 
     trials = recall_probe.build_trials(str(smollm2_dir), 1, 700, [0.1, 0.5, 0.9])

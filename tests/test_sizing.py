@@ -9,8 +9,6 @@ and --oscar, default flags, Qwen3-8B attention geometry with dummy weights) at o
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,8 +17,7 @@ from oscar_sglang.kernels.rule import PositionRule
 from oscar_sglang.settings import OscarError
 from oscar_sglang.sizing import page_size_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import capacity  # noqa: E402
+from benchmarks import capacity
 
 
 def test_page_size_holds_a_window_row_and_divides_the_block():

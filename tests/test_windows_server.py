@@ -18,18 +18,15 @@ requests at once.
 from __future__ import annotations
 
 import random
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 
 from oscar_sglang.launch import serve
-from support import write_rotations, write_tiny_model
+from oscar_sglang.testing import write_rotations, write_tiny_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import stress  # noqa: E402
+from benchmarks import stress
 
 CHUNKS = (64, 256, 4096)
 ARGS = ["--skip-tokenizer-init", "--disable-overlap-schedule", "--random-seed", "0", "--dtype", "float32",

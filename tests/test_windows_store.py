@@ -8,7 +8,7 @@ import torch
 
 from oscar_sglang.health import free_pages
 from oscar_sglang.health import LEAK_FIELDS
-from support import make_pool, take_slots
+from oscar_sglang.testing import make_pool, take_slots
 
 SINK, BLOCK, PAGE = 4, 32, 16
 H, D = 2, 32
