@@ -4,9 +4,8 @@ Two AFTER hooks (installed from ``plugin.HOOKS``):
 
 * the scheduler's internal-state readback gains a ``"kv_health"`` entry, so
   ``GET /get_server_info`` -> ``internal_states[0]["kv_health"]`` reports it;
-* the radix cache's eviction walk counts the tokens it evicts (kept as an attribute
-  of the tree object, not in module state), so a stress run can prove that it forced
-  evictions.
+* the radix cache's eviction walk counts the tokens it evicts (kept by the process's
+  ``plugin.OscarPlugin``), so a stress run can prove that it forced evictions.
 
 ``kv_health`` fields (all ints)::
 
@@ -39,7 +38,6 @@ logger = logging.getLogger(__name__)
 STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
 LEAK_FIELDS = ("window_ref_errors", "window_map_errors", "window_free_page_errors",
                "window_attached_free_slot_errors", "window_idle_row_errors")
-_EVICTED_ATTR = "_oscar_evicted_tokens"
 
 
 def free_pages(allocator: Any) -> torch.Tensor:
@@ -48,7 +46,7 @@ def free_pages(allocator: Any) -> torch.Tensor:
     return torch.empty(0, dtype=torch.int64) if pages is None else pages.to(torch.int64)
 
 
-def kv_health(scheduler: Any) -> dict[str, int]:
+def kv_health(scheduler: Any, evicted_tokens: int) -> dict[str, int]:
     """The ``kv_health`` report of one scheduler (see the module docstring)."""
     from oscar_sglang.pool import OscarKVPool
 
@@ -58,7 +56,7 @@ def kv_health(scheduler: Any) -> dict[str, int]:
         "available_size": int(allocator.available_size()),
         "evictable_size": int(tree.evictable_size()),
         "protected_size": int(tree.protected_size()),
-        "evicted_tokens": int(getattr(tree, _EVICTED_ATTR, 0)),
+        "evicted_tokens": int(evicted_tokens),
     }
     pool = allocator.get_kvcache()
     if isinstance(pool, OscarKVPool):
@@ -67,11 +65,3 @@ def kv_health(scheduler: Any) -> dict[str, int]:
         if leaks:
             logger.warning("OSCAR window rows leaked or inconsistent: %s", leaks)
     return report
-
-
-def add_kv_health(result, controller, state: dict) -> None:
-    state["kv_health"] = kv_health(controller.scheduler)
-
-
-def count_evicted(result, tree, *args, **kwargs) -> None:
-    setattr(tree, _EVICTED_ATTR, getattr(tree, _EVICTED_ATTR, 0) + int(result.num_tokens_evicted))

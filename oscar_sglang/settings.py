@@ -1,4 +1,5 @@
-"""OSCAR serving settings: one frozen struct, validated once per process, passed explicitly.
+"""OSCAR serving settings: one frozen struct, validated and read once per process
+(``plugin.OscarPlugin.settings``), passed explicitly.
 
 How the user's choice travels: ``--oscar ROT`` (or ``Engine(attention_backend="oscar",
 quantization_param_path=ROT)``) sets two existing sglang fields, ``attention_backend``
@@ -78,8 +79,8 @@ def _unsupported_model_reason(config: Any) -> str | None:
     return None
 
 
-def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rotations]:
-    """Validate the server arguments and the rotations file against the model; raise OscarError."""
+def check_server_args(server_args: Any, hf_config: Any) -> str:
+    """The rotations file's path, once the flags and the model are ones OSCAR serves; raise OscarError."""
     path = getattr(server_args, "quantization_param_path", None)
     if not path:
         raise OscarError("--attention-backend oscar needs a rotations file: pass --oscar ROT.safetensors")
@@ -100,6 +101,11 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
                          "decode servers: drop --disaggregation-mode.")
     if getattr(server_args, "enable_page_major_kv_layout", False) or getattr(server_args, "enable_unified_memory", False):
         raise OscarError("--oscar uses sglang's per-layer MHA pool: drop --enable-page-major-kv-layout/--enable-unified-memory.")
+    return str(path)
+
+
+def read_settings(path: str, hf_config: Any, device: str | None) -> tuple[OscarSettings, Rotations]:
+    """Read and validate the rotations file for this model and device; raise OscarError."""
     try:
         rot = load_rotations(path, expect=fingerprint_from_hf_config(hf_config))
         meta = rot.meta
@@ -108,7 +114,7 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
         raise OscarError(str(e)) from None
     unsupported = [r for r in set(layouts.key + layouts.value)
                    if not (triton_supports(r) and triton_supports(r, attention=False))]
-    if (getattr(server_args, "device", None) or "cuda") != "cpu" and unsupported:
+    if (device or "cuda") != "cpu" and unsupported:
         r = unsupported[0]
         raise OscarError(
             f"--oscar on a GPU needs one quantization group per row, head_dim 64 or 128 and code widths the Triton "
@@ -116,7 +122,7 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
             "Calibrate without --group-size, or serve with --device cpu (the reference path).")
     return (
         OscarSettings(
-            rotations_path=str(path),
+            rotations_path=path,
             head_dim=meta.model.head_dim,
             group_size=meta.group_size,
             sink=meta.windows.sink,
@@ -130,3 +136,10 @@ def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rota
         ),
         rot,
     )
+
+
+def load_settings(server_args: Any, hf_config: Any) -> tuple[OscarSettings, Rotations]:
+    """``check_server_args`` then ``read_settings``: validate the server arguments and the
+    rotations file against the model; raise OscarError."""
+    path = check_server_args(server_args, hf_config)
+    return read_settings(path, hf_config, getattr(server_args, "device", None))

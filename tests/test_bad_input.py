@@ -137,10 +137,11 @@ def test_a_hook_sglang_failed_to_apply_stops_oscar(launch_path, tiny, monkeypatc
     from oscar_sglang import plugin
     from oscar_sglang.settings import OscarError
 
-    (target, fn, kind), *rest = [h for h in plugin.HOOKS if h[0].endswith("_get_running_request_total_token_offset")]
+    (target, name, kind), = [h for h in plugin.HOOKS if h[0].endswith("_get_running_request_total_token_offset")]
     renamed = target + "_renamed"
-    monkeypatch.setattr(plugin, "HOOKS", tuple((renamed, fn, kind) if h[0] == target else h for h in plugin.HOOKS))
-    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list, {renamed: [(HookType(kind), fn, None)]}))
+    monkeypatch.setattr(plugin, "HOOKS", tuple((renamed, name, kind) if h[0] == target else h for h in plugin.HOOKS))
+    hook = getattr(plugin.OscarPlugin(), name)
+    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list, {renamed: [(HookType(kind), hook, None)]}))
     HookRegistry.apply_hooks()  # logs "Failed to apply hooks to ..._renamed" and goes on, as sglang does
     model, rot = tiny
     with pytest.raises(OscarError, match=r"did not apply 1 of OSCAR's hooks .*_renamed"):

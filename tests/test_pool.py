@@ -40,9 +40,9 @@ def test_every_hook_matches_its_sglang_target():
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.plugins import load_plugins
 
-    from oscar_sglang.plugin import HOOKS
+    from oscar_sglang.plugin import OscarPlugin
 
-    for target, fn, kind in HOOKS:
+    for target, fn, kind in OscarPlugin().hooks():
         assert kind in ("after", "around"), target
         owner, name, obj = _resolve(target)
         original = getattr(obj, "__wrapped__", obj)  # applied hooks keep the original (functools.wraps)
