@@ -1,6 +1,6 @@
 """How many requests a server runs at once at the same KV budget, BF16 vs --oscar, default flags.
 
-    python3 -m benchmarks.concurrency [--device cpu] [--requests 40] [--prompt-tokens 1536 2048]
+    python3 -m benchmarks.concurrency [--device cpu] [--requests 40] [--prompt-tokens 1024 3072]
 
 One server per configuration (one at a time), each with ``--max-total-tokens`` from the SAME
 budget (``sizing.split_budget``): the default budget is a 24 GB card's for Qwen3-8B
@@ -10,7 +10,8 @@ The OSCAR rotations are K3V2 (the default widths) under the default position rul
 is set: sglang derives the running-request count and admits by memory, OSCAR's window rows
 taking pages of the same pool.
 
-``--requests`` requests arrive at once, prompts of uniform random length in ``--prompt-tokens``,
+``--requests`` requests arrive at once, prompts of uniform random length in ``--prompt-tokens``
+(default: 2K tokens on average, positions spread over a block of the rule),
 ``--max-new-tokens`` greedy tokens each, streamed. A request runs from its first token to its
 last; the peak number running at once is the concurrency the server admitted. Appends one row
 per configuration to ``benchmarks/results/concurrency.csv``. CPU latencies are not the project's
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--requests", type=int, default=40)
-    p.add_argument("--prompt-tokens", type=int, nargs=2, default=[1536, 2048], metavar=("MIN", "MAX"))
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--prompt-tokens", type=int, nargs=2, default=[1024, 3072], metavar=("MIN", "MAX"))
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--budget-gib", type=float, default=None,
                    help="KV budget (default: the 24 GB card's for Qwen3-8B, scaled to this model's layers)")
     p.add_argument("--seed", type=int, default=0)

@@ -13,6 +13,28 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-benchmarks/results}}"
 mkdir -p "$OUT_DIR" benchmarks/results
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+# kernels/ and calib/ are installed as oscar_sglang.kernels / .calib (pyproject package-dir). On a
+# machine where the project is not installed: an editable install, or failing that (no setuptools
+# able to build one) a finder for those two names, loaded at interpreter start from PYTHONPATH.
+if ! python3 -c "import oscar_sglang.kernels" 2>/dev/null; then
+    if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>/dev/null \
+            || ! python3 -c "import oscar_sglang.kernels" 2>/dev/null; then
+        FINDER=$(mktemp -d)
+        cat > "$FINDER/sitecustomize.py" <<PY
+import importlib.util, sys
+class _OscarLayout:  # the package-dir mapping of pyproject.toml
+    roots = {"oscar_sglang.kernels": "$PWD/kernels", "oscar_sglang.calib": "$PWD/calib"}
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        root = cls.roots.get(name)
+        return root and importlib.util.spec_from_file_location(name, root + "/__init__.py",
+                                                               submodule_search_locations=[root])
+sys.meta_path.insert(0, _OscarLayout)
+PY
+        export PYTHONPATH="$FINDER:$PYTHONPATH"
+    fi
+fi
+python3 -c "import oscar_sglang.kernels, oscar_sglang.calib" || { echo "cannot import oscar_sglang.kernels"; exit 1; }
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
