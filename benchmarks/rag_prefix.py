@@ -177,25 +177,32 @@ def drive_server(cfg: Config, args: argparse.Namespace, srv, workloads: dict[int
     return rows
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, device: str) -> None:
+    """Hit rate (with each configuration's ideal dashed) and prefill tokens per document count;
+    requests per second only on a GPU (CPU serving runs the pure-torch reference ops)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = [("hit_rate", "prefix-cache hit rate"), ("prefill_tokens_computed", "prefill tokens computed")]
+    if device != "cpu":
+        panels.append(("requests_per_s", f"requests / s ({device})"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8))
     for name in dict.fromkeys(r["config"] for r in rows):
         rs = [r for r in rows if r["config"] == name]
-        label = f"{name} ({rs[0]['capacity_tokens']:,} tokens)"
-        xs = [r["num_docs"] for r in rs]
-        for ax, key in zip(axes, ("hit_rate", "prefill_tokens_computed", "requests_per_s")):
-            ax.plot(xs, [r[key] for r in rs], marker="o", label=label)
-    for ax, ylabel in zip(axes, ("prefix-cache hit rate", "prefill tokens computed", "requests / s")):
+        label = f"{name} ({int(rs[0]['capacity_tokens']):,} tokens)"
+        xs = [int(r["num_docs"]) for r in rs]
+        for ax, (key, _) in zip(axes, panels):
+            line, = ax.plot(xs, [float(r[key]) for r in rs], marker="o", label=label)
+        axes[0].plot(xs, [float(r["ideal_hit_rate"]) for r in rs], ls="--", color=line.get_color(), alpha=0.6,
+                     label=f"{name}: ideal")
+    for ax, (_, ylabel) in zip(axes, panels):
         ax.set_xlabel("documents (D)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(0, 1.02)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -258,7 +265,7 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> Path:
         w.writeheader()
         w.writerows(rows)
     plot(rows, out.with_suffix(".png"), f"{args.model} on {args.device}: {args.kv_budget_mb:g} MiB KV budget, "
-         f"L={args.doc_tokens}, Q={args.questions}, concurrency {args.concurrency}, Zipf s={args.zipf}")
+         f"L={args.doc_tokens}, Q={args.questions}, concurrency {args.concurrency}, Zipf s={args.zipf}", args.device)
     return out
 
 
