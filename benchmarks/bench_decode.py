@@ -42,7 +42,7 @@ def build(model, lens, dtype, dev, seed, bits=(2, 2)):
     return dict(
         q=torch.randn(len(lens), hq, d, device=dev, generator=gen).to(dtype),
         k_rows=random_rows(n, hkv, d, dev, gen, bits[0]), v_rows=random_rows(n, hkv, d, dev, gen, bits[1]),
-        int2_indptr=i_ptr, int2_indices=i_idx,
+        packed_indptr=i_ptr, packed_indices=i_idx,
         k_win=WindowRows.dense(torch.randn(m, hkv, d, device=dev, generator=gen).to(dtype)),
         v_win=WindowRows.dense(torch.randn(m, hkv, d, device=dev, generator=gen).to(dtype)),
         win_indptr=w_ptr, win_indices=w_idx, sm_scale=d**-0.5, layout=RowLayout(d, bits=bits[0]),

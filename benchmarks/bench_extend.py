@@ -22,7 +22,7 @@ GPU_SHAPES = [("qwen3-8b", p, c) for p in (4096, 32768) for c in (512, 2048)] + 
     ("smollm2-135m", 32768, 2048), ("llama3-70b-tp8", 32768, 2048)]
 
 
-def int2_rows(a: int, chunk: int, block: int = BLOCK) -> int:
+def packed_rows(a: int, chunk: int, block: int = BLOCK) -> int:
     """INT2 rows a chunk of ``chunk`` tokens at position a reads: positions SINK up to its last
     query's block start (the chunk's own older tokens included)."""
     return max(0, (a + chunk - 1) // block * block - SINK)
@@ -36,12 +36,12 @@ def build(model, prefixes, chunks, dtype, dev, seed, bits=(2, 2), block=BLOCK):
     hq, hkv, d = MODELS[model]
     gen = torch.Generator(device=dev).manual_seed(seed)
     # The segments the backend builds under the block rule for a chunk at position a: the INT2
-    # rows of ``int2_rows``, the window rows of ``PositionRule.window(a)``: the sinks, then the
+    # rows of ``packed_rows``, the window rows of ``PositionRule.window(a)``: the sinks, then the
     # positions max(SINK, a // block * block) .. a - 1.
     rule = PositionRule(sink=SINK, block=block)
     n_win = [sum(map(len, rule.window(a))) for a in prefixes]
-    n_int2 = [int2_rows(a, c, block) for a, c in zip(prefixes, chunks)]
-    i_ptr, i_idx, n = paged_slots(n_int2, dev, gen)
+    n_packed = [packed_rows(a, c, block) for a, c in zip(prefixes, chunks)]
+    i_ptr, i_idx, n = paged_slots(n_packed, dev, gen)
     w_ptr, w_idx, m = paged_slots(n_win, dev, gen, page=1)
     tq = sum(chunks)
 
@@ -52,7 +52,7 @@ def build(model, prefixes, chunks, dtype, dev, seed, bits=(2, 2), block=BLOCK):
         q=randn(tq, hq, d), k_new=randn(tq, hkv, d), v_new=randn(tq, hkv, d),
         qo_indptr=torch.tensor([0] + chunks, device=dev).cumsum(0).to(torch.int32),
         k_rows=random_rows(n, hkv, d, dev, gen, bits[0]), v_rows=random_rows(n, hkv, d, dev, gen, bits[1]),
-        int2_indptr=i_ptr, int2_indices=i_idx, k_win=WindowRows.dense(randn(m, hkv, d)),
+        packed_indptr=i_ptr, packed_indices=i_idx, k_win=WindowRows.dense(randn(m, hkv, d)),
         v_win=WindowRows.dense(randn(m, hkv, d)), win_indptr=w_ptr, win_indices=w_idx,
         prefix_lens=torch.tensor(prefixes, dtype=torch.int32, device=dev),
         rule=rule, sm_scale=d**-0.5, layout=RowLayout(d, bits=bits[0]),
@@ -132,7 +132,7 @@ def run_gpu(args, dev):
             a = build(model, [prefix], [chunk], torch.bfloat16, dev, seed=0, bits=bits)
             ours[impl] = time_cuda(lambda: extend.extend_attention(**a, max_q_len=chunk), args.iters)
             a = None  # free before the baselines allocate
-        n_int2 = int2_rows(prefix, chunk)
+        n_packed = packed_rows(prefix, chunk)
         flops = 4 * chunk * hq * d * (prefix + (chunk + 1) / 2)
         gen = torch.Generator(device=dev).manual_seed(2)
         base = {}
@@ -144,11 +144,11 @@ def run_gpu(args, dev):
         torch.cuda.empty_cache()
         best = min(base, key=base.get) if base else ""
         rows = [dict(bench="extend", model=model, prefix=prefix, chunk=chunk, impl=impl, ms=round(ms, 4),
-                     tflops=round(flops / ms / 1e9, 1), int2_prefix=n_int2, best_bf16=best,
+                     tflops=round(flops / ms / 1e9, 1), packed_prefix=n_packed, best_bf16=best,
                      speedup_vs_best_bf16=round(base[best] / ms, 2) if best else "")
                 for impl, ms in ours.items()]
         rows += [dict(bench="extend", model=model, prefix=prefix, chunk=chunk, impl=k, ms=round(ms, 4),
-                      tflops=round(flops / ms / 1e9, 1), int2_prefix=0, best_bf16=best, speedup_vs_best_bf16="")
+                      tflops=round(flops / ms / 1e9, 1), packed_prefix=0, best_bf16=best, speedup_vs_best_bf16="")
                  for k, ms in sorted(base.items(), key=lambda kv: kv[1])]
         fmt(rows)
         append_rows(rows, dev, args.out)

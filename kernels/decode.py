@@ -6,7 +6,7 @@ of two >= 64, one quantization group per row):
 - ``q``                 [B, Hq, D] fp16/bf16/fp32, already rotated by R_K; last dim contiguous.
 - ``k_rows``/``v_rows`` uint8 [N, Hkv, row_bytes] codec.py storage rows (last two dims contiguous),
   of ``layout`` / ``v_layout`` (2, 3 or 4 bits each: their own row bytes and strides).
-- ``int2_indptr``       int32/int64 [B + 1]; ``int2_indices`` [nnz] slot ids into the rows
+- ``packed_indptr``       int32/int64 [B + 1]; ``packed_indices`` [nnz] slot ids into the rows
   (sglang triton-backend convention: one index per token, any page size).
 - ``k_win``/``v_win``   ``WindowRows`` (window.py): rotated full-precision rows of Hkv x D
   (bf16/fp16/fp32), dense or in pages; ``win_indptr`` [B + 1], ``win_indices`` row ids into them.
@@ -14,7 +14,7 @@ of two >= 64, one quantization group per row):
   a request with no tokens gets out = 0, lse = -inf.
 
 Algorithm (FlashInfer-style split-KV): stage 1 runs one program per (KV head, split,
-request). Each request's tokens form a virtual sequence [INT2 tokens, window tokens],
+request). Each request's tokens form a virtual sequence [packed tokens, window tokens],
 the window tokens weighted ``WIN_COST`` (~ their byte cost relative to a quantized row) so
 that splits carry equal bytes; each split does an online softmax over its part and
 writes a partial (out, lse). Stage 2 merges the splits by LSE. All G query heads of a KV
@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .checks import check_head_dim, check_index, check_rows, check_windows, plan_splits, sm_count
 from .codec import RowLayout
-from .tiles import (_dense_block, _int2_block, _int2_finish, _load_q_codes, _load_q_planes, _row_offsets,
+from .tiles import (_dense_block, _packed_block, _packed_finish, _load_q_codes, _load_q_planes, _row_offsets,
                     code_bits2)
 from .window import WindowRows, _window_offset
 
@@ -48,7 +48,7 @@ class DecodeConfig:
     """Tile sizes and launch knobs, chosen from the static report (``benchmarks/kernel_static.py``,
     docs/kernels.md), not from GPU timings; ``bench_decode.py --sweep`` times the alternatives."""
 
-    block_n: int = 128  # INT2 rows per loop step
+    block_n: int = 128  # packed rows per loop step
     block_w: int = 32  # window rows per loop step
     num_warps: int = 4
     num_stages: int = 2
@@ -101,7 +101,7 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     msum = tl.zeros([BLOCK_H], tl.float32)
     ssum = tl.zeros([BLOCK_H], tl.float32)
-    vscale = tl.full([], 1.0, tl.float32)  # the units of the quantized blocks' value sums (tiles._int2_block)
+    vscale = tl.full([], 1.0, tl.float32)  # the units of the quantized blocks' value sums (tiles._packed_block)
     acc0 = tl.zeros([Q, BLOCK_H], tl.float32)
     acc1 = tl.zeros([Q, BLOCK_H], tl.float32)
     acc2 = tl.zeros([Q, BLOCK_H], tl.float32)
@@ -111,7 +111,7 @@ def _decode_split_kernel(
         offs = start + tl.arange(0, BLOCK_N)
         k_off, v_off = _row_offsets(i_idx + i_beg, offs, None, hk, stride_krn, stride_krh, stride_vrn, stride_vrh,
                                     SAME_STRIDES, False)
-        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _int2_block(
+        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _packed_block(
             q0, q1, q2, q3, qsum, qb, k_off, v_off, offs, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
             msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, None, False)
     if i_full < i_hi:
@@ -119,10 +119,10 @@ def _decode_split_kernel(
         nmask = offs < i_hi
         k_off, v_off = _row_offsets(i_idx + i_beg, offs, nmask, hk, stride_krn, stride_krh, stride_vrn, stride_vrh,
                                     SAME_STRIDES, True)
-        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _int2_block(
+        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _packed_block(
             q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
             msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, nmask[:, None])
-    acc0, acc1, acc2, acc3 = _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q)
+    acc0, acc1, acc2, acc3 = _packed_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q)
     qd0, qd1, qd2, qd3 = _load_q_planes(qh + tl.arange(0, Q)[:, None], hmask[None, :], Q)
     for start in range(w_lo, w_hi, BLOCK_W):
         offs = start + tl.arange(0, BLOCK_W)
@@ -189,8 +189,8 @@ def decode_attention(
     q: torch.Tensor,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
-    int2_indptr: torch.Tensor,
-    int2_indices: torch.Tensor,
+    packed_indptr: torch.Tensor,
+    packed_indices: torch.Tensor,
     k_win: WindowRows,
     v_win: WindowRows,
     win_indptr: torch.Tensor,
@@ -217,10 +217,10 @@ def decode_attention(
     check_rows("k_rows", k_rows, hkv, layout)
     check_rows("v_rows", v_rows, hkv, v_layout)
     check_windows(k_win, v_win, hkv, d)
-    for name, t in (("int2_indptr", int2_indptr), ("int2_indices", int2_indices),
+    for name, t in (("packed_indptr", packed_indptr), ("packed_indices", packed_indices),
                     ("win_indptr", win_indptr), ("win_indices", win_indices)):
         check_index(name, t)
-    if int2_indptr.numel() != bsz + 1 or win_indptr.numel() != bsz + 1:
+    if packed_indptr.numel() != bsz + 1 or win_indptr.numel() != bsz + 1:
         raise ValueError(f"indptr tensors must have B + 1 = {bsz + 1} entries")
     if out is None:
         out = torch.empty_like(q)
@@ -230,13 +230,13 @@ def decode_attention(
     if bsz == 0:
         return out, lse
     if num_splits is None:
-        avg = (int2_indices.numel() + win_indices.numel()) // bsz
+        avg = (packed_indices.numel() + win_indices.numel()) // bsz
         num_splits = plan_num_splits(bsz, hkv, avg, sm_count(q.device), config)
     group = hq // hkv
     opart = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)
     lpart = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(hkv, num_splits, bsz)](
-        q, k_rows, v_rows, int2_indptr, int2_indices, k_win.data, v_win.data, win_indptr, win_indices,
+        q, k_rows, v_rows, packed_indptr, packed_indices, k_win.data, v_win.data, win_indptr, win_indices,
         opart, lpart, sm_scale * LOG2E, code_bits2(), num_splits,
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
         k_win.page_stride, v_win.page_stride, k_win.row_stride,

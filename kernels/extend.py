@@ -7,19 +7,19 @@ power of two >= 64, one quantization group per row):
 - ``k_new``/``v_new`` [Tq, Hkv, D] rotated exact k/v of the same chunk tokens.
 - ``qo_indptr``       int32/int64 [B + 1], ragged chunk boundaries into q/k_new/v_new.
 - request b's chunk starts at position ``prefix_lens[b]`` = a. Its keys: the quantized rows
-  (``int2_indptr``/``int2_indices`` into uint8 ``k_rows``/``v_rows`` [N, Hkv, row_bytes] of
+  (``packed_indptr``/``packed_indices`` into uint8 ``k_rows``/``v_rows`` [N, Hkv, row_bytes] of
   ``layout`` / ``v_layout``: 2, 3 or 4 bits each, their own row bytes and strides) of
   positions sink, sink + 1, ... (the chunk's own rows are written before attention), the
   window rows (``win_indptr``/``win_indices``: row ids into ``k_win``/``v_win``, ``WindowRows``
   of Hkv x D, window.py): the sinks then a run of positions ending at a - 1, and the chunk's
   exact k/v (causal). The block rule (rule.py) picks one copy per key: the query at t reads
-  key p exactly iff p < sink or p >= the start of t's block, else its INT2 row.
+  key p exactly iff p < sink or p >= the start of t's block, else its packed row.
 - returns ``out`` [Tq, Hq, D] (q.dtype, rotated value basis).
 
 One program per (BLOCK_M chunk tokens x the G query heads of one KV head, request, split),
-flash-attention style, with the same folded INT2 math as decode (``tiles._int2_block``): every
+flash-attention style, with the same folded INT2 math as decode (``tiles._packed_block``): every
 K/V block loaded serves the whole query group, and no prefix is ever dequantized to memory.
-A short chunk over a long cached prefix (a question over a document) splits the INT2 prefix
+A short chunk over a long cached prefix (a question over a document) splits the packed prefix
 across programs (``plan_extend_splits``) and merges the partials with decode's merge kernel.
 Chunked prefill and prefix-cache hits both go through here; a plain prefill is the case with
 empty prefixes.
@@ -36,7 +36,7 @@ import triton.language as tl
 from .checks import check_head_dim, check_index, check_rows, check_windows, plan_splits, sm_count
 from .codec import RowLayout
 from .decode import LOG2E, merge_splits
-from .tiles import (_dense_block, _int2_block, _int2_finish, _load_q_codes, _load_q_planes, _row_offsets,
+from .tiles import (_dense_block, _packed_block, _packed_finish, _load_q_codes, _load_q_planes, _row_offsets,
                     code_bits2)
 from .rule import PositionRule
 from .window import WindowRows, _window_offset
@@ -57,10 +57,10 @@ class ExtendConfig:
     max_splits: int = 64
 
 
-def plan_extend_splits(programs: int, int2_tokens: int, num_sms: int, config: ExtendConfig = ExtendConfig()) -> int:
-    """Splits of each request's INT2 prefix, from host-known sizes only: enough programs to fill
+def plan_extend_splits(programs: int, packed_tokens: int, num_sms: int, config: ExtendConfig = ExtendConfig()) -> int:
+    """Splits of each request's packed prefix, from host-known sizes only: enough programs to fill
     the GPU ``programs_per_sm`` times, never splits shorter than ``min_split_tokens``."""
-    return plan_splits(programs, int2_tokens, num_sms, config.programs_per_sm, config.min_split_tokens,
+    return plan_splits(programs, packed_tokens, num_sms, config.programs_per_sm, config.min_split_tokens,
                        config.max_splits)
 
 
@@ -91,7 +91,7 @@ def _extend_kernel(
 ):
     """Program (token block, KV head, request x split). Its rows are BLOCK_M chunk tokens x the
     G query heads of the KV head (padded to GP), so every K/V block it loads serves the whole
-    group. Split sp takes one share of the INT2 prefix; split 0 also takes the window and the
+    group. Split sp takes one share of the packed prefix; split 0 also takes the window and the
     chunk. With SPLIT, each split writes a partial (out, log2-sum-exp) that the merge combines.
     K_BITS / V_BITS: code widths of the key / value rows; SAME_STRIDES and the window rows
     (kw_page / vw_page, w_row, WIN_LOG2) as in decode."""
@@ -118,7 +118,7 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M * GP], tl.float32)
     msum = tl.zeros([BLOCK_M * GP], tl.float32)
     ssum = tl.zeros([BLOCK_M * GP], tl.float32)
-    vscale = tl.full([], 1.0, tl.float32)  # the units of the quantized blocks' value sums (tiles._int2_block)
+    vscale = tl.full([], 1.0, tl.float32)  # the units of the quantized blocks' value sums (tiles._packed_block)
     acc0 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
     acc1 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
     acc2 = tl.zeros([Q, BLOCK_M * GP], tl.float32)
@@ -137,7 +137,7 @@ def _extend_kernel(
         offs = start + tl.arange(0, BLOCK_N)
         k_off, v_off = _row_offsets(i_idx + i_beg, offs, None, hk, stride_krn, stride_krh, stride_vrn, stride_vrh,
                                     SAME_STRIDES, False)
-        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _int2_block(
+        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _packed_block(
             q0, q1, q2, q3, qsum, qb, k_off, v_off, offs, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
             msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, None, False)
     for start in range(i_full, i_hi, BLOCK_N):
@@ -145,10 +145,10 @@ def _extend_kernel(
         nmask = offs < i_hi
         k_off, v_off = _row_offsets(i_idx + i_beg, offs, nmask, hk, stride_krn, stride_krh, stride_vrn, stride_vrh,
                                     SAME_STRIDES, True)
-        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _int2_block(
+        m_i, l_i, acc0, acc1, acc2, acc3, msum, ssum, vscale = _packed_block(
             q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i, acc0, acc1, acc2, acc3,
             msum, ssum, vscale, scale_log2, code_bits2, Q, K_BITS, V_BITS, (sink + offs)[:, None] < exact_from)
-    acc0, acc1, acc2, acc3 = _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q)
+    acc0, acc1, acc2, acc3 = _packed_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q)
 
     if sp == 0:
         qd0, qd1, qd2, qd3 = _load_q_planes(qp + tl.arange(0, Q)[:, None], rmask[None, :], Q)
@@ -201,8 +201,8 @@ def extend_attention(
     qo_indptr: torch.Tensor,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
-    int2_indptr: torch.Tensor,
-    int2_indices: torch.Tensor,
+    packed_indptr: torch.Tensor,
+    packed_indices: torch.Tensor,
     k_win: WindowRows,
     v_win: WindowRows,
     win_indptr: torch.Tensor,
@@ -219,7 +219,7 @@ def extend_attention(
 ) -> torch.Tensor:
     """Extend attention. ``layout``: the key rows', ``v_layout``: the value rows' (None: ``layout``).
     ``max_q_len`` (longest chunk, host int) avoids a device sync; None reads it from
-    ``qo_indptr``. ``num_splits`` of each INT2 prefix: None plans it from host-known sizes
+    ``qo_indptr``. ``num_splits`` of each packed prefix: None plans it from host-known sizes
     (``plan_extend_splits``). ``rule``: a block rule (``rule.PositionRule``; no sliding part)."""
     tq, hq, d = q.shape
     hkv = k_new.shape[1]
@@ -238,11 +238,11 @@ def extend_attention(
     check_windows(k_win, v_win, hkv, d)
     if not rule.rebuildable:
         raise ValueError(f"the extend kernel applies block rules only, got {rule.name}")
-    for name, t in (("qo_indptr", qo_indptr), ("int2_indptr", int2_indptr), ("int2_indices", int2_indices),
+    for name, t in (("qo_indptr", qo_indptr), ("packed_indptr", packed_indptr), ("packed_indices", packed_indices),
                     ("win_indptr", win_indptr), ("win_indices", win_indices), ("prefix_lens", prefix_lens)):
         check_index(name, t)
     bsz = qo_indptr.numel() - 1
-    if int2_indptr.numel() != bsz + 1 or win_indptr.numel() != bsz + 1:
+    if packed_indptr.numel() != bsz + 1 or win_indptr.numel() != bsz + 1:
         raise ValueError(f"indptr tensors must have B + 1 = {bsz + 1} entries")
     if out is None:
         out = torch.empty_like(q)
@@ -259,7 +259,7 @@ def extend_attention(
     block_m = max(1, config.block_rows // gp)
     programs = triton.cdiv(max_q_len, block_m) * hkv * bsz
     if num_splits is None:
-        num_splits = plan_extend_splits(programs, int2_indices.numel() // bsz, sm_count(q.device), config)
+        num_splits = plan_extend_splits(programs, packed_indices.numel() // bsz, sm_count(q.device), config)
     split = num_splits > 1
     if split:  # partials in decode's layout, merged by its kernel ([token, head] as its [request, head])
         opart = torch.empty(tq, hq, num_splits, d, dtype=torch.float32, device=q.device)
@@ -267,7 +267,7 @@ def extend_attention(
     else:
         opart = lpart = out
     _extend_kernel[(triton.cdiv(max_q_len, block_m), hkv, bsz * num_splits)](
-        q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices,
+        q, k_new, v_new, qo_indptr, k_rows, v_rows, packed_indptr, packed_indices,
         k_win.data, v_win.data, win_indptr, win_indices, prefix_lens, out, opart, lpart,
         sm_scale * LOG2E, code_bits2(), rule.sink, rule.block, rule.first or rule.block, num_splits, hq,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),

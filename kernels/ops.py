@@ -72,8 +72,8 @@ def decode_attention(
     q: torch.Tensor,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
-    int2_indptr: torch.Tensor,
-    int2_indices: torch.Tensor,
+    packed_indptr: torch.Tensor,
+    packed_indices: torch.Tensor,
     k_win: WindowRows,
     v_win: WindowRows,
     win_indptr: torch.Tensor,
@@ -86,7 +86,7 @@ def decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _decode if q.is_cuda and _triton_attention(layout, v_layout) else _reference
     return impl.decode_attention(
-        q, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices,
+        q, k_rows, v_rows, packed_indptr, packed_indices, k_win, v_win, win_indptr, win_indices,
         sm_scale, layout, out=out, num_splits=num_splits, v_layout=v_layout,
     )
 
@@ -98,8 +98,8 @@ def extend_attention(
     qo_indptr: torch.Tensor,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
-    int2_indptr: torch.Tensor,
-    int2_indices: torch.Tensor,
+    packed_indptr: torch.Tensor,
+    packed_indices: torch.Tensor,
     k_win: WindowRows,
     v_win: WindowRows,
     win_indptr: torch.Tensor,
@@ -114,7 +114,7 @@ def extend_attention(
 ) -> torch.Tensor:
     impl = _extend if q.is_cuda and _triton_attention(layout, v_layout) else _reference
     return impl.extend_attention(
-        q, k_new, v_new, qo_indptr, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win,
+        q, k_new, v_new, qo_indptr, k_rows, v_rows, packed_indptr, packed_indices, k_win, v_win,
         win_indptr, win_indices, prefix_lens, rule, sm_scale, layout, out=out, max_q_len=max_q_len,
         v_layout=v_layout,
     )

@@ -90,12 +90,12 @@ def write_step(k, v, rot_k, rot_v, clip_k, clip_v, k_layout, v_layout, k_rows, v
     return qr if q_out is None else q_out.copy_(qr)
 
 
-def _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices, layout,
+def _gather_prefix(b, k_rows, v_rows, packed_indptr, packed_indices, k_win, v_win, win_indptr, win_indices, layout,
                    v_layout):
-    """fp32 rotated K, V [n, Hkv, D] of request b: INT2 segment then window segment."""
-    i0, i1 = int(int2_indptr[b]), int(int2_indptr[b + 1])
+    """fp32 rotated K, V [n, Hkv, D] of request b: packed segment then window segment."""
+    i0, i1 = int(packed_indptr[b]), int(packed_indptr[b + 1])
     w0, w1 = int(win_indptr[b]), int(win_indptr[b + 1])
-    qi = int2_indices[i0:i1].long()
+    qi = packed_indices[i0:i1].long()
     wi = win_indices[w0:w1].long()
     k = torch.cat([dequantize_rows(k_rows[qi], layout), k_win.gather(wi).float()], dim=0)
     v = torch.cat([dequantize_rows(v_rows[qi], v_layout), v_win.gather(wi).float()], dim=0)
@@ -131,8 +131,8 @@ def decode_attention(
     q: torch.Tensor,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
-    int2_indptr: torch.Tensor,
-    int2_indices: torch.Tensor,
+    packed_indptr: torch.Tensor,
+    packed_indices: torch.Tensor,
     k_win: WindowRows,
     v_win: WindowRows,
     win_indptr: torch.Tensor,
@@ -153,7 +153,7 @@ def decode_attention(
     res = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty(bsz, hq, dtype=torch.float32, device=q.device)
     for b in range(bsz):
-        k, v = _gather_prefix(b, k_rows, v_rows, int2_indptr, int2_indices, k_win, v_win, win_indptr, win_indices, layout,
+        k, v = _gather_prefix(b, k_rows, v_rows, packed_indptr, packed_indices, k_win, v_win, win_indptr, win_indices, layout,
                               v_layout)
         o, l = _attend(q[b : b + 1].float(), k, v, sm_scale, None)
         res[b] = o[0].to(res.dtype)
@@ -168,8 +168,8 @@ def extend_attention(
     qo_indptr: torch.Tensor,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
-    int2_indptr: torch.Tensor,
-    int2_indices: torch.Tensor,
+    packed_indptr: torch.Tensor,
+    packed_indices: torch.Tensor,
     k_win: WindowRows,
     v_win: WindowRows,
     win_indptr: torch.Tensor,
@@ -183,10 +183,10 @@ def extend_attention(
     v_layout: RowLayout | None = None,
 ) -> torch.Tensor:
     """Chunk queries q [Tq, Hq, D] under ``rule`` (``rule.PositionRule``): the query at position t
-    reads key j <= t in full precision iff ``rule.exact(t, j)``, else from its INT2 row.
+    reads key j <= t in full precision iff ``rule.exact(t, j)``, else from its packed row.
 
     Request b's chunk starts at position a = prefix_lens[b]. Its keys come from three places:
-    the INT2 segment (positions ``sink, sink + 1, ...``: the prefix and the chunk's own tokens,
+    the packed segment (positions ``sink, sink + 1, ...``: the prefix and the chunk's own tokens,
     whose rows are written before attention), the window segment (the sinks ``0 .. min(sink, a)``
     then a run of positions ending at a - 1), and the chunk's exact k_new/v_new (position a + j,
     causal). ``layout``/``v_layout`` as in ``decode_attention``.
@@ -202,16 +202,16 @@ def extend_attention(
         if e == s:
             continue
         a = int(prefix_lens[b])
-        i0, i1 = int(int2_indptr[b]), int(int2_indptr[b + 1])
+        i0, i1 = int(packed_indptr[b]), int(packed_indptr[b + 1])
         w0, w1 = int(win_indptr[b]), int(win_indptr[b + 1])
-        qi, wi = int2_indices[i0:i1].long(), win_indices[w0:w1].long()
+        qi, wi = packed_indices[i0:i1].long(), win_indices[w0:w1].long()
         n_sink = min(sink, a, w1 - w0)
         n_run = (w1 - w0) - n_sink
-        pos_int2 = sink + torch.arange(i1 - i0, device=dev)
+        pos_packed = sink + torch.arange(i1 - i0, device=dev)
         pos_win = torch.cat([torch.arange(n_sink, device=dev), a - n_run + torch.arange(n_run, device=dev)])
         pos_new = a + torch.arange(e - s, device=dev)
         t = pos_new[:, None]  # query positions
-        mask = torch.cat([(pos_int2 <= t) & ~rule.exact(t, pos_int2),  # read quantized
+        mask = torch.cat([(pos_packed <= t) & ~rule.exact(t, pos_packed),  # read quantized
                           rule.exact(t, pos_win), rule.exact(t, pos_new)], dim=1)
         k = torch.cat([dequantize_rows(k_rows[qi], layout), k_win.gather(wi).float(), k_new[s:e].float()], dim=0)
         v = torch.cat([dequantize_rows(v_rows[qi], v_layout), v_win.gather(wi).float(), v_new[s:e].float()], dim=0)

@@ -3,7 +3,7 @@
 A program holds a block of query rows (decode: the G query heads of one KV head, padded to
 8; extend: BLOCK_M chunk tokens x the G heads of one KV head) as four D/4 quarter-planes (the
 storage row's plane layout), transposed to [D/4, rows] so that keys are the dots' M dimension,
-and folds blocks of keys into an online softmax: ``_int2_block`` over quantized storage rows
+and folds blocks of keys into an online softmax: ``_packed_block`` over quantized storage rows
 (2, 3 or 4 bits per code: the constexprs K_BITS and V_BITS, each tensor its own row layout),
 ``_dense_block`` over full-precision rows (windows, a chunk's own k/v).
 
@@ -20,7 +20,7 @@ numbers B_p + c, B_p = 2^(10 - 2p), built from the row's 32-bit words by one mas
 codes (``_plane``: the code already sits at mantissa bits 2p.. of its byte, so no shift per
 plane; the high bits of 3 and 4 bits are or-ed in above it). The B_p terms are removed per
 row and per key, never per element: sum_p B_p sum(q_p) from the logits, sum_t p_t s_t B_p
-from the values once at the end (``_int2_finish``). The two halves of a masked word stay one
+from the values once at the end (``_packed_finish``). The two halves of a masked word stay one
 register, so the unpacked planes hold their columns in a fixed permutation (``_plane_cols``):
 the code dots read q in that order, and the value accumulators are put back in natural order
 after the quantized loop.
@@ -193,7 +193,7 @@ def _row_offsets(idx_ptr, offs, nmask, hk, stride_krn, stride_krh, stride_vrn, s
 
 
 @triton.jit
-def _int2_block(q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
+def _packed_block(q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_ptr, m_i, l_i,
                 acc0, acc1, acc2, acc3, msum, ssum, vscale, scale_log2, code_bits2, Q: tl.constexpr,
                 K_BITS: tl.constexpr, V_BITS: tl.constexpr, extra_mask, MASKED: tl.constexpr = True):
     """One block of quantized rows (k_off / v_off: byte offsets [BN] of the key / value rows, of
@@ -205,7 +205,7 @@ def _int2_block(q0, q1, q2, q3, qsum, qb, k_off, v_off, nmask, krow_ptr, vrow_pt
     sum_p q_p . (B_p + c) = q . c + qb for keys. Values: acc_p (in ``_plane_cols`` order)
     gathers sum_t p_t s_t (B_p + c_t) in units of ``vscale`` (the last block's max scale: the
     dots accumulate in place, one multiply per element and step), ``msum`` sum_t p_t m_t and
-    ``ssum`` sum_t p_t s_t (the rounded weights the dots saw); ``_int2_finish`` puts acc_p back
+    ``ssum`` sum_t p_t s_t (the rounded weights the dots saw); ``_packed_finish`` puts acc_p back
     in value units and removes the B_p terms once."""
     k0, k1, k2, k3, ks, km = _load_rows(krow_ptr, k_off, nmask, code_bits2, Q, K_BITS, MASKED)
     qk = tl.dot(k0, q0)
@@ -239,7 +239,7 @@ def _unpermute(acc, Q: tl.constexpr):
 
 
 @triton.jit
-def _int2_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q: tl.constexpr):
+def _packed_finish(acc0, acc1, acc2, acc3, msum, ssum, vscale, Q: tl.constexpr):
     """The quantized blocks' accumulators in value units and natural column order with the
     minimums added and the base terms B_p * ssum removed: the dense blocks' (and the output's)
     running sums."""

@@ -5,20 +5,20 @@ have the code widths (2, 3 or 4 bits) of the rotations file's bit allocation (``
 
 The position rule (``kernels/rule.py``): the query at position t reads key j in full precision
 iff ``j < sink`` or j is in t's own block (``j >= exact_from(t) = t // block * block``), else
-from its INT2 row, in decode and extend, for a chunk's own tokens and for cached ones. The
+from its packed row, in decode and extend, for a chunk's own tokens and for cached ones. The
 quantized model is then one function of the token sequence: cached == uncached, any chunk size
 == any other, batched == alone.
 
 Per forward:
 
-1. ``init_forward_metadata`` splits every request's keys into an INT2 segment (slots of
+1. ``init_forward_metadata`` splits every request's keys into an packed segment (slots of
    sglang's request table) and a window segment (rows of its window table, ``windows.py``,
    which the scheduler hooks moved to this forward: a prefix hit's table reads the cached
    prefix's attached rows).
 2. Each layer quantizes k/v on write and rotates q by R_K (one ``ops.write_step``),
    runs decode or extend attention (extend adds the chunk's own exact rotated k/v and
    applies the rule per query), and un-rotates the output by R_V^T. Decode writes before
-   attending (it reads its token from the pool). Extend writes the INT2 rows first and the
+   attending (it reads its token from the pool). Extend writes the packed rows first and the
    window rows after attention.
 
 The same code runs on CPU (pure-torch references) and GPU (Triton kernels): the
@@ -63,8 +63,8 @@ class ForwardMetadata:
     out_loc: torch.Tensor  # [T] slots written this forward
     win_rows: torch.Tensor | None  # decode: [T] their window rows; extend: None
     qo_indptr: torch.Tensor  # [B+1] extend chunk boundaries (decode: arange)
-    int2_indptr: torch.Tensor  # [B+1]
-    int2_indices: torch.Tensor  # slot ids into the INT2 rows, position order
+    packed_indptr: torch.Tensor  # [B+1]
+    packed_indices: torch.Tensor  # slot ids into the packed rows, position order
     win_indptr: torch.Tensor  # [B+1]
     win_indices: torch.Tensor  # window rows: the sinks, then the block part, position order
     prefix_lens: torch.Tensor | None = None  # extend: [B] first position of each chunk
@@ -174,12 +174,12 @@ class OscarAttnBackend(AttentionBackend):
         last = seq_lens - 1
         block_of_last = rule.exact_from(last)
         quant_hi = block_of_last.clamp(min=s)  # quantized keys: [sink, exact_from(last query))
-        int2_indptr, int2_indices = _gather_slots(self.req_to_token, rows_d, torch.full_like(seq_lens, s), quant_hi - s)
+        packed_indptr, packed_indices = _gather_slots(self.req_to_token, rows_d, torch.full_like(seq_lens, s), quant_hi - s)
         if decode:
             win_indptr, win_ids = _gather_window(store.table_dev, rows_d, seq_lens.clamp(max=s),
                                                  s + quant_hi - block_of_last, (seq_lens - quant_hi).clamp(min=0))
             written = store.table[req_rows, torch.where(last < s, last, s + last - block_of_last)]
-            return ForwardMetadata(out_loc, _up(written, dev), _up(_indptr(new_lens), dev), int2_indptr, int2_indices,
+            return ForwardMetadata(out_loc, _up(written, dev), _up(_indptr(new_lens), dev), packed_indptr, packed_indices,
                                    win_indptr, win_ids)
         plans = [store.plans.pop(int(r), None) for r in req_rows]
         if None in plans:
@@ -190,7 +190,7 @@ class OscarAttnBackend(AttentionBackend):
         src = torch.cat([p.write_offsets + f for p, f in zip(plans, first.tolist())])
         dst = torch.cat([p.write_ids for p in plans])
         total = int(new_lens.sum())
-        return ForwardMetadata(out_loc, None, _up(_indptr(new_lens), dev), int2_indptr, int2_indices,
+        return ForwardMetadata(out_loc, None, _up(_indptr(new_lens), dev), packed_indptr, packed_indices,
                                _up(_indptr(torch.tensor([len(p) for p in prefix], dtype=torch.int64)), dev),
                                _up(torch.cat(prefix), dev), _up(seq_lens - new_lens, dev), _up(src, dev), _up(dst, dev),
                                max_q_len=int(new_lens.max()) if total else 0,
@@ -224,8 +224,8 @@ class OscarAttnBackend(AttentionBackend):
             out_loc=torch.zeros(max_bs, dtype=i64, device=dev),
             win_rows=torch.full((max_bs,), -1, dtype=i64, device=dev),
             qo_indptr=torch.arange(max_bs + 1, dtype=i64, device=dev),
-            int2_indptr=torch.zeros(max_bs + 1, dtype=i64, device=dev),
-            int2_indices=torch.zeros(max_bs * self.req_to_token.shape[1], dtype=torch.int32, device=dev),
+            packed_indptr=torch.zeros(max_bs + 1, dtype=i64, device=dev),
+            packed_indices=torch.zeros(max_bs * self.req_to_token.shape[1], dtype=torch.int32, device=dev),
             win_indptr=torch.zeros(max_bs + 1, dtype=i64, device=dev),
             win_indices=torch.zeros(max_bs * self.pool.store.cols, dtype=torch.int32, device=dev),
         )
@@ -244,10 +244,10 @@ class OscarAttnBackend(AttentionBackend):
         if in_capture:  # empty segments, no window rows: capture must not touch the pool's state
             g.out_loc[:bs].zero_()
             g.win_rows[:bs].fill_(-1)
-            g.int2_indptr.zero_()
+            g.packed_indptr.zero_()
             g.win_indptr.zero_()
             self.graph_metadata[bs] = ForwardMetadata(
-                g.out_loc[:bs], g.win_rows[:bs], g.qo_indptr[: bs + 1], g.int2_indptr[: bs + 1], g.int2_indices,
+                g.out_loc[:bs], g.win_rows[:bs], g.qo_indptr[: bs + 1], g.packed_indptr[: bs + 1], g.packed_indices,
                 g.win_indptr[: bs + 1], g.win_indices, num_splits=self._graph_splits(bs))
             self.forward_metadata = self.graph_metadata[bs]
             return
@@ -257,7 +257,7 @@ class OscarAttnBackend(AttentionBackend):
         g.out_loc[raw:bs].zero_()
         g.win_rows[:raw].copy_(md.win_rows)
         g.win_rows[raw:bs].fill_(-1)
-        for indptr, indices, buf_ptr, buf_idx in ((md.int2_indptr, md.int2_indices, g.int2_indptr, g.int2_indices),
+        for indptr, indices, buf_ptr, buf_idx in ((md.packed_indptr, md.packed_indices, g.packed_indptr, g.packed_indices),
                                                   (md.win_indptr, md.win_indices, g.win_indptr, g.win_indices)):
             buf_ptr[: raw + 1].copy_(indptr)
             buf_ptr[raw + 1: bs + 1].copy_(indptr[-1])
@@ -298,7 +298,7 @@ class OscarAttnBackend(AttentionBackend):
         qr = self._write(q3, k3, v3, lid, md.win_rows) if save_kv_cache else self._rotate_q(q3, lid)
         k_lay, v_lay = self.pool.layouts(lid)
         out, _ = ops.decode_attention(
-            qr, *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
+            qr, *self.pool.get_kv_buffer(lid), md.packed_indptr, md.packed_indices,
             *self.pool.window_rows(lid), md.win_indptr, md.win_indices, layer.scaling, k_lay,
             num_splits=md.num_splits, v_layout=v_lay,
         )
@@ -309,7 +309,7 @@ class OscarAttnBackend(AttentionBackend):
         q3, k3, v3 = self._views(q, k, v, layer)
         # The chunk attends to its own k/v exactly as stored (sanitized, rotated: one non-finite
         # value must not turn the whole chunk NaN through 0 * NaN in the masked attention). The
-        # write returns them (its rotation, done once); INT2 rows are written first: queries far
+        # write returns them (its rotation, done once); packed rows are written first: queries far
         # enough into the chunk read its older tokens there.
         kr, vr = (torch.empty(k3.shape, dtype=q3.dtype, device=q3.device) for _ in range(2))
         if save_kv_cache:
@@ -320,7 +320,7 @@ class OscarAttnBackend(AttentionBackend):
             vr.copy_(rotated_rows(v3, self._rot_v(lid)))
         k_lay, v_lay = self.pool.layouts(lid)
         out = ops.extend_attention(
-            qr, kr, vr, md.qo_indptr, *self.pool.get_kv_buffer(lid), md.int2_indptr, md.int2_indices,
+            qr, kr, vr, md.qo_indptr, *self.pool.get_kv_buffer(lid), md.packed_indptr, md.packed_indices,
             *self.pool.window_rows(lid), md.win_indptr, md.win_indices, md.prefix_lens,
             self.pool.rule, layer.scaling, k_lay, max_q_len=md.max_q_len, v_layout=v_lay,
         )

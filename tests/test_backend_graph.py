@@ -115,9 +115,9 @@ def test_replayed_graph_metadata_equals_eager_decode():
     begin(graph, decode, range(3), LENS, [1] * 3)
     graph.init_forward_metadata_out_graph(view)
     md = graph.forward_metadata
-    for name in ("out_loc", "win_rows", "int2_indptr", "int2_indices", "win_indptr", "win_indices"):
+    for name in ("out_loc", "win_rows", "packed_indptr", "packed_indices", "win_indptr", "win_indices"):
         assert getattr(md, name).data_ptr() == getattr(captured, name).data_ptr(), name  # graph reads these
-    assert md.int2_indptr[-1] == md.int2_indptr[-2] and md.win_indptr[-1] == md.win_indptr[-2]  # padding: empty
+    assert md.packed_indptr[-1] == md.packed_indptr[-2] and md.win_indptr[-1] == md.win_indptr[-2]  # padding: empty
     got = graph.forward_decode(q, k, v, layer, view)
     assert torch.allclose(got[:3].float(), want.float(), atol=1e-3)
     assert graph.pool.store.row_len == eager.pool.store.row_len and torch.equal(graph.pool.store.table,

@@ -64,9 +64,9 @@ def test_decode_kernel_on_backend_metadata():
         pool.store.begin_decode(row, n - 1)
     md = backend._metadata(torch.tensor([0, 1]), LENS, torch.ones(2, dtype=torch.int64), None, decode=True)
     # request 0 (t = 18): INT2 [2, 16), window sinks + [16, 19); request 1 (t = 5): all in the window
-    assert md.int2_indptr.tolist() == [0, 14, 14] and md.win_indptr.tolist() == [0, 5, 11]
+    assert md.packed_indptr.tolist() == [0, 14, 14] and md.win_indptr.tolist() == [0, 5, 11]
     q = torch.randn(2, H_KV * GROUP, D, dtype=torch.float16)
-    args = (q, k_rows, v_rows, md.int2_indptr, md.int2_indices, k_win, v_win, md.win_indptr, md.win_indices,
+    args = (q, k_rows, v_rows, md.packed_indptr, md.packed_indices, k_win, v_win, md.win_indptr, md.win_indices,
             D**-0.5, pool.layouts(0)[0])
     v_layout = pool.layouts(0)[1]
     out, lse = decode.decode_attention(*args, v_layout=v_layout)
@@ -82,12 +82,12 @@ def test_extend_kernel_on_backend_metadata():
     for row, (n, c) in enumerate(zip(LENS.tolist(), chunk.tolist())):
         pool.store.begin_extend(row, n - c, n)
     md = backend._metadata(torch.tensor([0, 1]), LENS, chunk, torch.zeros(7, dtype=torch.int64), decode=False)
-    assert md.prefix_lens.tolist() == [13, 5] and md.int2_indptr.tolist() == [0, 14, 14]
+    assert md.prefix_lens.tolist() == [13, 5] and md.packed_indptr.tolist() == [0, 14, 14]
     assert md.win_indptr.tolist() == [0, 7, 12]  # sinks + [8, 13); sinks + [2, 5)
     q = torch.randn(int(chunk.sum()), H_KV * GROUP, D, dtype=torch.float16)
     k_new = torch.randn(int(chunk.sum()), H_KV, D, dtype=torch.float16)
     v_new = torch.randn_like(k_new)
-    args = (q, k_new, v_new, md.qo_indptr, k_rows, v_rows, md.int2_indptr, md.int2_indices, k_win, v_win,
+    args = (q, k_new, v_new, md.qo_indptr, k_rows, v_rows, md.packed_indptr, md.packed_indices, k_win, v_win,
             md.win_indptr, md.win_indices, md.prefix_lens, pool.rule, D**-0.5, pool.layouts(0)[0])
     v_layout = pool.layouts(0)[1]
     assert torch.allclose(extend.extend_attention(*args, v_layout=v_layout).float(),

@@ -50,9 +50,9 @@ def attention_errors(seed, peak, window_all=False, rotation=None):
     wslots = torch.where(in_win, slots, -1)
     reference.quantize_kv_write(k, rot, 0.96, layout, rows_k, slots, win_k, wslots)
     reference.quantize_kv_write(v, rot, 0.92, layout, rows_v, slots, win_v, wslots)
-    int2_idx, win_idx = slots[~in_win], slots[in_win]
+    packed_idx, win_idx = slots[~in_win], slots[in_win]
     out, lse = reference.decode_attention(
-        q @ rot, rows_k, rows_v, torch.tensor([0, int2_idx.numel()]), int2_idx, win_k, win_v,
+        q @ rot, rows_k, rows_v, torch.tensor([0, packed_idx.numel()]), packed_idx, win_k, win_v,
         torch.tensor([0, win_idx.numel()]), win_idx, D**-0.5, layout)
     out = out[0] @ rot.T  # back to the unrotated value basis (R_V = R_K here)
 

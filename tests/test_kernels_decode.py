@@ -100,7 +100,7 @@ def make_cache(lens_i, lens_w, hkv, d, page, win_dtype, seed, idx_dtype=torch.in
         wins[0].scatter(ids, k_win.to(dev))
         wins[1].scatter(ids, v_win.to(dev))
         w_idx = ids[w_idx]
-    cache = dict(k_rows=k_rows, v_rows=v_rows, int2_indptr=i_ptr.to(idx_dtype), int2_indices=i_idx.to(idx_dtype),
+    cache = dict(k_rows=k_rows, v_rows=v_rows, packed_indptr=i_ptr.to(idx_dtype), packed_indices=i_idx.to(idx_dtype),
                  win_indptr=w_ptr.to(idx_dtype), win_indices=w_idx.long())
     cache = {k: v.to(dev) for k, v in cache.items()}
     return {**cache, "k_win": wins[0], "v_win": wins[1], "v_layout": v_layout}, layout, gen
@@ -108,7 +108,7 @@ def make_cache(lens_i, lens_w, hkv, d, page, win_dtype, seed, idx_dtype=torch.in
 
 def run_decode(impl, q, cache, layout, **kw):
     c = cache
-    return impl.decode_attention(q, c["k_rows"], c["v_rows"], c["int2_indptr"], c["int2_indices"], c["k_win"],
+    return impl.decode_attention(q, c["k_rows"], c["v_rows"], c["packed_indptr"], c["packed_indices"], c["k_win"],
                                  c["v_win"], c["win_indptr"], c["win_indices"], q.shape[-1] ** -0.5, layout,
                                  v_layout=c["v_layout"], **kw)
 
@@ -317,12 +317,12 @@ def test_kernels_launch_without_host_syncs():
     rot = torch.eye(128, device=DEV).expand(2, 128, 128).contiguous()
     slots = torch.tensor([0, 1], device=DEV)
     qo = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEV)
-    prefix = (c["int2_indptr"].diff() + c["win_indptr"].diff()).to(torch.int32)
+    prefix = (c["packed_indptr"].diff() + c["win_indptr"].diff()).to(torch.int32)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         run_decode(decode, q, cache, layout, num_splits=4)
-        extend.extend_attention(q, x, x, qo, c["k_rows"], c["v_rows"], c["int2_indptr"], c["int2_indices"],
+        extend.extend_attention(q, x, x, qo, c["k_rows"], c["v_rows"], c["packed_indptr"], c["packed_indices"],
                                 c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"], prefix,
                                 PositionRule(sink=4, block=16),
                                 128 ** -0.5, layout, max_q_len=1, num_splits=3)
@@ -349,7 +349,7 @@ def test_decode_step_captures_and_replays_in_a_cuda_graph():
     q = torch.randn(2, 8, 128, generator=gen).bfloat16().to(DEV)
     x = torch.randn(2, 2, 128, generator=gen).bfloat16().to(DEV)
     rot = torch.linalg.qr(torch.randn(2, 128, 128, generator=gen))[0].contiguous().to(DEV)
-    slots = c["int2_indices"][:2].long()
+    slots = c["packed_indices"][:2].long()
     out, qr = torch.empty_like(q), torch.empty_like(q)
 
     def step():

@@ -21,10 +21,10 @@ def run_extend(impl, q, k_new, v_new, qo_indptr, cache, layout, sink=2, block=8,
     the sinks, then the window's run up to a - 1)."""
     c = cache
     if prefix is None:
-        prefix = c["int2_indptr"].diff() + c["win_indptr"].diff()
+        prefix = c["packed_indptr"].diff() + c["win_indptr"].diff()
     prefix = prefix.to(torch.int32).to(qo_indptr.device)
-    return impl.extend_attention(q, k_new, v_new, qo_indptr, c["k_rows"], c["v_rows"], c["int2_indptr"],
-                                 c["int2_indices"], c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"],
+    return impl.extend_attention(q, k_new, v_new, qo_indptr, c["k_rows"], c["v_rows"], c["packed_indptr"],
+                                 c["packed_indices"], c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"],
                                  prefix, PositionRule(sink=sink, block=block, first=first), q.shape[-1] ** -0.5, layout,
                                  v_layout=c["v_layout"], **kw)
 
@@ -153,7 +153,7 @@ def test_extend_first_query_sees_prefix_plus_itself():
     q, k_new, v_new, qo = make_chunk([1], 1, 1, 64, torch.float32, gen, dev="cpu")
     out = run_extend(reference, q, k_new, v_new, qo, cache, layout, sink=0, block=1)  # all 3 prefix keys INT2
     win = dict(cache, win_indptr=torch.tensor([0, 1]), win_indices=torch.tensor([0]))
-    dec, _ = reference.decode_attention(q, win["k_rows"], win["v_rows"], win["int2_indptr"], win["int2_indices"],
+    dec, _ = reference.decode_attention(q, win["k_rows"], win["v_rows"], win["packed_indptr"], win["packed_indices"],
                                         WindowRows.dense(k_new), WindowRows.dense(v_new), win["win_indptr"],
                                         win["win_indices"], 64 ** -0.5, layout)
     torch.testing.assert_close(out, dec)
