@@ -86,7 +86,8 @@ def bf16_baselines(model, ctx, batch, dev, names, gen):
     rows = torch.zeros(1, hkv, d // 4 + 4, dtype=torch.uint8, device=dev)
     kw, vw = WindowRows.dense(kb), WindowRows.dense(vb)
     fns["triton_bf16_same_kernel"] = lambda: decode.decode_attention(
-        q, rows, rows, empty_ptr, idx[:0], kw, vw, ptr, idx, d**-0.5, RowLayout(d))
+        q, k_rows=rows, v_rows=rows, packed_indptr=empty_ptr, packed_indices=idx[:0], k_win=kw, v_win=vw,
+            win_indptr=ptr, win_indices=idx, sm_scale=d**-0.5, layout=RowLayout(d))
     if "sglang" in names:
         try:
             from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd

@@ -98,9 +98,9 @@ def bf16_baselines(model, prefix, chunk, dev, gen):
     # the whole prefix as window rows, every position a "sink": every key read exactly (BF16)
     kw, vw = WindowRows.dense(kb), WindowRows.dense(vb)
     fns = {"triton_bf16_same_kernel": lambda: extend.extend_attention(
-        q, kn, vn, qo, rows, rows, zero, idx[:0], kw, vw, ptr, idx, a, PositionRule(sink=total, block=BLOCK),
-        d**-0.5, RowLayout(d),
-        max_q_len=chunk)}
+        q, k_new=kn, v_new=vn, qo_indptr=qo, k_rows=rows, v_rows=rows, packed_indptr=zero, packed_indices=idx[:0],
+        k_win=kw, v_win=vw, win_indptr=ptr, win_indices=idx, prefix_lens=a, rule=PositionRule(sink=total, block=BLOCK),
+        sm_scale=d**-0.5, layout=RowLayout(d), max_q_len=chunk)}
     q4 = q.transpose(0, 1).unsqueeze(0)
     kd = torch.randn(1, hkv, total, d, device=dev, dtype=bf, generator=gen)
     vd = torch.randn_like(kd)

@@ -118,12 +118,15 @@ def decode_step_rows(model, batch, dev, iters) -> list[dict]:
     rows = [torch.zeros(batch + 8, hkv, lay.row_bytes, dtype=torch.uint8, device=dev) for lay in (lk, lv)]
     wins = [WindowRows.dense(torch.zeros(batch + 8, hkv, d, dtype=torch.bfloat16, device=dev)) for _ in range(2)]
     slots = torch.randperm(batch + 8, device=dev, generator=gen)[:batch]
-    args = (k, v, rot, None, 0.96, 0.92, lk, lv, *rows, slots, *wins, slots)
-    fused = time_cuda(lambda: write.write_step(*args, q=q), iters)
-    separate = time_cuda(lambda: (write.quantize_kv_write(k, rot, 0.96, lk, rows[0], slots, wins[0], slots),
-                                  write.quantize_kv_write(v, None, 0.92, lv, rows[1], slots, wins[1], slots),
+    args = dict(rot_k=rot, clip_k=0.96, clip_v=0.92, k_layout=lk, v_layout=lv, k_rows=rows[0], v_rows=rows[1],
+                slots=slots, k_win=wins[0], v_win=wins[1], window_slots=slots)
+    fused = time_cuda(lambda: write.write_step(k, v, **args, q=q), iters)
+    separate = time_cuda(lambda: (write.quantize_kv_write(k, rotation=rot, clip_ratio=0.96, layout=lk, rows_out=rows[0],
+                                                          slots=slots, window_out=wins[0], window_slots=slots),
+                                  write.quantize_kv_write(v, rotation=None, clip_ratio=0.92, layout=lv, rows_out=rows[1],
+                                                          slots=slots, window_out=wins[1], window_slots=slots),
                                   reference.rotate_queries(q, rot)), iters)
-    torch.testing.assert_close(write.write_step(*args, q=q).float(), reference.rotate_queries(q, rot).float(),
+    torch.testing.assert_close(write.write_step(k, v, **args, q=q).float(), reference.rotate_queries(q, rot).float(),
                                atol=2e-2, rtol=2e-2)
     return [dict(bench="write_step", model=model, tokens=batch, impl="oscar_write_step", ms=round(fused, 4),
                  separate_ms=round(separate, 4), ratio_to_separate=round(fused / separate, 3))]

@@ -154,7 +154,9 @@ def _write_launches(clip_ratio: float, rotate: bool = True, bits: int = 2):
         rot = torch.zeros(hkv, d, d) if rotate else None
         rows, _, win, _ = _pool_rows(t + 8, hkv, layout, RowLayout(d))
         slots = torch.arange(t, dtype=torch.int64)
-        return capture(write, lambda: write.quantize_kv_write(x, rot, clip_ratio, layout, rows, slots, win, slots))
+        return capture(write, lambda: write.quantize_kv_write(x, rotation=rot, clip_ratio=clip_ratio, layout=layout,
+                                                              rows_out=rows, slots=slots, window_out=win,
+                                                              window_slots=slots))
     return spec
 
 
@@ -170,8 +172,9 @@ def _write_step_launches(shape):
     rows = k_rows, v_rows
     slots = torch.arange(t, dtype=torch.int64)
     q = torch.zeros(t, hq, d, dtype=torch.bfloat16)
-    return capture(write, lambda: write.write_step(k, k, torch.zeros(hkv, d, d), None, 0.96, 0.92, k_layout, v_layout,
-                                                   *rows, slots, *wins, slots, q=q))
+    return capture(write, lambda: write.write_step(
+        k, k, rot_k=torch.zeros(hkv, d, d), clip_k=0.96, clip_v=0.92, k_layout=k_layout, v_layout=v_layout,
+        k_rows=rows[0], v_rows=rows[1], slots=slots, k_win=wins[0], v_win=wins[1], window_slots=slots, q=q))
 
 
 def _paged_inputs(shape, n_tokens: int, batch: int, key_bits: int):
@@ -200,8 +203,9 @@ def _decode_launches(key_bits: int = 2):
         q = torch.zeros(2, hq, d, dtype=torch.bfloat16)
         splits = decode.plan_num_splits(DECODE_BATCH, hkv, DECODE_CONTEXT, DECODE_SMS)
         return _variant(capture(decode, lambda: decode.decode_attention(
-            q, k_rows, v_rows, indptr, indices, *wins, indptr, indices, d ** -0.5, k_layout, num_splits=splits,
-            v_layout=v_layout)), key_bits, "_decode_split_kernel")
+            q, k_rows=k_rows, v_rows=v_rows, packed_indptr=indptr, packed_indices=indices, k_win=wins[0],
+            v_win=wins[1], win_indptr=indptr, win_indices=indices, sm_scale=d ** -0.5, layout=k_layout,
+            num_splits=splits, v_layout=v_layout)), key_bits, "_decode_split_kernel")
     return spec
 
 
@@ -217,8 +221,10 @@ def _extend_launches(key_bits: int = 2):
         qo = torch.tensor([0, 32, 64], dtype=torch.int32)
         prefix = torch.tensor([32, 32], dtype=torch.int32)
         return _variant(capture(extend, lambda: extend.extend_attention(
-            q, kn, kn, qo, k_rows, v_rows, indptr, indices, *wins, indptr, indices, prefix, PositionRule(),
-            d ** -0.5, k_layout, max_q_len=32, v_layout=v_layout)), key_bits, "_extend_kernel")
+            q, k_new=kn, v_new=kn, qo_indptr=qo, k_rows=k_rows, v_rows=v_rows, packed_indptr=indptr,
+            packed_indices=indices, k_win=wins[0], v_win=wins[1], win_indptr=indptr, win_indices=indices,
+            prefix_lens=prefix, rule=PositionRule(), sm_scale=d ** -0.5, layout=k_layout, max_q_len=32,
+            v_layout=v_layout)), key_bits, "_extend_kernel")
     return spec
 
 

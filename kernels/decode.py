@@ -187,6 +187,7 @@ def win_cost(layout: RowLayout, v_layout: RowLayout, win: WindowRows) -> int:
 
 def decode_attention(
     q: torch.Tensor,
+    *,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
     packed_indptr: torch.Tensor,

@@ -196,6 +196,7 @@ def _extend_kernel(
 
 def extend_attention(
     q: torch.Tensor,
+    *,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     qo_indptr: torch.Tensor,

@@ -26,6 +26,7 @@ __all__ = ["quantize_kv_write", "write_step", "rotate_queries", "decode_attentio
 
 def quantize_kv_write(
     x: torch.Tensor,
+    *,
     rotation: torch.Tensor | None,
     clip_ratio: float,
     layout: RowLayout,
@@ -35,21 +36,23 @@ def quantize_kv_write(
     window_slots: torch.Tensor | None = None,
 ) -> None:
     impl = _write if x.is_cuda and triton_supports(layout, attention=False) else _reference
-    impl.quantize_kv_write(x, rotation, clip_ratio, layout, rows_out, slots, window_out, window_slots)
+    impl.quantize_kv_write(x, rotation=rotation, clip_ratio=clip_ratio, layout=layout, rows_out=rows_out, slots=slots,
+                           window_out=window_out, window_slots=window_slots)
 
 
 def write_step(
     k: torch.Tensor | None,
     v: torch.Tensor | None,
+    *,
     rot_k: torch.Tensor | None,
-    rot_v: torch.Tensor | None,
+    rot_v: torch.Tensor | None = None,
     clip_k: float,
     clip_v: float,
-    k_layout: RowLayout | None,
-    v_layout: RowLayout | None,
-    k_rows: torch.Tensor | None,
-    v_rows: torch.Tensor | None,
-    slots: torch.Tensor | None,
+    k_layout: RowLayout | None = None,
+    v_layout: RowLayout | None = None,
+    k_rows: torch.Tensor | None = None,
+    v_rows: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
     k_win: WindowRows | None = None,
     v_win: WindowRows | None = None,
     window_slots: torch.Tensor | None = None,
@@ -60,16 +63,18 @@ def write_step(
     layouts = [lay for t, lay in ((k, k_layout), (v, v_layout)) if t is not None] or [RowLayout(x.shape[-1])]
     triton_ok = x.is_cuda and all(triton_supports(lay, attention=False) for lay in layouts)
     impl = _write if triton_ok else _reference
-    return impl.write_step(k, v, rot_k, rot_v, clip_k, clip_v, k_layout, v_layout, k_rows, v_rows, slots,
-                           k_win, v_win, window_slots, q, q_out)
+    return impl.write_step(k, v, rot_k=rot_k, rot_v=rot_v, clip_k=clip_k, clip_v=clip_v, k_layout=k_layout,
+                           v_layout=v_layout, k_rows=k_rows, v_rows=v_rows, slots=slots, k_win=k_win, v_win=v_win,
+                           window_slots=window_slots, q=q, q_out=q_out)
 
 
 def rotate_queries(q: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    return write_step(None, None, rotation, None, 1.0, 1.0, None, None, None, None, None, q=q)
+    return write_step(None, None, rot_k=rotation, clip_k=1.0, clip_v=1.0, q=q)
 
 
 def decode_attention(
     q: torch.Tensor,
+    *,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
     packed_indptr: torch.Tensor,
@@ -86,13 +91,15 @@ def decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _decode if q.is_cuda and _triton_attention(layout, v_layout) else _reference
     return impl.decode_attention(
-        q, k_rows, v_rows, packed_indptr, packed_indices, k_win, v_win, win_indptr, win_indices,
-        sm_scale, layout, out=out, num_splits=num_splits, v_layout=v_layout,
+        q, k_rows=k_rows, v_rows=v_rows, packed_indptr=packed_indptr, packed_indices=packed_indices, k_win=k_win,
+        v_win=v_win, win_indptr=win_indptr, win_indices=win_indices, sm_scale=sm_scale, layout=layout, out=out,
+        num_splits=num_splits, v_layout=v_layout,
     )
 
 
 def extend_attention(
     q: torch.Tensor,
+    *,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     qo_indptr: torch.Tensor,
@@ -114,8 +121,9 @@ def extend_attention(
 ) -> torch.Tensor:
     impl = _extend if q.is_cuda and _triton_attention(layout, v_layout) else _reference
     return impl.extend_attention(
-        q, k_new, v_new, qo_indptr, k_rows, v_rows, packed_indptr, packed_indices, k_win, v_win,
-        win_indptr, win_indices, prefix_lens, rule, sm_scale, layout, out=out, max_q_len=max_q_len,
+        q, k_new=k_new, v_new=v_new, qo_indptr=qo_indptr, k_rows=k_rows, v_rows=v_rows, packed_indptr=packed_indptr,
+        packed_indices=packed_indices, k_win=k_win, v_win=v_win, win_indptr=win_indptr, win_indices=win_indices,
+        prefix_lens=prefix_lens, rule=rule, sm_scale=sm_scale, layout=layout, out=out, max_q_len=max_q_len,
         v_layout=v_layout,
     )
 

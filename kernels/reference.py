@@ -44,6 +44,7 @@ def rotated_rows(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor
 
 def quantize_kv_write(
     x: torch.Tensor,
+    *,
     rotation: torch.Tensor | None,
     clip_ratio: float,
     layout: RowLayout,
@@ -76,14 +77,16 @@ def rotate_queries(q: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return rotate(q.view(t, hkv, hq // hkv, d).transpose(1, 2), rotation).transpose(1, 2).reshape(t, hq, d).to(q.dtype)
 
 
-def write_step(k, v, rot_k, rot_v, clip_k, clip_v, k_layout, v_layout, k_rows, v_rows, slots, k_win=None,
-               v_win=None, window_slots=None, q=None, q_out=None):
+def write_step(k, v, *, rot_k, rot_v=None, clip_k, clip_v, k_layout=None, v_layout=None, k_rows=None, v_rows=None,
+               slots=None, k_win=None, v_win=None, window_slots=None, q=None, q_out=None):
     """``write.write_step``: k and v written as two ``quantize_kv_write`` calls (a None part is
     skipped); returns q rotated by ``rot_k`` (into ``q_out`` when given), or None without q."""
     if k is not None:
-        quantize_kv_write(k, rot_k, clip_k, k_layout, k_rows, slots, k_win, window_slots)
+        quantize_kv_write(k, rotation=rot_k, clip_ratio=clip_k, layout=k_layout, rows_out=k_rows, slots=slots,
+                          window_out=k_win, window_slots=window_slots)
     if v is not None:
-        quantize_kv_write(v, rot_v, clip_v, v_layout, v_rows, slots, v_win, window_slots)
+        quantize_kv_write(v, rotation=rot_v, clip_ratio=clip_v, layout=v_layout, rows_out=v_rows, slots=slots,
+                          window_out=v_win, window_slots=window_slots)
     if q is None:
         return None
     qr = rotate_queries(q, rot_k)
@@ -129,6 +132,7 @@ def _check_gqa(hq: int, hkv: int, d: int, layout: RowLayout, v_layout: RowLayout
 
 def decode_attention(
     q: torch.Tensor,
+    *,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
     packed_indptr: torch.Tensor,
@@ -153,8 +157,8 @@ def decode_attention(
     res = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty(bsz, hq, dtype=torch.float32, device=q.device)
     for b in range(bsz):
-        k, v = _gather_prefix(b, k_rows, v_rows, packed_indptr, packed_indices, k_win, v_win, win_indptr, win_indices, layout,
-                              v_layout)
+        k, v = _gather_prefix(b, k_rows, v_rows, packed_indptr, packed_indices, k_win, v_win, win_indptr,
+                              win_indices, layout, v_layout)
         o, l = _attend(q[b : b + 1].float(), k, v, sm_scale, None)
         res[b] = o[0].to(res.dtype)
         lse[b] = l[0]
@@ -163,6 +167,7 @@ def decode_attention(
 
 def extend_attention(
     q: torch.Tensor,
+    *,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     qo_indptr: torch.Tensor,

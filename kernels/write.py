@@ -350,15 +350,16 @@ def _check_part(name: str, x: torch.Tensor, t: int, h: int, d: int, layout: RowL
 def write_step(
     k: torch.Tensor | None,
     v: torch.Tensor | None,
+    *,
     rot_k: torch.Tensor | None,
-    rot_v: torch.Tensor | None,
+    rot_v: torch.Tensor | None = None,
     clip_k: float,
     clip_v: float,
-    k_layout: RowLayout | None,
-    v_layout: RowLayout | None,
-    k_rows: torch.Tensor | None,
-    v_rows: torch.Tensor | None,
-    slots: torch.Tensor,
+    k_layout: RowLayout | None = None,
+    v_layout: RowLayout | None = None,
+    k_rows: torch.Tensor | None = None,
+    v_rows: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
     k_win: WindowRows | None = None,
     v_win: WindowRows | None = None,
     window_slots: torch.Tensor | None = None,
@@ -453,6 +454,7 @@ def write_step(
 
 def quantize_kv_write(
     x: torch.Tensor,
+    *,
     rotation: torch.Tensor | None,
     clip_ratio: float,
     layout: RowLayout,
@@ -463,10 +465,10 @@ def quantize_kv_write(
 ) -> None:
     """Quantize x [T, H, D] into rows_out[slots] (and its rotated copy into rows ``window_slots``
     of window_out): one tensor's ``write_step``."""
-    write_step(x, None, rotation, None, clip_ratio, 1.0, layout, None, rows_out, None, slots,
+    write_step(x, None, rot_k=rotation, clip_k=clip_ratio, clip_v=1.0, k_layout=layout, k_rows=rows_out, slots=slots,
                k_win=window_out, window_slots=window_slots)
 
 
 def rotate_queries(q: torch.Tensor, rotation: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, Hq, D] @ R_K (``reference.rotate_queries``): the queries-only ``write_step``."""
-    return write_step(None, None, rotation, None, 1.0, 1.0, None, None, None, None, None, q=q, q_out=out)
+    return write_step(None, None, rot_k=rotation, clip_k=1.0, clip_v=1.0, q=q, q_out=out)

@@ -297,10 +297,11 @@ class OscarAttnBackend(AttentionBackend):
         # the new token is read back from the pool
         qr = self._write(q3, k3, v3, lid, md.win_rows) if save_kv_cache else self._rotate_q(q3, lid)
         k_lay, v_lay = self.pool.layouts(lid)
+        (k_rows, v_rows), (k_win, v_win) = self.pool.get_kv_buffer(lid), self.pool.window_rows(lid)
         out, _ = ops.decode_attention(
-            qr, *self.pool.get_kv_buffer(lid), md.packed_indptr, md.packed_indices,
-            *self.pool.window_rows(lid), md.win_indptr, md.win_indices, layer.scaling, k_lay,
-            num_splits=md.num_splits, v_layout=v_lay,
+            qr, k_rows=k_rows, v_rows=v_rows, packed_indptr=md.packed_indptr, packed_indices=md.packed_indices,
+            k_win=k_win, v_win=v_win, win_indptr=md.win_indptr, win_indices=md.win_indices, sm_scale=layer.scaling,
+            layout=k_lay, num_splits=md.num_splits, v_layout=v_lay,
         )
         return self._unrotate_out(out, lid).to(q.dtype).reshape(q.shape[0], -1)
 
@@ -319,10 +320,12 @@ class OscarAttnBackend(AttentionBackend):
             kr.copy_(rotated_rows(k3, self.rot_k[lid]))
             vr.copy_(rotated_rows(v3, self._rot_v(lid)))
         k_lay, v_lay = self.pool.layouts(lid)
+        (k_rows, v_rows), (k_win, v_win) = self.pool.get_kv_buffer(lid), self.pool.window_rows(lid)
         out = ops.extend_attention(
-            qr, kr, vr, md.qo_indptr, *self.pool.get_kv_buffer(lid), md.packed_indptr, md.packed_indices,
-            *self.pool.window_rows(lid), md.win_indptr, md.win_indices, md.prefix_lens,
-            self.pool.rule, layer.scaling, k_lay, max_q_len=md.max_q_len, v_layout=v_lay,
+            qr, k_new=kr, v_new=vr, qo_indptr=md.qo_indptr, k_rows=k_rows, v_rows=v_rows,
+            packed_indptr=md.packed_indptr, packed_indices=md.packed_indices, k_win=k_win, v_win=v_win,
+            win_indptr=md.win_indptr, win_indices=md.win_indices, prefix_lens=md.prefix_lens, rule=self.pool.rule,
+            sm_scale=layer.scaling, layout=k_lay, max_q_len=md.max_q_len, v_layout=v_lay,
         )
         if save_kv_cache:  # window rows after attention: see _metadata
             self.pool.write_windows(lid, md.win_dst, kr[md.win_src], vr[md.win_src])

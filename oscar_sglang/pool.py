@@ -135,8 +135,10 @@ class OscarKVPool(MHATokenToKVPool):
             kw, vw = self._windows[lid]
         else:
             kw = vw = None
-        return ops.write_step(k, v, rot_k, rot_v, clip_k, clip_v, self.key_layouts[lid], self.value_layouts[lid],
-                              self.k_buffer[lid], self.v_buffer[lid], slots, kw, vw, win_ids, q=q)
+        return ops.write_step(k, v, rot_k=rot_k, rot_v=rot_v, clip_k=clip_k, clip_v=clip_v,
+                              k_layout=self.key_layouts[lid], v_layout=self.value_layouts[lid],
+                              k_rows=self.k_buffer[lid], v_rows=self.v_buffer[lid], slots=slots, k_win=kw, v_win=vw,
+                              window_slots=win_ids, q=q)
 
     def write_windows(self, layer_id: int, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store already rotated full-precision k/v [n, H, D] at window rows ``ids``."""

@@ -42,9 +42,12 @@ def _state(starts: list[int]):
     rk = pool.layouts(0)[0].row_bytes
     ref_rows = [ref_kv[..., :rk], ref_kv[..., rk:]]
     ref_win = pool._window_views(ref_kv)
-    args = (rot, None, 0.96, 0.92, *pool.layouts(0))  # as the backend's folded values: no V rotation
-    qr = write.write_step(*kv, *args, k_rows, v_rows, slots, k_win, v_win, win_ids, q=q)
-    ref_qr = reference.write_step(*kv, *args, *ref_rows, slots, *ref_win, win_ids, q=q)
+    k_lay, v_lay = pool.layouts(0)
+    args = dict(rot_k=rot, clip_k=0.96, clip_v=0.92, k_layout=k_lay, v_layout=v_lay, slots=slots,  # folded values:
+                window_slots=win_ids, q=q)                                                         # no V rotation
+    qr = write.write_step(*kv, **args, k_rows=k_rows, v_rows=v_rows, k_win=k_win, v_win=v_win)
+    ref_qr = reference.write_step(*kv, **args, k_rows=ref_rows[0], v_rows=ref_rows[1], k_win=ref_win[0],
+                                  v_win=ref_win[1])
     packed = torch.ones(k_rows.shape[0], dtype=torch.bool)
     packed[store.page_of(win_ids[win_ids >= 0]).unique()[:, None] * 16 + torch.arange(16)] = False
     for rows, ref in zip((k_rows, v_rows), ref_rows):  # storage rows (outside window pages): rare tf32 flips
@@ -66,11 +69,11 @@ def test_decode_kernel_on_backend_metadata():
     # request 0 (t = 18): INT2 [2, 16), window sinks + [16, 19); request 1 (t = 5): all in the window
     assert md.packed_indptr.tolist() == [0, 14, 14] and md.win_indptr.tolist() == [0, 5, 11]
     q = torch.randn(2, H_KV * GROUP, D, dtype=torch.float16)
-    args = (q, k_rows, v_rows, md.packed_indptr, md.packed_indices, k_win, v_win, md.win_indptr, md.win_indices,
-            D**-0.5, pool.layouts(0)[0])
-    v_layout = pool.layouts(0)[1]
-    out, lse = decode.decode_attention(*args, v_layout=v_layout)
-    ref_out, ref_lse = reference.decode_attention(*args, v_layout=v_layout)
+    args = dict(k_rows=k_rows, v_rows=v_rows, packed_indptr=md.packed_indptr, packed_indices=md.packed_indices,
+                k_win=k_win, v_win=v_win, win_indptr=md.win_indptr, win_indices=md.win_indices, sm_scale=D**-0.5,
+                layout=pool.layouts(0)[0], v_layout=pool.layouts(0)[1])
+    out, lse = decode.decode_attention(q, **args)
+    ref_out, ref_lse = reference.decode_attention(q, **args)
     assert torch.allclose(out.float(), ref_out.float(), atol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2)
 
 
@@ -87,8 +90,9 @@ def test_extend_kernel_on_backend_metadata():
     q = torch.randn(int(chunk.sum()), H_KV * GROUP, D, dtype=torch.float16)
     k_new = torch.randn(int(chunk.sum()), H_KV, D, dtype=torch.float16)
     v_new = torch.randn_like(k_new)
-    args = (q, k_new, v_new, md.qo_indptr, k_rows, v_rows, md.packed_indptr, md.packed_indices, k_win, v_win,
-            md.win_indptr, md.win_indices, md.prefix_lens, pool.rule, D**-0.5, pool.layouts(0)[0])
-    v_layout = pool.layouts(0)[1]
-    assert torch.allclose(extend.extend_attention(*args, v_layout=v_layout).float(),
-                          reference.extend_attention(*args, v_layout=v_layout).float(), atol=2e-2)
+    args = dict(k_new=k_new, v_new=v_new, qo_indptr=md.qo_indptr, k_rows=k_rows, v_rows=v_rows,
+                packed_indptr=md.packed_indptr, packed_indices=md.packed_indices, k_win=k_win, v_win=v_win,
+                win_indptr=md.win_indptr, win_indices=md.win_indices, prefix_lens=md.prefix_lens, rule=pool.rule,
+                sm_scale=D**-0.5, layout=pool.layouts(0)[0], v_layout=pool.layouts(0)[1])
+    assert torch.allclose(extend.extend_attention(q, **args).float(), reference.extend_attention(q, **args).float(),
+                          atol=2e-2)

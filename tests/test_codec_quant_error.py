@@ -48,12 +48,15 @@ def attention_errors(seed, peak, window_all=False, rotation=None):
         in_win[:] = True
     slots = torch.arange(N)
     wslots = torch.where(in_win, slots, -1)
-    reference.quantize_kv_write(k, rot, 0.96, layout, rows_k, slots, win_k, wslots)
-    reference.quantize_kv_write(v, rot, 0.92, layout, rows_v, slots, win_v, wslots)
+    reference.quantize_kv_write(k, rotation=rot, clip_ratio=0.96, layout=layout, rows_out=rows_k, slots=slots,
+        window_out=win_k, window_slots=wslots)
+    reference.quantize_kv_write(v, rotation=rot, clip_ratio=0.92, layout=layout, rows_out=rows_v, slots=slots,
+        window_out=win_v, window_slots=wslots)
     packed_idx, win_idx = slots[~in_win], slots[in_win]
     out, lse = reference.decode_attention(
-        q @ rot, rows_k, rows_v, torch.tensor([0, packed_idx.numel()]), packed_idx, win_k, win_v,
-        torch.tensor([0, win_idx.numel()]), win_idx, D**-0.5, layout)
+        q @ rot, k_rows=rows_k, v_rows=rows_v, packed_indptr=torch.tensor([0, packed_idx.numel()]),
+            packed_indices=packed_idx, k_win=win_k, v_win=win_v,
+        win_indptr=torch.tensor([0, win_idx.numel()]), win_indices=win_idx, sm_scale=D**-0.5, layout=layout)
     out = out[0] @ rot.T  # back to the unrotated value basis (R_V = R_K here)
 
     logits = torch.einsum("hd,nhd->hn", q[0], k.repeat_interleave(GROUP, 1)) * D**-0.5

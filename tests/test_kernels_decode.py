@@ -108,8 +108,10 @@ def make_cache(lens_i, lens_w, hkv, d, page, win_dtype, seed, idx_dtype=torch.in
 
 def run_decode(impl, q, cache, layout, **kw):
     c = cache
-    return impl.decode_attention(q, c["k_rows"], c["v_rows"], c["packed_indptr"], c["packed_indices"], c["k_win"],
-                                 c["v_win"], c["win_indptr"], c["win_indices"], q.shape[-1] ** -0.5, layout,
+    return impl.decode_attention(q, k_rows=c["k_rows"], v_rows=c["v_rows"], packed_indptr=c["packed_indptr"],
+        packed_indices=c["packed_indices"], k_win=c["k_win"],
+                                 v_win=c["v_win"], win_indptr=c["win_indptr"], win_indices=c["win_indices"],
+                                 sm_scale=q.shape[-1] ** -0.5, layout=layout,
                                  v_layout=c["v_layout"], **kw)
 
 
@@ -322,15 +324,20 @@ def test_kernels_launch_without_host_syncs():
     torch.cuda.set_sync_debug_mode("error")
     try:
         run_decode(decode, q, cache, layout, num_splits=4)
-        extend.extend_attention(q, x, x, qo, c["k_rows"], c["v_rows"], c["packed_indptr"], c["packed_indices"],
-                                c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"], prefix,
-                                PositionRule(sink=4, block=16),
-                                128 ** -0.5, layout, max_q_len=1, num_splits=3)
+        extend.extend_attention(q, k_new=x, v_new=x, qo_indptr=qo, k_rows=c["k_rows"], v_rows=c["v_rows"],
+            packed_indptr=c["packed_indptr"], packed_indices=c["packed_indices"],
+                                k_win=c["k_win"], v_win=c["v_win"], win_indptr=c["win_indptr"],
+                                win_indices=c["win_indices"], prefix_lens=prefix,
+                                rule=PositionRule(sink=4, block=16),
+                                sm_scale=128 ** -0.5, layout=layout, max_q_len=1, num_splits=3)
         wslots = c["win_indices"][:2]
-        write.quantize_kv_write(x, rot, 0.96, layout, c["k_rows"], slots, c["k_win"], wslots)
-        write.quantize_kv_write(x, None, 0.92, layout, c["v_rows"], slots)
-        write.write_step(x, x, rot, None, 0.96, 0.92, layout, layout, c["k_rows"], c["v_rows"], slots,
-                         c["k_win"], c["v_win"], wslots, q=q)  # the backend's one launch per layer
+        write.quantize_kv_write(x, rotation=rot, clip_ratio=0.96, layout=layout, rows_out=c["k_rows"], slots=slots,
+            window_out=c["k_win"], window_slots=wslots)
+        write.quantize_kv_write(x, rotation=None, clip_ratio=0.92, layout=layout, rows_out=c["v_rows"], slots=slots)
+        write.write_step(x, x, rot_k=rot, rot_v=None, clip_k=0.96, clip_v=0.92, k_layout=layout, v_layout=layout,
+            k_rows=c["k_rows"], v_rows=c["v_rows"], slots=slots,
+                         k_win=c["k_win"], v_win=c["v_win"], window_slots=wslots,
+                         q=q)  # the backend's one launch per layer
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
@@ -353,7 +360,8 @@ def test_decode_step_captures_and_replays_in_a_cuda_graph():
     out, qr = torch.empty_like(q), torch.empty_like(q)
 
     def step():
-        write.write_step(x, x, rot, None, 0.96, 0.92, layout, layout, c["k_rows"], c["v_rows"], slots, q=q, q_out=qr)
+        write.write_step(x, x, rot_k=rot, rot_v=None, clip_k=0.96, clip_v=0.92, k_layout=layout, v_layout=layout,
+            k_rows=c["k_rows"], v_rows=c["v_rows"], slots=slots, q=q, q_out=qr)
         run_decode(decode, qr, cache, layout, out=out, num_splits=4)
 
     side = torch.cuda.Stream()

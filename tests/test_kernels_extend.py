@@ -23,9 +23,12 @@ def run_extend(impl, q, k_new, v_new, qo_indptr, cache, layout, sink=2, block=8,
     if prefix is None:
         prefix = c["packed_indptr"].diff() + c["win_indptr"].diff()
     prefix = prefix.to(torch.int32).to(qo_indptr.device)
-    return impl.extend_attention(q, k_new, v_new, qo_indptr, c["k_rows"], c["v_rows"], c["packed_indptr"],
-                                 c["packed_indices"], c["k_win"], c["v_win"], c["win_indptr"], c["win_indices"],
-                                 prefix, PositionRule(sink=sink, block=block, first=first), q.shape[-1] ** -0.5, layout,
+    return impl.extend_attention(q, k_new=k_new, v_new=v_new, qo_indptr=qo_indptr, k_rows=c["k_rows"],
+        v_rows=c["v_rows"], packed_indptr=c["packed_indptr"],
+                                 packed_indices=c["packed_indices"], k_win=c["k_win"], v_win=c["v_win"],
+                                 win_indptr=c["win_indptr"], win_indices=c["win_indices"],
+                                 prefix_lens=prefix, rule=PositionRule(sink=sink, block=block, first=first),
+                                     sm_scale=q.shape[-1] ** -0.5, layout=layout,
                                  v_layout=c["v_layout"], **kw)
 
 
@@ -153,9 +156,11 @@ def test_extend_first_query_sees_prefix_plus_itself():
     q, k_new, v_new, qo = make_chunk([1], 1, 1, 64, torch.float32, gen, dev="cpu")
     out = run_extend(reference, q, k_new, v_new, qo, cache, layout, sink=0, block=1)  # all 3 prefix keys INT2
     win = dict(cache, win_indptr=torch.tensor([0, 1]), win_indices=torch.tensor([0]))
-    dec, _ = reference.decode_attention(q, win["k_rows"], win["v_rows"], win["packed_indptr"], win["packed_indices"],
-                                        WindowRows.dense(k_new), WindowRows.dense(v_new), win["win_indptr"],
-                                        win["win_indices"], 64 ** -0.5, layout)
+    dec, _ = reference.decode_attention(q, k_rows=win["k_rows"], v_rows=win["v_rows"],
+        packed_indptr=win["packed_indptr"], packed_indices=win["packed_indices"],
+                                        k_win=WindowRows.dense(k_new), v_win=WindowRows.dense(v_new),
+                                            win_indptr=win["win_indptr"],
+                                        win_indices=win["win_indices"], sm_scale=64 ** -0.5, layout=layout)
     torch.testing.assert_close(out, dec)
 
 

@@ -57,8 +57,9 @@ def run_both(x, rot, ratio, layout, slots, wslots, n_rows, n_win, win_dtype, dev
         rows = torch.full((n_rows, h, layout.row_bytes), 0xAB, dtype=torch.uint8, device=dev)
         win = torch.full((n_win, h, layout.head_dim), -7.0, dtype=win_dtype, device=dev)
         r = None if rot is None else rot.to(dev)
-        impl.quantize_kv_write(x.to(dev), r, ratio, layout, rows, slots.to(dev), WindowRows.dense(win),
-                               wslots.to(dev))
+        impl.quantize_kv_write(x.to(dev), rotation=r, clip_ratio=ratio, layout=layout, rows_out=rows,
+            slots=slots.to(dev), window_out=WindowRows.dense(win),
+                               window_slots=wslots.to(dev))
         outs.append((rows.cpu(), win.cpu()))
     return outs
 
@@ -118,7 +119,8 @@ def test_write_paged_window_bit_exact(t, h, d, win_dtype, bits, page):
     for impl in (write, reference):
         buf = torch.full((end * page, h, layout.row_bytes), 0xAB, dtype=torch.uint8, device=DEV)
         win = pool_window(buf, d, win_dtype, page, log2)
-        impl.quantize_kv_write(x.to(DEV), rot.to(DEV), 0.96, layout, buf, slots.to(DEV), win, wslots.to(DEV))
+        impl.quantize_kv_write(x.to(DEV), rotation=rot.to(DEV), clip_ratio=0.96, layout=layout, rows_out=buf,
+            slots=slots.to(DEV), window_out=win, window_slots=wslots.to(DEV))
         bufs.append(buf.cpu())
     assert torch.equal(bufs[0], bufs[1]), f"{(bufs[0] != bufs[1]).sum()} bytes differ"
     keep = wslots >= 0
@@ -234,8 +236,10 @@ def test_write_step_is_the_separate_writes(d, h, group, bits, fold_v, per_head, 
             win_rows = [WindowRows.dense(w) for w in wins]
         else:
             wins, win_rows = [], [pool_window(buf, d, torch.float16, win_page, log2) for buf in bufs]
-        qo = impl.write_step(k.to(DEV), v.to(DEV), rot_k.to(DEV), None if rot_v is None else rot_v.to(DEV),
-                             0.96, 0.92, *layouts, *bufs, slots.to(DEV), *win_rows, wslots.to(DEV), q=q.to(DEV))
+        qo = impl.write_step(k.to(DEV), v.to(DEV), rot_k=rot_k.to(DEV), rot_v=None if rot_v is None else rot_v.to(DEV),
+                             clip_k=0.96, clip_v=0.92, k_layout=layouts[0], v_layout=layouts[1], k_rows=bufs[0],
+                             v_rows=bufs[1], slots=slots.to(DEV), k_win=win_rows[0], v_win=win_rows[1],
+                             window_slots=wslots.to(DEV), q=q.to(DEV))
         outs.append([x.cpu() for x in (*bufs, *wins, qo)])
     for got, want in zip(*outs):
         assert torch.equal(got, want)
@@ -257,24 +261,32 @@ def test_write_rejects_unsupported_layouts():
     x = torch.zeros(2, 1, 64, dtype=torch.float16)
     rows = torch.zeros(2, 1, RowLayout(64, 32).row_bytes, dtype=torch.uint8)
     with pytest.raises(ValueError, match="group_size"):
-        write.quantize_kv_write(x, torch.eye(64), 0.96, RowLayout(64, 32), rows, torch.arange(2))
+        write.quantize_kv_write(x, rotation=torch.eye(64), clip_ratio=0.96, layout=RowLayout(64, 32), rows_out=rows,
+            slots=torch.arange(2))
     with pytest.raises(ValueError, match="head_dim"):
-        write.quantize_kv_write(torch.zeros(1, 1, 256), torch.eye(256), 0.96, RowLayout(256),
-                                torch.zeros(1, 1, RowLayout(256).row_bytes, dtype=torch.uint8), torch.arange(1))
+        write.quantize_kv_write(torch.zeros(1, 1, 256), rotation=torch.eye(256), clip_ratio=0.96, layout=RowLayout(256),
+                                rows_out=torch.zeros(1, 1, RowLayout(256).row_bytes, dtype=torch.uint8),
+                                    slots=torch.arange(1))
     with pytest.raises(ValueError, match="rotation"):
-        write.quantize_kv_write(x, torch.eye(64).double(), 0.96, RowLayout(64), torch.zeros(2, 1, 20, dtype=torch.uint8),
-                                torch.arange(2))
+        write.quantize_kv_write(x, rotation=torch.eye(64).double(), clip_ratio=0.96, layout=RowLayout(64),
+            rows_out=torch.zeros(2, 1, 20, dtype=torch.uint8),
+                                slots=torch.arange(2))
     rows = torch.zeros(2, 1, RowLayout(64).row_bytes, dtype=torch.uint8)
     with pytest.raises(TypeError, match="k window must be a WindowRows"):
-        write.quantize_kv_write(x, torch.eye(64), 0.96, RowLayout(64), rows, torch.arange(2), torch.zeros(2, 1, 64),
-                                torch.arange(2))
+        write.quantize_kv_write(x, rotation=torch.eye(64), clip_ratio=0.96, layout=RowLayout(64), rows_out=rows,
+            slots=torch.arange(2), window_out=torch.zeros(2, 1, 64),
+                                window_slots=torch.arange(2))
     with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
-        write.quantize_kv_write(x, torch.eye(64), 0.96, RowLayout(64), rows, torch.arange(2),
-                                WindowRows.dense(torch.zeros(2, 1, 64, dtype=torch.float64)), torch.arange(2))
+        write.quantize_kv_write(x, rotation=torch.eye(64), clip_ratio=0.96, layout=RowLayout(64), rows_out=rows,
+            slots=torch.arange(2),
+                                window_out=WindowRows.dense(torch.zeros(2, 1, 64, dtype=torch.float64)),
+                                    window_slots=torch.arange(2))
     paged = WindowRows(torch.zeros(256), 1, 64, 128, log2_rows=1)
     with pytest.raises(ValueError, match="same log2_rows"):
-        write.write_step(x, x, torch.eye(64), None, 0.96, 0.92, RowLayout(64), RowLayout(64), rows, rows.clone(),
-                         torch.arange(2), WindowRows.dense(torch.zeros(2, 1, 64)), paged, torch.arange(2))
+        write.write_step(x, x, rot_k=torch.eye(64), rot_v=None, clip_k=0.96, clip_v=0.92, k_layout=RowLayout(64),
+            v_layout=RowLayout(64), k_rows=rows, v_rows=rows.clone(),
+                         slots=torch.arange(2), k_win=WindowRows.dense(torch.zeros(2, 1, 64)), v_win=paged,
+                             window_slots=torch.arange(2))
 
 
 def test_ops_dispatch_cpu_uses_reference_and_sub_row_groups():
@@ -283,8 +295,8 @@ def test_ops_dispatch_cpu_uses_reference_and_sub_row_groups():
     layout = RowLayout(d, 16)
     a = torch.zeros(t + 5, h, layout.row_bytes, dtype=torch.uint8)
     b = a.clone()
-    ops.quantize_kv_write(x, torch.eye(d), 0.96, layout, a, slots)
-    reference.quantize_kv_write(x, torch.eye(d), 0.96, layout, b, slots)
+    ops.quantize_kv_write(x, rotation=torch.eye(d), clip_ratio=0.96, layout=layout, rows_out=a, slots=slots)
+    reference.quantize_kv_write(x, rotation=torch.eye(d), clip_ratio=0.96, layout=layout, rows_out=b, slots=slots)
     assert torch.equal(a, b)
     assert ops.triton_supports(RowLayout(128)) and not ops.triton_supports(layout)
     assert not ops.triton_supports(RowLayout(32)) and ops.triton_supports(RowLayout(32), attention=False)
