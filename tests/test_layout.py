@@ -37,3 +37,17 @@ def test_import_oscar_sglang_is_light():
     code = "import sys, oscar_sglang; print(sorted(m for m in ('torch', 'sglang', 'triton') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_eval_talks_to_servers_over_http_only():
+    for path in (ROOT / "oscar_sglang" / "eval").glob("*.py"):
+        assert "sglang" not in _imports(path), path
+
+
+def test_benchmarks_and_examples_import_the_installed_project_only():
+    """Benchmarks reach the project as `oscar_sglang` and each other as `benchmarks.*` (run with
+    `python -m benchmarks.NAME`); examples depend on nothing but the installed package."""
+    project = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} | {"support", "tests", "examples", "kernels", "calib"}
+    for folder, banned in (("benchmarks", project), ("examples", project | {"benchmarks"})):
+        for path in (ROOT / folder).glob("*.py"):
+            assert not _imports(path) & banned, (path.name, _imports(path) & banned)
