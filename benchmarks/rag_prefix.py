@@ -36,7 +36,7 @@ from benchmarks.capacity import SHAPES
 from benchmarks.common import git_commit
 from benchmarks.rag_workload import HEADER, Workload, build_workload, drive, ideal_hit_rate, question_texts, summarize
 
-MODELS = {  # config overrides on tests/support.TINY_CONFIG (dummy weights unless the model is "smollm2")
+MODELS = {  # config overrides on oscar_sglang.testing.TINY_CONFIG (dummy weights unless the model is "smollm2")
     "tiny": dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256,
                  intermediate_size=512, vocab_size=49152, max_position_embeddings=32768, torch_dtype="bfloat16"),
     "qwen3-8b": dict(SHAPES["qwen3-8b"], hidden_size=4096, intermediate_size=12288, vocab_size=151936,

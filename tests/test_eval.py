@@ -112,7 +112,7 @@ def test_statistics_helpers():
 
 @pytest.fixture(scope="module")
 def tiny_model(smollm2_dir, tmp_path_factory):
-    """A random 2-layer Llama (tests/support.py geometry) with SmolLM2's tokenizer, saved as a checkpoint."""
+    """A random 2-layer Llama (oscar_sglang.testing geometry) with SmolLM2's tokenizer, saved as a checkpoint."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from oscar_sglang.testing import TINY_CONFIG
