@@ -29,11 +29,11 @@ from pathlib import Path
 
 import sglang as sgl
 
-QUESTIONS = [  # questions SmolLM2-135M answers about its essay document (others it answers with EOS)
-    "What is the document about?",
+QUESTIONS = [  # questions SmolLM2-135M answers about its essay document (to many others it gives none)
     "What is the main claim?",
-    "What problem does the author describe?",
     "Who is the author addressing?",
+    "Who wrote the text?",
+    "What is the tone of the text?",
 ]
 TIMED_QUESTIONS = ["What is the title?", "Who wrote it?", "When was it written?", "What is its first word?"]
 
@@ -200,7 +200,7 @@ def plot(bf16: Side, oscar: Side, budget_mib: int, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (title, a, b) in zip(axes, panels):
         bars = ax.bar(["BF16", "OSCAR"], [a, b], color=["#888888", "#2a7ab9"])
-        ax.bar_label(bars, fmt="%.4g")
+        ax.bar_label(bars, labels=[f"{x:,.0f}" if x >= 1000 else f"{x:.2f}" for x in (a, b)])
         ax.set_title(title, fontsize=10)
     fig.suptitle("SmolLM2-135M: BF16 vs --oscar (2-4-bit KV) at the same KV budget", fontsize=11)
     fig.tight_layout()
