@@ -1,4 +1,5 @@
-"""Shared test helpers: a tiny random Llama checkpoint config and rotations files for it."""
+"""Helpers shared by the tests and the benchmarks (as `transformers.testing_utils` is): a tiny Llama
+checkpoint config, rotations files with random orthogonal rotations, a CPU OSCAR pool and allocator."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ sglang 0.5.23 runs on CPU when ``SGLANG_USE_CPU_ENGINE=1`` is set before it is i
 CPU engine imports a few names from the compiled ``sgl_kernel`` package at import time, and the
 PyPI wheel of that package is built for CUDA only (it fails to import without libcuda). Where it
 cannot be imported, ``STANDIN`` (a directory holding a stand-in ``sgl_kernel`` whose functions
-raise if called) goes first on PYTHONPATH (:func:`environment`); sglang's CPU engine, on CPUs without AMX, takes
-its torch ``forward_native`` paths and never calls them.
+raise if called) goes first on PYTHONPATH (:func:`environment`); sglang's CPU engine, on CPUs
+without AMX, takes its torch ``forward_native`` paths and never calls them.
 
 What this replaces: the import of ``sgl_kernel`` only. What it does not give: sglang's
 AMX-optimised CPU kernels (a from-source ``sgl_kernel`` CPU build, used instead whenever it
