@@ -86,3 +86,10 @@ def test_quoted_command_exists_and_parses(doc, cmd):
     text = _help(tuple(argv))
     for flag in (a.split("=")[0] for a in args if a.startswith("--")):
         assert re.search(rf"{re.escape(flag)}\b", text), f"{doc}: `{cmd}` passes {flag}, which {argv[-2]} does not list"
+
+
+def test_relative_links_point_to_files_that_exist():
+    for doc in DOCS:
+        for link in re.findall(r"\]\(([^)#]+)\)", doc.read_text()):
+            if not link.startswith(("http://", "https://")):
+                assert (doc.parent / link).exists(), f"{doc.name}: link to {link}, which does not exist"
