@@ -11,7 +11,7 @@ quantized model is then one function of the token sequence: cached == uncached, 
 
 Per forward:
 
-1. ``init_forward_metadata`` splits every request's keys into an packed segment (slots of
+1. ``init_forward_metadata`` splits every request's keys into a packed segment (slots of
    sglang's request table) and a window segment (rows of its window table, ``windows.py``,
    which the scheduler hooks moved to this forward: a prefix hit's table reads the cached
    prefix's attached rows).

@@ -37,8 +37,7 @@ _TREE = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache"
 _ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
 
 
-
-# ------------------------------------------------------------------- CLI flag
+# ------------------------------------------------------------------ helpers
 def _hf_config(server_args):
     from transformers import AutoConfig
 
@@ -47,7 +46,6 @@ def _hf_config(server_args):
     )
 
 
-# ----------------------------------------------------------------- the pool
 def _kv_heads(kvc) -> int:
     from sglang.srt.runtime_context import get_parallel
 
@@ -60,7 +58,6 @@ def _widths(bits: tuple[int, ...]) -> str:
     return str(bits[0]) if len(set(bits)) == 1 else ",".join(map(str, bits))
 
 
-# ------------------------------------------------------- the window store
 def _oscar_pool(allocator):
     from oscar_sglang.pool import OscarKVPool
 

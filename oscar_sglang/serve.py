@@ -6,8 +6,8 @@ on a machine without a GPU.
 With ``--device cpu`` it first runs itself again, once, in the environment sglang's CPU engine
 needs (``oscar_sglang.cpu.environment``: the engine selected, the ``sgl_kernel`` stand-in on
 PYTHONPATH where the compiled package cannot be imported), so that every process sglang starts
-has it too (``oscar_sglang.cpu`` says what that does and does not cover). Anything else is passed to ``sglang serve`` unchanged: on a GPU machine this is exactly
-``sglang serve``.
+has it too (``oscar_sglang.cpu`` says what that does and does not cover). Anything else is
+passed to ``sglang serve`` unchanged: on a GPU machine this is exactly ``sglang serve``.
 """
 
 from __future__ import annotations

