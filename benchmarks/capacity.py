@@ -28,9 +28,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,43 +101,63 @@ def calculate(shape: str, budget: int, bits: tuple[int, int] = (2, 2), request_t
             "window_share_avg": round(avg * row_slots / (request_tokens + avg * row_slots), 3)}
 
 
-def _engine_capacity(model: Path, device: str, mem_fraction: float, extra: dict) -> dict:
+def _engine_capacity(model: Path, device: str, budget_bytes: int, extra: dict) -> dict:
+    """One sglang.Engine start at ``--mem-fraction-static`` = ``budget_bytes`` / the free memory the
+    child sees after importing sglang (on CPU, free memory moves by GiBs between starts while
+    earlier processes exit: a fraction fixed in the parent would give each start another budget)."""
+    free = ("torch.cuda.mem_get_info()[0]" if device == "cuda" else
+            "__import__('sglang.srt.utils.common', fromlist=['x']).get_free_cpu_memory()")
     code = (
-        "import json, sglang as sgl\n"
+        "import json, torch, sglang as sgl\n"
+        f"fraction = round({budget_bytes} / {free}, 4)\n"
         f"e = sgl.Engine(model_path={str(model)!r}, load_format='dummy', skip_tokenizer_init=True, device={device!r},"
-        f" disable_overlap_schedule=True, mem_fraction_static={mem_fraction},"
+        f" disable_overlap_schedule=True, mem_fraction_static=fraction,"
         f" dtype='bfloat16', log_level='error', **{extra!r})\n"
         "i = e.get_server_info()\n"
         "running = i['internal_states'][0]['effective_max_running_requests_per_dp']\n"
-        "print('CAPACITY', json.dumps({'tokens': i['max_total_num_tokens'], 'running': running}))\n"
+        "print('CAPACITY', json.dumps({'tokens': i['max_total_num_tokens'], 'running': running, 'fraction': fraction}))\n"
         "e.shutdown()\n"
     )
-    out = subprocess.run([sys.executable, "-c", "if __name__ == '__main__':\n" + "".join(
-        "    " + line + "\n" for line in code.splitlines())], capture_output=True, text=True, timeout=900)
-    for line in out.stdout.splitlines():
+    proc = subprocess.Popen([sys.executable, "-c", "if __name__ == '__main__':\n" + "".join(
+        "    " + line + "\n" for line in code.splitlines())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        _reap_group(proc.pid)  # the engine's own processes too: the next start must not see their memory go
+    for line in stdout.splitlines():
         if line.startswith("CAPACITY"):
             return json.loads(line.split(maxsplit=1)[1])
-    raise RuntimeError(out.stderr[-3000:])
+    raise RuntimeError(stderr[-3000:])
+
+
+def _reap_group(pgid: int, timeout: float = 60) -> None:
+    """Wait until every process of group ``pgid`` has exited (SIGKILL after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL if time.monotonic() > deadline else 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
 
 
 def engine_row(shape: str, device: str, budget_bytes: int) -> dict:
-    """Real sglang sizing, BF16 and --oscar at one --mem-fraction-static (default flags) that gives
-    a KV budget of roughly ``budget_bytes`` (``budget_bytes`` / free memory: sglang's own overheads
-    come off it); the budget both saw is inferred from the BF16 start."""
-    import psutil
-
+    """Real sglang sizing, BF16 and --oscar, each at the ``--mem-fraction-static`` (default flags
+    otherwise) that gives a KV budget of roughly ``budget_bytes`` (sglang's own overheads come off
+    it); the budget both saw is inferred from the BF16 start."""
     from oscar_sglang.testing import write_rotations, write_tiny_model
 
     cell = bf16_cell(shape)
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_model(Path(tmp) / "m", intermediate_size=256, vocab_size=1024, **SHAPES[shape])
         rot = write_rotations(Path(tmp) / "rot.safetensors", model)
-        fraction = round(budget_bytes / psutil.virtual_memory().available, 4)
-        bf16 = _engine_capacity(model, device, fraction, {"attention_backend": "torch_native"})
-        oscar = _engine_capacity(model, device, fraction,
+        bf16 = _engine_capacity(model, device, budget_bytes, {"attention_backend": "torch_native"})
+        oscar = _engine_capacity(model, device, budget_bytes,
                                  {"attention_backend": "oscar", "quantization_param_path": str(rot)})
     calc = calculate(shape, bf16["tokens"] * cell)
-    return {"mode": f"engine {device} mem_fraction {fraction}", "card": "", "shape": shape, "bits": calc["bits"],
+    return {"mode": f"engine {device} mem_fraction {bf16['fraction']}/{oscar['fraction']}", "card": "", "shape": shape,
+            "bits": calc["bits"],
             "kv_budget_gib": calc["kv_budget_gib"], "bf16_tokens": bf16["tokens"], "oscar_tokens": oscar["tokens"],
             "ratio": round(oscar["tokens"] / bf16["tokens"], 3), "max_running_requests": oscar["running"],
             "bf16_max_running_requests": bf16["running"], "calculator_oscar_tokens": calc["oscar_tokens"]}
