@@ -175,12 +175,15 @@ def fingerprint_from_hf_config(config: Any) -> ModelFingerprint:
     """Fingerprint of a transformers ``PretrainedConfig`` (text config of multimodal models)."""
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    heads = getattr(config, "num_attention_heads", None)
+    # sglang's CPU engine pads the head counts of a config whose heads --tp does not divide, and keeps
+    # the checkpoint's counts as original_*: the fingerprint is the checkpoint's
+    heads = getattr(config, "original_num_attention_heads", None) or getattr(config, "num_attention_heads", None)
     layers = getattr(config, "num_hidden_layers", None)
     if not heads or not layers:
         raise RotationsError(f"config of model_type {getattr(config, 'model_type', '?')!r} has no "
                              "num_attention_heads/num_hidden_layers: not a standard decoder-only attention model")
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads = (getattr(config, "original_total_num_kv_heads", None) or getattr(config, "num_key_value_heads", None)
+                or heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     archs = getattr(config, "architectures", None) or [getattr(config, "model_type", "unknown")]
     theta, scaling = _rope(config)

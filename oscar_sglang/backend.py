@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from oscar_sglang.fold import attention_blocks, fold_values, forbid_weight_reloads, local_kv_heads
+from oscar_sglang.fold import attention_blocks, fold_values, forbid_weight_reloads, local_kv_heads, rank_rotations
 from oscar_sglang.kernels import ops
 from oscar_sglang.kernels.checks import sm_count
 from oscar_sglang.kernels.decode import plan_num_splits
@@ -117,14 +117,14 @@ class OscarAttnBackend(AttentionBackend):
         pool = model_runner.token_to_kv_pool
         if not isinstance(pool, OscarKVPool):
             raise OscarError(f"the oscar attention backend needs the OSCAR KV pool, got {type(pool).__name__}")
-        self.pool = pool
+        self.pool = self.token_to_kv_pool = pool  # the latter: what sglang's models read (get_token_to_kv_pool)
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.settings = settings
         dev = model_runner.device
         blocks = attention_blocks(model_runner.model)
         if rot_k.dim() == 4:  # per KV head: keep this rank's heads
             heads = self._local_heads(blocks, rot_k.shape[1], model_runner.server_args.tp_size)
-            rot_k, rot_v = rot_k[:, heads], rot_v[:, heads]
+            rot_k, rot_v = rank_rotations(rot_k, heads), rank_rotations(rot_v, heads)
         self.rot_k = rot_k.to(dev, torch.float32).contiguous()
         layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
         self.values_folded = fold_values(blocks, rot_v, layers)

@@ -61,6 +61,14 @@ def local_kv_heads(block: Any) -> range:
     return heads
 
 
+def rank_rotations(rot: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """Per-KV-head rotations ``rot`` [L, H, D, D] of the global KV ``heads`` a rank holds. A head
+    past H is padding: sglang's CPU engine pads the KV heads of a model whose heads --tp does not
+    divide (zero weights, so zero keys and values); it gets the identity."""
+    eye = torch.eye(rot.shape[-1], dtype=rot.dtype).expand(rot.shape[0], -1, -1)
+    return torch.stack([rot[:, h] if h < rot.shape[1] else eye for h in heads], dim=1)
+
+
 def per_head(r: torch.Tensor, heads: int) -> torch.Tensor:
     """One layer's rotation as [heads, D, D] (a per-layer [D, D] is shared by every head)."""
     return r.expand(heads, *r.shape[-2:]) if r.dim() == 2 else r

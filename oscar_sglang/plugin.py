@@ -3,7 +3,8 @@
 sglang calls ``register()`` in the launcher and again in every scheduler,
 detokenizer and DP-controller process (``load_plugins``), then applies the hooks.
 Everything OSCAR changes in sglang 0.5.23 is the attention-backend registry entry plus the
-hooks of :data:`HOOKS` (target, hook, kind), the one list ``register()`` installs. sglang's
+hooks of :data:`HOOKS` (target, hook, kind), the one list ``register()`` installs (with, on
+sglang's CPU engine only, the workarounds of ``oscar_sglang.cpu.parallel.HOOKS``). sglang's
 ``HookRegistry.apply_hooks`` logs and swallows a hook that fails to apply, so
 :func:`check_hooks_applied` refuses to serve ``--oscar`` with part of it missing (at launch and
 again when a scheduler builds the backend); a test checks every target's signature against its
@@ -307,15 +308,25 @@ def register() -> None:
     plugin = OscarPlugin()
     register_attention_backend(BACKEND_NAME)(plugin.create_backend)
     add_attention_backend_choices([BACKEND_NAME])
-    for target, fn, kind in plugin.hooks():
+    for target, fn, kind in plugin.hooks() + _cpu_hooks():
         HookRegistry.register(target, fn, HookType(kind))
 
 
+def _cpu_hooks() -> list:
+    """The workarounds of ``oscar_sglang.cpu.parallel`` in a process running sglang's CPU engine, else none."""
+    from sglang.srt.utils import is_cpu
+
+    from oscar_sglang.cpu import parallel
+
+    return parallel.hooks() if is_cpu() else []
+
+
 def check_hooks_applied() -> None:
-    """Raise ``OscarError`` unless sglang applied every hook of :data:`HOOKS` in this process."""
+    """Raise ``OscarError`` unless sglang applied every hook of :data:`HOOKS` (and the CPU engine's)
+    in this process."""
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    missing = sorted({target for target, _, _ in HOOKS} - HookRegistry._patched)
+    missing = sorted({target for target, _, _ in [*HOOKS, *_cpu_hooks()]} - HookRegistry._patched)
     if missing:
         raise OscarError(f"sglang did not apply {len(missing)} of OSCAR's hooks ({', '.join(missing)}; "
                          "its log says why): this sglang is not the 0.5.23 release oscar-sglang supports")

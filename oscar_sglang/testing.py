@@ -24,6 +24,22 @@ def write_tiny_model(directory: Path, **overrides) -> Path:
     return directory
 
 
+def write_tiny_real_model(directory: Path, *, seed: int = 0, edit=None, **overrides) -> Path:
+    """A float32 checkpoint with real (seeded random) weights: every tensor-parallel rank and
+    pipeline stage loads the same model, and logprobs mean something. ``edit(model)`` may change
+    the weights before they are saved."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    write_tiny_model(directory, **{"torch_dtype": "float32", **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def random_orthogonal(n: int, d: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=g, dtype=torch.float64))

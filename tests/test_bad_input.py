@@ -3,21 +3,21 @@
 `python -m sglang.launch_server` does ``load_plugins(); args = prepare_server_args(argv);
 run_server(args)`` and ``run_server`` starts with ``args.resolve_once()``, where the OSCAR
 check runs (plugin.py ``_check_before_launch``). The cheap check below runs exactly those
-calls in this process for every case (~0.3 s each once sglang is imported); one case
-also goes through a real ``launch_server`` subprocess to time a refusal end to end. (The
-nine cases of test_refusals.py are subprocess-only; the loader's own messages are
-unit-tested in test_rotations.py, whose malformed files are reused here.)
+calls in this process for every case (~0.3 s each once sglang is imported); one case per
+entry point (``python -m sglang.launch_server``, ``sglang serve``, ``oscar-serve``) also runs as a
+real subprocess, refused before any model or server process starts. (The loader's own messages
+are unit-tested in test_rotations.py, whose malformed files are reused here.)
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 
 import pytest
 
+from oscar_sglang.launch import ENTRIES
 from oscar_sglang.testing import write_rotations, write_tiny_model
 from test_rotations import MALFORMED, _malformed
 
@@ -33,6 +33,10 @@ MODEL_CASES = {
     "hybrid linear-attention model": ({"layer_types": ["full_attention", "linear_attention"]},
                                       "mixes layer types"),
     "soft-capped attention": ({"attn_logit_softcapping": 50.0}, "soft-capping"),
+    "other model: layers": ({"num_hidden_layers": 3}, "rotations are for 2 layers, model has 3"),
+    "sliding window model": ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16},
+                             "sliding-window attention"),
+    "MLA model": ({"kv_lora_rank": 64}, "multi-head latent attention"),
 }
 FLAG_CASES = {
     "no rotations file": (["--attention-backend", "oscar"], "needs a rotations file: pass --oscar"),
@@ -43,10 +47,17 @@ FLAG_CASES = {
     "head_dim without GPU kernels": (["--device", "cuda"], "on a GPU needs one quantization group per row, head_dim 64 or 128"),
     # the tiny model's 12-byte K and V rows: 8 slots hold 192 bytes, a window row 2 x 32 fp32 values
     "page too small for a window row": (["--page-size", "8"], "--page-size 8 must hold one"),
+    "ngram speculative decoding": (["--speculative-algorithm", "NGRAM"], "speculative decoding"),
+    "fp8 e4m3 kv cache": (["--kv-cache-dtype", "fp8_e4m3"], "drop --kv-cache-dtype"),
+    "split decode backend": (["--decode-attention-backend", "torch_native"], "serve both prefill and decode"),
+    "host offload": (["--enable-hierarchical-cache"], "drop --enable-hierarchical-cache"),
+    "PD disaggregation": (["--disaggregation-mode", "prefill"], "drop --disaggregation-mode"),
 }
 FILE_CASES = {f"file: {case}": pattern for case, pattern in MALFORMED.items()}
 ALL = [*FILE_CASES, *MODEL_CASES, *FLAG_CASES]
-SUBPROCESS_CASES = ["file: wrong version"]  # one end-to-end timing; each launch costs an sglang import
+# end to end through each entry point (each launch costs an sglang import): (entry, case)
+SUBPROCESS_CASES = {"launch_server": "file: wrong version", "sglang serve": "file: missing file",
+                    "oscar-serve": "other model: layers"}
 
 
 @pytest.fixture(scope="module")
@@ -107,21 +118,16 @@ def test_refused_in_launch_path(launch_path, tiny, tmp_path, name):
     assert elapsed < 10, f"refusal took {elapsed:.1f} s"
 
 
-def _launch(argv: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+@pytest.mark.parametrize("entry", SUBPROCESS_CASES)
+def test_refused_by_every_entry_point_before_loading(tiny, tmp_path, entry):
+    argv, pattern = _argv(SUBPROCESS_CASES[entry], tiny, tmp_path)
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "sglang.launch_server", *argv], capture_output=True, text=True,
-                          timeout=300)
-    return proc, time.monotonic() - t0
-
-
-@pytest.mark.parametrize("name", SUBPROCESS_CASES)
-def test_refused_by_launch_server_before_loading(tiny, tmp_path, name):
-    argv, pattern = _argv(name, tiny, tmp_path)
-    proc, elapsed = _launch(argv)
-    print(f"\n{name}: launch_server refused in {elapsed:.1f} s (exit {proc.returncode})")
+    proc = subprocess.run([*ENTRIES[entry], *argv], capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - t0
+    print(f"\n{entry}: refused in {elapsed:.1f} s (exit {proc.returncode})")
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("oscar_sglang.settings.OscarError: ") and re.search(pattern, last), proc.stderr[-3000:]
+    assert "OscarError: " in last and re.search(pattern, last), proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "Load weight" not in out and "Uvicorn running" not in out and "KV Cache is allocated" not in out
     assert elapsed < 180  # dominated by importing sglang (~25 s on an idle 2-core machine)

@@ -1,6 +1,7 @@
-"""sglang.Engine end to end on CPU with a tiny random Llama (real sglang, reference ops).
-
-One engine per configuration (each start costs ~1 minute on 2 cores).
+"""sglang.Engine (the in-process entry point) end to end on CPU with a tiny random Llama and
+--oscar (real sglang, reference ops). The HTTP servers of test_parallel.py compare OSCAR with BF16
+(a prompt inside the sink and first block gets BF16's tokens); here one engine start covers the
+Python API: generation, radix-cache hits and warm == cold.
 """
 
 from __future__ import annotations
@@ -41,30 +42,7 @@ def _engine(model_dir, **kw):
     return sgl.Engine(model_path=str(model_dir), **{**ENGINE_ARGS, **kw})
 
 
-@pytest.fixture(scope="module")
-def bf16_tokens(model_dir):
-    engine = _engine(model_dir, attention_backend="torch_native")
-    try:
-        return _generate(engine, PROMPTS)[0]
-    finally:
-        engine.shutdown()
-
-
-def test_windows_covering_everything_match_bf16(model_dir, tmp_path, bf16_tokens):
-    """With every sequence inside the first block, every token is attended in (rotated) full
-    precision: OSCAR must reproduce the BF16 backend's greedy tokens."""
-    rot = write_rotations(tmp_path / "rot.safetensors", model_dir)  # sink 64, blocks of 1024
-    engine = _engine(model_dir, attention_backend="oscar", quantization_param_path=str(rot))
-    try:
-        tokens, _ = _generate(engine, PROMPTS)
-        assert tokens == bf16_tokens
-        info = engine.get_server_info()
-        assert info["max_total_num_tokens"] == 2048
-    finally:
-        engine.shutdown()
-
-
-def test_int2_prefix_cache_hits_and_determinism(model_dir, tmp_path, bf16_tokens):
+def test_int2_prefix_cache_hits_and_determinism(model_dir, tmp_path):
     """A tiny rule (sink 4, blocks of 16, pages of 16): most of each prompt is read back from INT2 rows."""
     rot = write_rotations(tmp_path / "rot.safetensors", model_dir, sink=4, block=16)
     engine = _engine(model_dir, attention_backend="oscar", quantization_param_path=str(rot), max_total_tokens=65536)
@@ -74,9 +52,6 @@ def test_int2_prefix_cache_hits_and_determinism(model_dir, tmp_path, bf16_tokens
         first, cached = _generate(engine, PROMPTS)
         assert cached == [0, 0, 0]
         assert all(len(t) == GREEDY["max_new_tokens"] for t in first)
-        # A 2-bit cache changes some greedy tokens of random weights, but not all of them.
-        same = sum(a == b for x, y in zip(first, bf16_tokens) for a, b in zip(x, y))
-        assert same >= len(PROMPTS) * GREEDY["max_new_tokens"] // 4
         # The same prompts again hit the radix cache, twice. The position rule makes the
         # quantized model one function of the tokens: warm == cold, token for token.
         again, cached_again = _generate(engine, PROMPTS)

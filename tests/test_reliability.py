@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from oscar_sglang.launch import serve
-from oscar_sglang.testing import write_rotations, write_tiny_model
+from oscar_sglang.testing import write_rotations, write_tiny_real_model
 
 from benchmarks import stress
 
@@ -36,15 +36,10 @@ ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "640", "--page-size", "16
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import torch
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    model = write_tiny_model(tmp_path_factory.mktemp("tiny_real"), torch_dtype="float32")
-    torch.manual_seed(0)
-    net = LlamaForCausalLM(AutoConfig.from_pretrained(model))
-    with torch.no_grad():
+    def poison(net):
         net.model.embed_tokens.weight[POISON] = float("inf")
-    net.save_pretrained(model, safe_serialization=True)
+
+    model = write_tiny_real_model(tmp_path_factory.mktemp("tiny_real"), edit=poison)
     rot = write_rotations(model / "rot.safetensors", model, sink=4, block=16)
     with serve(model, ["--oscar", str(rot), *ARGS], device="cpu", timeout=900) as s:
         yield s

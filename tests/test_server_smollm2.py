@@ -16,6 +16,8 @@ One BF16 server (torch_native, `python -m sglang.launch_server`) and one OSCAR s
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import pytest
 import requests
@@ -52,52 +54,120 @@ def _input_logprobs(url: str, text: str) -> list[float]:
     return [lp for lp, _, _ in r.json()["meta_info"]["input_token_logprobs"] if lp is not None]
 
 
+@pytest.fixture(scope="module")
+def bf16(smollm2_dir):
+    # the two documented entry points: `python -m sglang.launch_server` (BF16) and `sglang serve` (OSCAR)
+    with serve(smollm2_dir, [*SERVER_ARGS, "--attention-backend", "torch_native"], device="cpu",
+               entry="launch_server") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def oscar(smollm2_dir, rotations):
+    with serve(smollm2_dir, [*SERVER_ARGS, "--oscar", str(rotations)], device="cpu", entry="sglang serve") as s:
+        yield s
+
+
 # Calibration (fixture) + two CPU server starts + ~1K-token prefills: ~8 min on an idle 2-core machine, more
 # than the suite's 900 s per test when the cores are shared.
 @pytest.mark.timeout(1800)
-def test_oscar_server_matches_bf16_and_serves_frontend_programs(smollm2_dir, rotations, held_out_text):
+def test_oscar_server_matches_bf16_and_serves_frontend_programs(smollm2_dir, held_out_text, bf16, oscar):
     from benchmarks import recall_probe
     import shared_document_qa
 
     trials = recall_probe.build_trials(str(smollm2_dir), 1, 700, [0.1, 0.5, 0.9])
-    # the two documented entry points: `python -m sglang.launch_server` (BF16) and `sglang serve` (OSCAR)
-    with serve(smollm2_dir, [*SERVER_ARGS, "--attention-backend", "torch_native"], device="cpu",
-               entry="launch_server") as bf16:
-        ref = _input_logprobs(bf16.url, held_out_text)
-        recall_bf16 = recall_probe.probe(bf16.url, trials)
-    with serve(smollm2_dir, [*SERVER_ARGS, "--oscar", str(rotations)], device="cpu", entry="sglang serve") as oscar:
-        url = oscar.url
-        # Same input tokens; keys before a query's block of 256 (but the first 64) are read 2-bit.
-        assert len(got := _input_logprobs(url, held_out_text)) == len(ref) > 600
-        diffs = [b - a for a, b in zip(got, ref)]  # per-token NLL(oscar) - NLL(bf16)
-        mean = sum(diffs) / len(diffs)
-        nll_bf16 = -sum(ref) / len(ref)
-        print(f"\nSmolLM2 held-out NLL: BF16 {nll_bf16:.4f}, OSCAR - BF16 = {mean:+.4f} nats/token over {len(diffs)} tokens")
-        assert abs(mean) < 0.05 * nll_bf16
+    ref = _input_logprobs(bf16.url, held_out_text)
+    recall_bf16 = recall_probe.probe(bf16.url, trials)
+    url = oscar.url
+    # Same input tokens; keys before a query's block of 256 (but the first 64) are read 2-bit.
+    assert len(got := _input_logprobs(url, held_out_text)) == len(ref) > 600
+    diffs = [b - a for a, b in zip(got, ref)]  # per-token NLL(oscar) - NLL(bf16)
+    mean = sum(diffs) / len(diffs)
+    nll_bf16 = -sum(ref) / len(ref)
+    print(f"\nSmolLM2 held-out NLL: BF16 {nll_bf16:.4f}, OSCAR - BF16 = {mean:+.4f} nats/token over {len(diffs)} tokens")
+    assert abs(mean) < 0.05 * nll_bf16
 
-        # a repeated prompt is read back from the (2-bit) radix cache in full (whole pages of 64)
-        again = requests.post(f"{url}/generate", json={"text": held_out_text, "sampling_params": {"max_new_tokens": 1}},
-                              timeout=300).json()
-        assert again["meta_info"]["cached_tokens"] >= (len(ref) - 1) // 64 * 64
+    # a repeated prompt is read back from the (2-bit) radix cache in full (whole pages of 64)
+    again = requests.post(f"{url}/generate", json={"text": held_out_text, "sampling_params": {"max_new_tokens": 1}},
+                          timeout=300).json()
+    assert again["meta_info"]["cached_tokens"] >= (len(ref) - 1) // 64 * 64
 
-        comp = requests.post(f"{url}/v1/completions", json={"model": "default", "prompt": "The capital of France is",
-                                                             "max_tokens": 8, "temperature": 0}, timeout=300)
-        comp.raise_for_status()
-        assert comp.json()["choices"][0]["text"].strip()
+    comp = requests.post(f"{url}/v1/completions", json={"model": "default", "prompt": "The capital of France is",
+                                                         "max_tokens": 8, "temperature": 0}, timeout=300)
+    comp.raise_for_status()
+    assert comp.json()["choices"][0]["text"].strip()
 
-        # The first run's forks race the commit of the shared document (with BF16 too: some forks
-        # prefill it cold, or from its first chunks). Asked again, every question reads it from the cache.
-        for _ in range(2):
-            answers, metas = shared_document_qa.run(url, held_out_text[:2000], max_tokens=12)
-            assert len(answers) == len(shared_document_qa.QUESTIONS) and all(isinstance(a, str) for a in answers)
-        print(f"QA over a cached document: prompt/cached tokens {[(m['prompt_tokens'], m['cached_tokens']) for m in metas]}")
-        # at least the whole document: its pages up to the question (pages of 64 slots)
-        assert all(m["cached_tokens"] >= m["prompt_tokens"] - 2 * 64 for m in metas)
+    # The first run's forks race the commit of the shared document (with BF16 too: some forks
+    # prefill it cold, or from its first chunks). Asked again, every question reads it from the cache.
+    for _ in range(2):
+        answers, metas = shared_document_qa.run(url, held_out_text[:2000], max_tokens=12)
+        assert len(answers) == len(shared_document_qa.QUESTIONS) and all(isinstance(a, str) for a in answers)
+    print(f"QA over a cached document: prompt/cached tokens {[(m['prompt_tokens'], m['cached_tokens']) for m in metas]}")
+    # at least the whole document: its pages up to the question (pages of 64 slots)
+    assert all(m["cached_tokens"] >= m["prompt_tokens"] - 2 * 64 for m in metas)
 
-        recall = [recall_probe.probe(url, trials) for _ in range(2)]
+    recall = [recall_probe.probe(url, trials) for _ in range(2)]
     rates = {name: recall_probe.summarize(rows)["exact_match"] for name, rows in (("bf16", recall_bf16),
                                                                                  ("oscar", recall[0]))}
     print(f"verbatim recall through a cached document (3 codes, ~700 tokens): {rates}")
     assert all(r["cached_tokens"] >= 600 for rows in (recall_bf16, *recall) for r in rows)
     assert rates["bf16"] >= 2 / 3
     assert [r["answer"] for r in recall[0]] == [r["answer"] for r in recall[1]]
+
+
+@pytest.fixture(scope="module")
+def tp3(smollm2_dir, rotations):
+    """BF16 and OSCAR with `oscar-serve --tp 3` (one of SmolLM2's 3 KV heads per rank), started at once."""
+    runs = {"bf16": ["--attention-backend", "torch_native"], "oscar": ["--oscar", str(rotations)]}
+    with ExitStack() as stack, ThreadPoolExecutor(len(runs)) as pool:
+        started = pool.map(lambda extra: stack.enter_context(
+            serve(smollm2_dir, [*SERVER_ARGS, *extra, "--tp", "3"], device="cpu", timeout=900)), runs.values())
+        yield dict(zip(runs, started))
+
+
+def _greedy(url: str, texts: list[str]) -> list[tuple[list[int], list[float]]]:
+    out = []
+    for text in texts:
+        r = requests.post(f"{url}/generate", json={"text": text, "return_logprob": True, "logprob_start_len": 0,
+                                                   "sampling_params": {"max_new_tokens": 8, "temperature": 0}},
+                          timeout=600)
+        r.raise_for_status()
+        meta = r.json()["meta_info"]
+        out.append((r.json()["output_ids"],
+                    [lp for lp, _, _ in meta["input_token_logprobs"] + meta["output_token_logprobs"] if lp is not None]))
+    return out
+
+
+def _o_proj(url: str) -> list[list[float]]:
+    r = requests.post(f"{url}/get_weights_by_name", json={"name": "model.layers.3.self_attn.o_proj.weight",
+                                                           "truncate_size": 4}, timeout=120)
+    r.raise_for_status()
+    return r.json()
+
+
+@pytest.mark.timeout(1800)
+def test_tensor_parallel_3_gives_the_tokens_of_one_process(bf16, oscar, tp3):
+    """Prompts longer than the sink plus a block (64 + 256: most keys read 2-bit), on --tp 3 and
+    --tp 1 with the same rotations file (per KV head: each rank takes its head's): the same greedy
+    tokens, logprobs within 4x the gap BF16 --tp 3 shows against --tp 1 (test_parallel.py says why
+    4x), and the output projection every rank folded R_V into (gathered over the ranks) is the
+    one process's."""
+    from oscar_sglang.calib.assets import essay_files
+
+    essay = " ".join(p.read_text() for p in essay_files()[3:5])
+    texts = [essay[i * 2000:(i + 1) * 2000] for i in range(3)]  # ~450 tokens each
+    got = {name: _greedy(server.url, texts) for name, server in
+           (("bf16 tp1", bf16), ("oscar tp1", oscar), ("bf16 tp3", tp3["bf16"]), ("oscar tp3", tp3["oscar"]))}
+
+    def gaps(a, b):
+        assert [x[0] for x in got[a]] == [y[0] for y in got[b]], (a, b)
+        return [abs(p - q) for x, y in zip(got[a], got[b]) for p, q in zip(x[1], y[1])]
+
+    noise, gap = gaps("bf16 tp3", "bf16 tp1"), gaps("oscar tp3", "oscar tp1")
+    print(f"\nSmolLM2 --tp 3 vs --tp 1, largest logprob gap: BF16 {max(noise):.2e}, OSCAR {max(gap):.2e} "
+          f"(means {sum(noise) / len(noise):.2e}, {sum(gap) / len(gap):.2e}) over {len(gap)} tokens")
+    assert max(gap) <= 4 * max(noise)
+
+    one, three, plain = _o_proj(oscar.url), _o_proj(tp3["oscar"].url), _o_proj(bf16.url)
+    assert max(abs(a - b) for r1, r3 in zip(one, three) for a, b in zip(r1, r3)) < 1e-2
+    assert max(abs(a - b) for r1, r0 in zip(one, plain) for a, b in zip(r1, r0)) > 1e-2  # folded, not the plain weights

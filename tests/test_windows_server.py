@@ -24,7 +24,7 @@ from contextlib import ExitStack
 import pytest
 
 from oscar_sglang.launch import serve
-from oscar_sglang.testing import write_rotations, write_tiny_model
+from oscar_sglang.testing import write_rotations, write_tiny_real_model
 
 from benchmarks import stress
 
@@ -38,12 +38,7 @@ ATOL = 2e-3  # float arithmetic of different batch shapes / chunkings
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    import torch
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    model = write_tiny_model(tmp_path_factory.mktemp("tiny_windows"), torch_dtype="float32")
-    torch.manual_seed(0)
-    LlamaForCausalLM(AutoConfig.from_pretrained(model)).save_pretrained(model, safe_serialization=True)
+    model = write_tiny_real_model(tmp_path_factory.mktemp("tiny_windows"))
     # mixed code widths: layer 0 keys 3 / values 2 bits, layer 1 keys 4 / values 3
     rot = write_rotations(model / "rot.safetensors", model, sink=SINK, block=BLOCK, first=FIRST, bits=([3, 4], [2, 3]))
     with ExitStack() as stack, ThreadPoolExecutor(len(CHUNKS)) as pool:

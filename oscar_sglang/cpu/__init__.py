@@ -11,6 +11,7 @@ What this replaces: the import of ``sgl_kernel`` only. What it does not give: sg
 AMX-optimised CPU kernels (a from-source ``sgl_kernel`` CPU build, used instead whenever it
 imports), CUDA graphs, HiCache, or speed: on CPU the oscar backend runs its pure-torch
 reference ops. It is for trying the project and for its tests, not for serving traffic.
+``oscar_sglang.cpu.parallel`` makes sglang's parallel modes run on the CPU engine.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 STANDIN = Path(__file__).resolve().parent / "standin"
@@ -41,12 +42,18 @@ def device_of(argv: list[str]) -> str | None:
     return None
 
 
-def environment(env: Mapping[str, str]) -> dict[str, str] | None:
-    """``env`` with sglang's CPU engine selected and, where the installed ``sgl_kernel`` does not
-    import, the stand-in first on PYTHONPATH; None when ``env`` already has both."""
+def environment(env: Mapping[str, str], argv: Sequence[str] = ()) -> dict[str, str] | None:
+    """``env`` with sglang's CPU engine selected, where the installed ``sgl_kernel`` does not
+    import the stand-in first on PYTHONPATH, and for the parallel layout of the sglang command line
+    ``argv`` a thread binding where sglang needs one (:func:`oscar_sglang.cpu.parallel.binding_for`);
+    None when ``env`` already has all of it."""
+    from oscar_sglang.cpu.parallel import BIND_VARIABLE, binding_for
+
     name, value = ENGINE_VARIABLE
     want = {**env, name: value}
     path = env.get("PYTHONPATH", "")
     if str(STANDIN) not in path.split(os.pathsep) and not sgl_kernel_importable(env):
         want["PYTHONPATH"] = os.pathsep.join(p for p in (str(STANDIN), path) if p)
+    if binding := binding_for(argv, env.get(BIND_VARIABLE)):
+        want[BIND_VARIABLE] = binding
     return None if want == dict(env) else want
