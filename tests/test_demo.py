@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _user_env() -> dict[str, str]:
     """This process's environment without what conftest set up for the tests."""
-    env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_USE_CPU_ENGINE", "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_USE_CPU_ENGINE", "PYTHONPATH", "TORCHDYNAMO_DISABLE")}
     return env | {"PYTHONPATH": ""}
 
 

@@ -45,15 +45,14 @@ def device_of(argv: list[str]) -> str | None:
 def environment(env: Mapping[str, str], argv: Sequence[str] = ()) -> dict[str, str] | None:
     """``env`` with sglang's CPU engine selected, where the installed ``sgl_kernel`` does not
     import the stand-in first on PYTHONPATH, and for the parallel layout of the sglang command line
-    ``argv`` a thread binding where sglang needs one (:func:`oscar_sglang.cpu.parallel.binding_for`);
+    ``argv`` a thread binding and count where sglang needs them (:func:`oscar_sglang.cpu.parallel.binding_for`);
     None when ``env`` already has all of it."""
-    from oscar_sglang.cpu.parallel import BIND_VARIABLE, binding_for
+    from oscar_sglang.cpu.parallel import binding_for
 
     name, value = ENGINE_VARIABLE
     want = {**env, name: value}
     path = env.get("PYTHONPATH", "")
     if str(STANDIN) not in path.split(os.pathsep) and not sgl_kernel_importable(env):
         want["PYTHONPATH"] = os.pathsep.join(p for p in (str(STANDIN), path) if p)
-    if binding := binding_for(argv, env.get(BIND_VARIABLE)):
-        want[BIND_VARIABLE] = binding
+    want.update(binding_for(argv, env))
     return None if want == dict(env) else want

@@ -7,7 +7,10 @@ Two limitations of sglang 0.5.23's CPU engine, each worked around here and only 
   ``SGLANG_CPU_OMP_THREADS_BIND`` (one core list per rank, ``|``-separated); it counts the ranks of
   every machine, so any multi-node launch needs it. ``oscar-serve --device cpu`` derives it from the
   cores the process may run on, split evenly over this machine's ranks (ranks share cores when
-  there are more ranks than cores). A value the user set is kept.
+  there are more ranks than cores). A value the user set is kept. sglang applies the binding only
+  through its compiled CPU kernels (AMX or arm64); elsewhere every rank would start one OpenMP
+  thread per core, and ranks spinning on each other's cores slow a step by 10-30x, so
+  ``OMP_NUM_THREADS`` is set to a rank's share too (unless set already).
 * **PyNccl on CPU** (:data:`HOOKS`): ``parallel_state.init_model_parallel_group`` turns PyNccl on
   for every in-tree device but NPU and XPU, so on CPU each rank dies building a CUDA communicator
   ("Expected a cuda device, but got: cpu"). The hook passes ``use_pynccl=False`` on the CPU
@@ -20,10 +23,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 BIND_VARIABLE = "SGLANG_CPU_OMP_THREADS_BIND"
+THREADS_VARIABLE = "OMP_NUM_THREADS"
 HOOKS = (  # (target, function of this module, kind): sglang's HookRegistry, like oscar_sglang.plugin.HOOKS
     ("sglang.srt.distributed.parallel_state.init_model_parallel_group", "groups_without_pynccl", "around"),
 )
@@ -73,11 +77,13 @@ def thread_binding(cores: Sequence[int], ranks: int) -> str:
     return "|".join(",".join(map(str, g)) for g in groups)
 
 
-def binding_for(argv: Sequence[str], env_binding: str | None) -> str | None:
-    """The thread binding to set for ``argv``, or None: the user's value is kept, and sglang's
-    default (a NUMA node per rank) is left alone where it has a node for every rank (sglang counts
-    the ranks of all machines there, so a multi-node launch gets a binding of its local ranks)."""
+def binding_for(argv: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
+    """The variables to add to ``env`` for ``argv``: none where the user set a binding, or where
+    sglang's default (a NUMA node per rank) has a node for every rank (sglang counts the ranks of
+    all machines there, so a multi-node launch gets a binding of its local ranks)."""
     world, local = ranks(argv)
-    if env_binding or world <= numa_nodes():
-        return None
-    return thread_binding(sorted(os.sched_getaffinity(0)), local)
+    if env.get(BIND_VARIABLE) or world <= numa_nodes():
+        return {}
+    binding = thread_binding(sorted(os.sched_getaffinity(0)), local)
+    threads = min(len(group.split(",")) for group in binding.split("|"))
+    return {BIND_VARIABLE: binding, **({} if env.get(THREADS_VARIABLE) else {THREADS_VARIABLE: str(threads)})}
