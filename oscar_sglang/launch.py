@@ -4,7 +4,8 @@ Used by the demo, the evaluation, the benchmarks and the tests that talk to a re
 ``entry`` picks the command line: ``oscar-serve`` (the default: ``sglang serve`` that also
 sets up sglang's CPU engine for ``--device cpu``, see ``oscar_sglang.serve``), ``sglang serve``
 or ``python -m sglang.launch_server``. The environment of the child is the caller's
-(``env=None``) or exactly ``env``.
+(``env=None``) or exactly ``env``. CPU servers get ``--sleep-on-idle``: several started here share
+two cores, and an idle sglang scheduler otherwise keeps one busy.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def serve(model: str | Path, args: Sequence[str] = (), *, port: int | None = Non
     cmd = [*ENTRIES[entry], "--model-path", str(model), "--port", str(port), *args]
     if device:
         cmd += ["--device", device]
+    if device == "cpu":  # an idle scheduler polls its sockets instead of spinning a core the others need
+        cmd.append("--sleep-on-idle")
     log = log or Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as out:

@@ -37,7 +37,7 @@ def rotations(smollm2_dir, tmp_path_factory):
     return out
 
 
-SERVER_ARGS = ["--max-total-tokens", "8192", "--chunked-prefill-size", "128", "--disable-overlap-schedule",
+SERVER_ARGS = ["--max-total-tokens", "8192", "--chunked-prefill-size", "128", "--disable-overlap-schedule", "--dtype", "float32",
                "--random-seed", "0"]
 
 
