@@ -123,8 +123,10 @@ class OscarAttnBackend(AttentionBackend):
         dev = model_runner.device
         blocks = attention_blocks(model_runner.model)
         if rot_k.dim() == 4:  # per KV head: keep this rank's heads
-            heads = self._local_heads(blocks, rot_k.shape[1], model_runner.server_args.tp_size)
+            total = rot_k.shape[1]
+            heads = self._local_heads(blocks, total, model_runner.server_args.tp_size)
             rot_k, rot_v = rank_rotations(rot_k, heads), rank_rotations(rot_v, heads)
+            logger.info("OSCAR: this rank uses the rotations of KV heads %s of the file's %d", heads, total)
         self.rot_k = rot_k.to(dev, torch.float32).contiguous()
         layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
         self.values_folded = fold_values(blocks, rot_v, layers)

@@ -10,9 +10,9 @@ heads), served by real `oscar-serve --device cpu` processes, all started at once
   its radix cache reused with warm == cold.
 
 On prompts longer than the sink plus a block (sink 4, blocks of 16: most keys are read 2-bit),
-every parallel OSCAR server gives the greedy tokens of OSCAR ``--tp 1``, with a mean logprob gap
-within 4x the float32 noise BF16 ``--tp 2`` shows against ``--tp 1`` (pipeline stages: no new
-arithmetic at all, the same logprobs). A prompt inside the sink and first block gets
+every parallel OSCAR server gives the greedy tokens of OSCAR ``--tp 1``, with logprobs that move
+by a small fraction of what quantization moves them (BF16 ``--tp 2`` vs ``--tp 1`` is printed as
+the float noise tensor parallelism adds; pipeline stages add no arithmetic: the same logprobs). A prompt inside the sink and first block gets
 BF16's tokens from OSCAR (every key read in full precision).
 The rotations are per KV head; with one KV head over two ranks sglang's CPU engine pads the KV
 heads to two (the padded head's weights are zero, its rotation the identity: ``fold.rank_rotations``).
@@ -74,6 +74,11 @@ def test_environment_binds_threads_only_where_sglang_needs_it(monkeypatch):
 
 
 def test_groups_are_built_without_pynccl():
+    import inspect
+
+    from sglang.srt.distributed import parallel_state
+
+    assert "use_pynccl" in inspect.signature(inspect.unwrap(parallel_state.init_model_parallel_group)).parameters
     seen = {}
     parallel.groups_without_pynccl(lambda *a, **kw: seen.update(kw), [[0, 1]], 0, "gloo", use_pynccl=True)
     assert seen["use_pynccl"] is False
@@ -155,16 +160,16 @@ def answers(servers):
 
 
 def test_parallel_oscar_serves_the_tokens_of_one_process(answers):
-    """The bound: 4x the mean gap BF16 shows. The mean, because under the same float noise a 2-bit
-    code sitting on a rounding edge may flip and move a few logprobs further (in bfloat16 the
-    largest OSCAR gap is several times BF16's, the mean ~3x); a rank with a wrong rotation, rows or
-    window would move every logprob, or change tokens."""
+    """The same greedy tokens, and logprobs that move by a small fraction of what 2-bit
+    quantization moves them (OSCAR vs BF16 at --tp 1): tensor parallelism's float noise may flip a
+    code sitting on a rounding edge (tests/test_server_smollm2.py says more), a rank with a wrong
+    rotation, rows or window would move them by the quantization error or more."""
     one = answers["oscar tp1"]
-    noise = _gaps(answers["bf16 tp2"], answers["bf16 tp1"])
+    noise, quant = _gaps(answers["bf16 tp2"], answers["bf16 tp1"]), _gaps(one, answers["bf16 tp1"])
     gaps = {name: _gaps(answers[name], one) for name in ("oscar tp2, two nodes", "oscar pp2")}
-    for name, g in {"bf16 tp2": noise, **gaps}.items():
-        print(f"\n{name} vs --tp 1: logprob gap mean {mean(g):.2e}, max {max(g):.2e} over {len(g)} tokens")
-    assert mean(gaps["oscar tp2, two nodes"]) <= 4 * mean(noise)
+    for name, g in {"BF16 tp2 vs tp1": noise, "OSCAR vs BF16 at tp1": quant, **gaps}.items():
+        print(f"\n{name}: logprob gap mean {mean(g):.2e}, max {max(g):.2e} over {len(g)} tokens")
+    assert mean(gaps["oscar tp2, two nodes"]) <= 0.1 * mean(quant)
     assert max(gaps["oscar pp2"]) == 0  # stages split the layers, no sum: the same arithmetic
 
 

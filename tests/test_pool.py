@@ -34,15 +34,17 @@ def _resolve(target: str):
 
 
 def test_every_hook_matches_its_sglang_target():
-    """Each hook of plugin.HOOKS takes what its target takes: after its first parameter (the
-    result of an AFTER hook, the original of an AROUND hook) the same parameters, of the same kinds
-    and names (a hook may name self / cls its own way), unless it takes *args / **kwargs there."""
+    """Each hook of plugin.HOOKS (and cpu.parallel.HOOKS) takes what its target takes: after its
+    first parameter (the result of an AFTER hook, the original of an AROUND hook) the same
+    parameters, of the same kinds and names (a hook may name self / cls its own way), unless it
+    takes *args / **kwargs there."""
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.plugins import load_plugins
 
+    from oscar_sglang.cpu import parallel
     from oscar_sglang.plugin import OscarPlugin
 
-    for target, fn, kind in OscarPlugin().hooks():
+    for target, fn, kind in OscarPlugin().hooks() + parallel.hooks():
         assert kind in ("after", "around"), target
         owner, name, _ = _resolve(target)
         raw = inspect.getattr_static(owner, name)  # a function, or a classmethod's: self / cls included

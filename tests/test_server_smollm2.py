@@ -37,8 +37,8 @@ def rotations(smollm2_dir, tmp_path_factory):
     return out
 
 
-SERVER_ARGS = ["--max-total-tokens", "8192", "--chunked-prefill-size", "128", "--disable-overlap-schedule", "--dtype", "float32",
-               "--random-seed", "0"]
+SERVER_ARGS = ["--max-total-tokens", "8192", "--chunked-prefill-size", "128", "--disable-overlap-schedule",
+               "--dtype", "float32", "--random-seed", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +149,13 @@ def _o_proj(url: str) -> list[list[float]]:
 @pytest.mark.timeout(1800)
 def test_tensor_parallel_3_gives_the_tokens_of_one_process(bf16, oscar, tp3):
     """Prompts longer than the sink plus a block (64 + 256: most keys read 2-bit), on --tp 3 and
-    --tp 1 with the same rotations file (per KV head: each rank takes its head's): the same greedy
-    tokens, a mean logprob gap within 4x the one BF16 --tp 3 shows against --tp 1 (test_parallel.py
-    says why the mean), and the output projection every rank folded R_V into (gathered over the
-    ranks) is the one process's."""
+    --tp 1 with the same rotations file (per KV head): the same greedy tokens, and logprobs that
+    move by a small fraction of what 2-bit quantization itself moves them (OSCAR vs BF16 at --tp 1).
+    A 2-bit code near a rounding edge flips under any float noise (another prefill chunking does
+    it too) and moves a few logprobs by up to ~1e-2, so the float noise BF16 --tp 3 shows is the
+    wrong yardstick; a rank with a wrong rotation, rows or window would move them by the
+    quantization error or more. Each rank logs the KV heads whose rotations it took, and the
+    output projection every rank folded R_V into (gathered over the ranks) is the one process's."""
     from oscar_sglang.calib.assets import essay_files
 
     essay = " ".join(p.read_text() for p in essay_files()[3:5])
@@ -164,11 +167,16 @@ def test_tensor_parallel_3_gives_the_tokens_of_one_process(bf16, oscar, tp3):
         assert [x[0] for x in got[a]] == [y[0] for y in got[b]], (a, b)
         return [abs(p - q) for x, y in zip(got[a], got[b]) for p, q in zip(x[1], y[1])]
 
-    noise, gap = gaps("bf16 tp3", "bf16 tp1"), gaps("oscar tp3", "oscar tp1")
-    print(f"\nSmolLM2 --tp 3 vs --tp 1, logprob gap: BF16 mean {mean(noise):.2e} max {max(noise):.2e}, "
-          f"OSCAR mean {mean(gap):.2e} max {max(gap):.2e}, over {len(gap)} tokens")
-    assert mean(gap) <= 4 * mean(noise)
+    noise, quant = gaps("bf16 tp3", "bf16 tp1"), gaps("oscar tp1", "bf16 tp1")
+    gap = gaps("oscar tp3", "oscar tp1")
+    print(f"\nSmolLM2 logprob gaps (mean / max over {len(gap)} tokens): BF16 --tp 3 vs 1 {mean(noise):.1e} / "
+          f"{max(noise):.1e}; OSCAR vs BF16 at --tp 1 {mean(quant):.1e} / {max(quant):.1e}; "
+          f"OSCAR --tp 3 vs 1 {mean(gap):.1e} / {max(gap):.1e}")
+    assert mean(gap) <= 0.1 * mean(quant)
 
+    log = tp3["oscar"].log.read_text()
+    for rank in range(3):
+        assert f"TP{rank}] OSCAR: this rank uses the rotations of KV heads [{rank}] of the file's 3" in log
     one, three, plain = _o_proj(oscar.url), _o_proj(tp3["oscar"].url), _o_proj(bf16.url)
-    assert max(abs(a - b) for r1, r3 in zip(one, three) for a, b in zip(r1, r3)) < 1e-2
+    assert max(abs(a - b) for r1, r3 in zip(one, three) for a, b in zip(r1, r3)) < 1e-5
     assert max(abs(a - b) for r1, r0 in zip(one, plain) for a, b in zip(r1, r0)) > 1e-2  # folded, not the plain weights
