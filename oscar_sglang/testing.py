@@ -91,3 +91,13 @@ def take_slots(allocator, n: int) -> torch.Tensor:
     """n token slots from the allocator (whole pages; the rest of the last page is unused)."""
     page = allocator.page_size
     return allocator.alloc(-(-n // page) * page)[:n]
+
+
+def logprob_gaps(a: list, b: list, same_tokens: bool = True) -> list[float]:
+    """|logprob difference| of every token of two servers' answers to the same prompts (each answer
+    ``(greedy tokens, prompt logprobs, greedy-token logprobs)``): the greedy tokens' too where they
+    must be the same (asserted), else the prompts' only."""
+    if same_tokens:
+        assert [x[0] for x in a] == [y[0] for y in b], "greedy tokens differ"
+    return [abs(p - q) for x, y in zip(a, b) for i in ((1, 2) if same_tokens else (1,)) for p, q in zip(x[i], y[i])]
+

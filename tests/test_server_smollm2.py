@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from oscar_sglang.launch import serve
+from oscar_sglang.testing import logprob_gaps
 
 
 
@@ -126,7 +127,8 @@ def tp3(smollm2_dir, rotations):
         yield dict(zip(runs, started))
 
 
-def _greedy(url: str, texts: list[str]) -> list[tuple[list[int], list[float]]]:
+def _greedy(url: str, texts: list[str]) -> list[tuple[list[int], list[float], list[float]]]:
+    """Greedy tokens, the prompt's logprobs and the greedy tokens' logprobs, of every text."""
     out = []
     for text in texts:
         r = requests.post(f"{url}/generate", json={"text": text, "return_logprob": True, "logprob_start_len": 0,
@@ -134,8 +136,8 @@ def _greedy(url: str, texts: list[str]) -> list[tuple[list[int], list[float]]]:
                           timeout=600)
         r.raise_for_status()
         meta = r.json()["meta_info"]
-        out.append((r.json()["output_ids"],
-                    [lp for lp, _, _ in meta["input_token_logprobs"] + meta["output_token_logprobs"] if lp is not None]))
+        out.append((r.json()["output_ids"], [lp for lp, _, _ in meta["input_token_logprobs"] if lp is not None],
+                    [lp for lp, _, _ in meta["output_token_logprobs"]]))
     return out
 
 
@@ -163,12 +165,9 @@ def test_tensor_parallel_3_gives_the_tokens_of_one_process(bf16, oscar, tp3):
     got = {name: _greedy(server.url, texts) for name, server in
            (("bf16 tp1", bf16), ("oscar tp1", oscar), ("bf16 tp3", tp3["bf16"]), ("oscar tp3", tp3["oscar"]))}
 
-    def gaps(a, b):
-        assert [x[0] for x in got[a]] == [y[0] for y in got[b]], (a, b)
-        return [abs(p - q) for x, y in zip(got[a], got[b]) for p, q in zip(x[1], y[1])]
-
-    noise, quant = gaps("bf16 tp3", "bf16 tp1"), gaps("oscar tp1", "bf16 tp1")
-    gap = gaps("oscar tp3", "oscar tp1")
+    noise = logprob_gaps(got["bf16 tp3"], got["bf16 tp1"])
+    quant = logprob_gaps(got["oscar tp1"], got["bf16 tp1"], same_tokens=False)
+    gap = logprob_gaps(got["oscar tp3"], got["oscar tp1"])
     print(f"\nSmolLM2 logprob gaps (mean / max over {len(gap)} tokens): BF16 --tp 3 vs 1 {mean(noise):.1e} / "
           f"{max(noise):.1e}; OSCAR vs BF16 at --tp 1 {mean(quant):.1e} / {max(quant):.1e}; "
           f"OSCAR --tp 3 vs 1 {mean(gap):.1e} / {max(gap):.1e}")
