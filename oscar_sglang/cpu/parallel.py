@@ -9,8 +9,8 @@ Two limitations of sglang 0.5.23's CPU engine, each worked around here and only 
   cores the process may run on, split evenly over this machine's ranks (ranks share cores when
   there are more ranks than cores). A value the user set is kept. sglang applies the binding only
   through its compiled CPU kernels (AMX or arm64); elsewhere every rank would start one OpenMP
-  thread per core, and ranks spinning on each other's cores slow a step by 10-30x, so
-  ``OMP_NUM_THREADS`` is set to a rank's share too (unless set already).
+  thread per core, and ranks spinning on each other's cores slow every step many times over
+  (docs/results.md), so ``OMP_NUM_THREADS`` is set to a rank's share too (unless set already).
 * **PyNccl on CPU** (:data:`HOOKS`): ``parallel_state.init_model_parallel_group`` turns PyNccl on
   for every in-tree device but NPU and XPU, so on CPU each rank dies building a CUDA communicator
   ("Expected a cuda device, but got: cpu"). The hook passes ``use_pynccl=False`` on the CPU
