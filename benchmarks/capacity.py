@@ -105,17 +105,18 @@ def _engine_capacity(model: Path, device: str, budget_bytes: int, extra: dict) -
     """One sglang.Engine start at ``--mem-fraction-static`` = ``budget_bytes`` / the free memory the
     child sees after importing sglang (on CPU, free memory moves by GiBs between starts while
     earlier processes exit: a fraction fixed in the parent would give each start another budget)."""
-    free = ("torch.cuda.mem_get_info()[0]" if device == "cuda" else
-            "__import__('sglang.srt.utils.common', fromlist=['x']).get_free_cpu_memory()")
+    free = "torch.cuda.mem_get_info()[0]" if device == "cuda" else "get_free_cpu_memory()"  # what sglang reads
     code = (
         "import json, torch, sglang as sgl\n"
+        "from sglang.srt.utils.common import get_free_cpu_memory\n"
         f"fraction = round({budget_bytes} / {free}, 4)\n"
         f"e = sgl.Engine(model_path={str(model)!r}, load_format='dummy', skip_tokenizer_init=True, device={device!r},"
         f" disable_overlap_schedule=True, mem_fraction_static=fraction,"
         f" dtype='bfloat16', log_level='error', **{extra!r})\n"
         "i = e.get_server_info()\n"
         "running = i['internal_states'][0]['effective_max_running_requests_per_dp']\n"
-        "print('CAPACITY', json.dumps({'tokens': i['max_total_num_tokens'], 'running': running, 'fraction': fraction}))\n"
+        "print('CAPACITY', json.dumps({'tokens': i['max_total_num_tokens'], 'running': running,"
+        " 'fraction': fraction}))\n"
         "e.shutdown()\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", "if __name__ == '__main__':\n" + "".join(

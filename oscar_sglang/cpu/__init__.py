@@ -43,10 +43,10 @@ def device_of(argv: list[str]) -> str | None:
 
 
 def environment(env: Mapping[str, str], argv: Sequence[str] = ()) -> dict[str, str] | None:
-    """``env`` with sglang's CPU engine selected, where the installed ``sgl_kernel`` does not
-    import the stand-in first on PYTHONPATH, and for the parallel layout of the sglang command line
-    ``argv`` a thread binding and count where sglang needs them (:func:`oscar_sglang.cpu.parallel.binding_for`);
-    None when ``env`` already has all of it."""
+    """``env`` with sglang's CPU engine selected, the stand-in first on PYTHONPATH where the
+    installed ``sgl_kernel`` does not import, and, for the parallel layout of the sglang command
+    line ``argv``, a thread binding and count where sglang needs them
+    (:func:`oscar_sglang.cpu.parallel.binding_for`); None when ``env`` already has all of it."""
     from oscar_sglang.cpu.parallel import binding_for
 
     name, value = ENGINE_VARIABLE
