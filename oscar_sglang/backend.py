@@ -117,7 +117,7 @@ class OscarAttnBackend(AttentionBackend):
         pool = model_runner.token_to_kv_pool
         if not isinstance(pool, OscarKVPool):
             raise OscarError(f"the oscar attention backend needs the OSCAR KV pool, got {type(pool).__name__}")
-        self.pool = self.token_to_kv_pool = pool  # the latter: what sglang's models read (get_token_to_kv_pool)
+        self.pool = pool
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.settings = settings
         dev = model_runner.device
@@ -139,6 +139,11 @@ class OscarAttnBackend(AttentionBackend):
         self.forward_metadata: ForwardMetadata | None = None
         self.graph: ForwardMetadata | None = None
         self.graph_metadata: dict[int, ForwardMetadata] = {}
+
+    @property
+    def token_to_kv_pool(self) -> OscarKVPool:
+        """The pool, by the name sglang's models read it (``get_token_to_kv_pool``: Qwen3-MoE's attention)."""
+        return self.pool
 
     @staticmethod
     def _local_heads(blocks: dict, total: int, tp_size: int) -> list[int]:

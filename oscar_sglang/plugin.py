@@ -318,7 +318,7 @@ def _cpu_hooks() -> list:
 
     from oscar_sglang.cpu import parallel
 
-    return parallel.hooks() if is_cpu() else []
+    return list(parallel.HOOKS) if is_cpu() else []
 
 
 def check_hooks_applied() -> None:

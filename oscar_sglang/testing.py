@@ -93,6 +93,33 @@ def take_slots(allocator, n: int) -> torch.Tensor:
     return allocator.alloc(-(-n // page) * page)[:n]
 
 
+def greedy_answers(url: str, prompts: list, max_new_tokens: int = 8) -> list[tuple[list, list, list]]:
+    """A server's greedy tokens, the prompt's logprobs and the greedy tokens' logprobs for every
+    prompt (token ids, or text)."""
+    import requests
+
+    out = []
+    for prompt in prompts:
+        body = {"input_ids" if isinstance(prompt, list) else "text": prompt, "return_logprob": True,
+                "logprob_start_len": 0, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}
+        r = requests.post(f"{url}/generate", json=body, timeout=600)
+        r.raise_for_status()
+        meta = r.json()["meta_info"]
+        out.append((r.json()["output_ids"], [lp for lp, _, _ in meta["input_token_logprobs"] if lp is not None],
+                    [lp for lp, _, _ in meta["output_token_logprobs"]]))
+    return out
+
+
+def weights_by_name(url: str, name: str, rows: int) -> list[list[float]]:
+    """The first ``rows`` rows of a served model's weight (sglang's /get_weights_by_name; an output
+    projection is gathered over the tensor-parallel ranks)."""
+    import requests
+
+    r = requests.post(f"{url}/get_weights_by_name", json={"name": name, "truncate_size": rows}, timeout=120)
+    r.raise_for_status()
+    return r.json()
+
+
 def logprob_gaps(a: list, b: list, same_tokens: bool = True) -> list[float]:
     """|logprob difference| of every token of two servers' answers to the same prompts (each answer
     ``(greedy tokens, prompt logprobs, greedy-token logprobs)``): the greedy tokens' too where they
@@ -100,4 +127,3 @@ def logprob_gaps(a: list, b: list, same_tokens: bool = True) -> list[float]:
     if same_tokens:
         assert [x[0] for x in a] == [y[0] for y in b], "greedy tokens differ"
     return [abs(p - q) for x, y in zip(a, b) for i in ((1, 2) if same_tokens else (1,)) for p, q in zip(x[i], y[i])]
-

@@ -29,12 +29,12 @@ from contextlib import ExitStack, contextmanager
 from statistics import mean
 
 import pytest
-import requests
 
 from oscar_sglang import cpu
 from oscar_sglang.cpu import parallel
 from oscar_sglang.launch import ENTRIES, free_port, serve
-from oscar_sglang.testing import logprob_gaps, write_rotations, write_tiny_model, write_tiny_real_model
+from oscar_sglang.testing import (greedy_answers, logprob_gaps, weights_by_name, write_rotations, write_tiny_model,
+                                  write_tiny_real_model)
 
 from benchmarks import stress
 
@@ -137,19 +137,9 @@ def _prompts() -> list[list[int]]:
     return [[rng.randrange(3, 500) for _ in range(n)] for n in (45, 70, 100, 8)]
 
 
-def _answers(url: str) -> list[tuple[list[int], list[float], list[float]]]:
-    """Greedy tokens, the prompt's logprobs and the greedy tokens' logprobs, of every prompt."""
-    out = []
-    for ids in _prompts():
-        meta = (r := stress.generate(url, ids, NEW, return_logprob=True, logprob_start_len=0))["meta_info"]
-        out.append((r["output_ids"], [lp for lp, _, _ in meta["input_token_logprobs"] if lp is not None],
-                    [lp for lp, _, _ in meta["output_token_logprobs"]]))
-    return out
-
-
 @pytest.fixture(scope="module")
 def answers(servers):
-    return {name: _answers(url) for name, url in servers.items()}
+    return {name: greedy_answers(url, _prompts(), NEW) for name, url in servers.items()}
 
 
 def test_parallel_oscar_serves_the_tokens_of_one_process(answers):
@@ -175,14 +165,8 @@ def test_full_precision_windows_give_bf16_tokens(answers):
 
 
 def test_folded_weights_are_those_of_one_process(servers):
-    def o_proj(url):
-        r = requests.post(f"{url}/get_weights_by_name", json={"name": "model.layers.1.self_attn.o_proj.weight",
-                                                               "truncate_size": 8}, timeout=120)
-        r.raise_for_status()
-        return r.json()
-
-    one, two = o_proj(servers["oscar tp1"]), o_proj(servers["oscar tp2, two nodes"])
-    plain = o_proj(servers["bf16 tp1"])
+    one, two, plain = (weights_by_name(servers[name], "model.layers.1.self_attn.o_proj.weight", 8)
+                       for name in ("oscar tp1", "oscar tp2, two nodes", "bf16 tp1"))
     assert len(two[0]) == 2 * len(one[0])  # both ranks' columns; the padded query heads' are zero
     assert [row[:len(one[0])] for row in two] == one
     assert all(v == 0 for row in two for v in row[len(one[0]):])

@@ -44,7 +44,7 @@ def test_every_hook_matches_its_sglang_target():
     from oscar_sglang.cpu import parallel
     from oscar_sglang.plugin import OscarPlugin
 
-    for target, fn, kind in OscarPlugin().hooks() + parallel.hooks():
+    for target, fn, kind in [*OscarPlugin().hooks(), *parallel.HOOKS]:
         assert kind in ("after", "around"), target
         owner, name, _ = _resolve(target)
         raw = inspect.getattr_static(owner, name)  # a function, or a classmethod's: self / cls included

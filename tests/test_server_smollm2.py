@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from oscar_sglang.launch import serve
-from oscar_sglang.testing import logprob_gaps
+from oscar_sglang.testing import greedy_answers, logprob_gaps, weights_by_name
 
 
 
@@ -127,27 +127,6 @@ def tp3(smollm2_dir, rotations):
         yield dict(zip(runs, started))
 
 
-def _greedy(url: str, texts: list[str]) -> list[tuple[list[int], list[float], list[float]]]:
-    """Greedy tokens, the prompt's logprobs and the greedy tokens' logprobs, of every text."""
-    out = []
-    for text in texts:
-        r = requests.post(f"{url}/generate", json={"text": text, "return_logprob": True, "logprob_start_len": 0,
-                                                   "sampling_params": {"max_new_tokens": 8, "temperature": 0}},
-                          timeout=600)
-        r.raise_for_status()
-        meta = r.json()["meta_info"]
-        out.append((r.json()["output_ids"], [lp for lp, _, _ in meta["input_token_logprobs"] if lp is not None],
-                    [lp for lp, _, _ in meta["output_token_logprobs"]]))
-    return out
-
-
-def _o_proj(url: str) -> list[list[float]]:
-    r = requests.post(f"{url}/get_weights_by_name", json={"name": "model.layers.3.self_attn.o_proj.weight",
-                                                           "truncate_size": 4}, timeout=120)
-    r.raise_for_status()
-    return r.json()
-
-
 @pytest.mark.timeout(1800)
 def test_tensor_parallel_3_gives_the_tokens_of_one_process(bf16, oscar, tp3):
     """Prompts longer than the sink plus a block (64 + 256: most keys read 2-bit), on --tp 3 and
@@ -162,7 +141,7 @@ def test_tensor_parallel_3_gives_the_tokens_of_one_process(bf16, oscar, tp3):
 
     essay = " ".join(p.read_text() for p in essay_files()[3:5])
     texts = [essay[i * 1600:(i + 1) * 1600] for i in range(2)]  # ~370 tokens each
-    got = {name: _greedy(server.url, texts) for name, server in
+    got = {name: greedy_answers(server.url, texts) for name, server in
            (("bf16 tp1", bf16), ("oscar tp1", oscar), ("bf16 tp3", tp3["bf16"]), ("oscar tp3", tp3["oscar"]))}
 
     noise = logprob_gaps(got["bf16 tp3"], got["bf16 tp1"])
@@ -176,6 +155,7 @@ def test_tensor_parallel_3_gives_the_tokens_of_one_process(bf16, oscar, tp3):
     log = tp3["oscar"].log.read_text()
     for rank in range(3):
         assert f"TP{rank}] OSCAR: this rank uses the rotations of KV heads [{rank}] of the file's 3" in log
-    one, three, plain = _o_proj(oscar.url), _o_proj(tp3["oscar"].url), _o_proj(bf16.url)
+    one, three, plain = (weights_by_name(s.url, "model.layers.3.self_attn.o_proj.weight", 4)
+                         for s in (oscar, tp3["oscar"], bf16))
     assert max(abs(a - b) for r1, r3 in zip(one, three) for a, b in zip(r1, r3)) < 1e-5
     assert max(abs(a - b) for r1, r0 in zip(one, plain) for a, b in zip(r1, r0)) > 1e-2  # folded, not the plain weights

@@ -28,9 +28,6 @@ from pathlib import Path
 
 BIND_VARIABLE = "SGLANG_CPU_OMP_THREADS_BIND"
 THREADS_VARIABLE = "OMP_NUM_THREADS"
-HOOKS = (  # (target, function of this module, kind): sglang's HookRegistry, like oscar_sglang.plugin.HOOKS
-    ("sglang.srt.distributed.parallel_state.init_model_parallel_group", "groups_without_pynccl", "around"),
-)
 
 
 def groups_without_pynccl(original, *args, **kwargs):
@@ -39,9 +36,9 @@ def groups_without_pynccl(original, *args, **kwargs):
     return original(*args, **kwargs)
 
 
-def hooks():
-    """(target, function, kind) of every CPU hook."""
-    return [(target, globals()[name], kind) for target, name, kind in HOOKS]
+HOOKS = (  # (target, hook, kind) for sglang's HookRegistry, as oscar_sglang.plugin.HOOKS
+    ("sglang.srt.distributed.parallel_state.init_model_parallel_group", groups_without_pynccl, "around"),
+)
 
 
 def ranks(argv: Sequence[str]) -> tuple[int, int]:
